@@ -1,0 +1,543 @@
+"""Qwen3 (dense) in plain PyTorch: the forward pass the trainer differentiates, and a fast KV-cached sampler.
+
+Checkpoints are Hugging Face folders (config.json + model.safetensors, or a sharded
+model.safetensors.index.json). Module names equal the Hugging Face keys, so loading is a lookup with shape
+checks. `transformers` is only the reference in tests/test_model.py; this file never imports it.
+
+    import torch
+    from model import Qwen3, generate
+    model = Qwen3.from_pretrained("path/to/Qwen3-0.6B", dtype=torch.bfloat16, device="cuda")
+    logits = model(input_ids)                          # (B, T, vocab): causal, positions 0..T-1, no cache
+    outs = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=64, temperature=1.0, top_p=0.95,
+                    stop_ids=(eos_id,), seed=0)        # outs[i].tokens, .logprobs, .finished
+    model.save_pretrained("runs/icrl/final")           # transformers.AutoModelForCausalLM loads it back
+
+Tests: .venv/bin/python -m pytest -q tests/test_model.py     Benchmark: .venv/bin/python tests/bench_model.py
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class Qwen3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int                           # may differ from hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0             # transformers' default; Qwen3 releases set 1e6 in config.json
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen3Config":
+        """Read a Hugging Face config.json; stop with one line on anything dense Qwen3 here does not do."""
+        def reject(why):
+            raise ValueError(f"config.json: {why}; model.py implements dense Qwen3 only")
+        if d.get("model_type") != "qwen3":
+            reject(f"model_type is {d.get('model_type')!r}, not 'qwen3'")
+        if (d.get("num_experts") or 0) > 0:
+            reject(f"num_experts={d['num_experts']} (mixture of experts)")
+        if d.get("use_sliding_window"):
+            reject("use_sliding_window is true (sliding-window attention)")
+        if any(t != "full_attention" for t in d.get("layer_types") or []):
+            reject(f"layer_types {sorted(set(d['layer_types']))} (only full_attention)")
+        if d.get("hidden_act", "silu") != "silu":
+            reject(f"hidden_act is {d['hidden_act']!r}, not 'silu'")
+        if d.get("attention_dropout", 0.0):
+            reject(f"attention_dropout={d['attention_dropout']} (no dropout here)")
+        # transformers 5 stores RoPE as rope_parameters (theta inside); 4.x as rope_scaling + rope_theta.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            reject(f"rope scaling {rope_type!r} ({rope}); only plain RoPE (rope_type 'default')")
+        sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        if missing := [k for k in sizes if k not in d]:
+            raise ValueError(f"config.json: missing {missing}")
+        return cls(**{k: d[k] for k in sizes},
+                   num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                   head_dim=d.get("head_dim", 128),  # transformers' Qwen3Config default, not hidden // heads
+                   rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                   rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+                   **{k: d[k] for k in ("tie_word_embeddings", "attention_bias", "max_position_embeddings",
+                                        "bos_token_id", "eos_token_id", "pad_token_id") if k in d})
+
+    def to_dict(self, dtype: torch.dtype = torch.float32) -> dict:
+        """A config.json that transformers reads as this same model."""
+        d = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **self.__dict__,
+             "hidden_act": "silu", "use_sliding_window": False, "attention_dropout": 0.0,
+             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+             "dtype": str(dtype).removeprefix("torch.")}
+        return d
+
+
+# ----------------------------------------------------------------------------- model
+def rms_norm(x, weight, eps: float):
+    # Statistics in fp32, cast back, then scale: transformers' order, which matters in bfloat16.
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sign-folded sin for `apply_rope`, each (..., 1, D), from positions (...)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device)
+                                / head_dim))
+    freqs = positions[..., None].float() * inv_freq                    # (..., D/2)
+    cos = torch.cat((freqs, freqs), -1).cos()                          # (..., D)
+    sin = torch.cat((-freqs.sin(), freqs.sin()), -1)                   # rotate_half's minus sign folded in
+    return cos.to(dtype)[..., None, :], sin.to(dtype)[..., None, :]
+
+
+def apply_rope(x, cos, sin):
+    # == x * cos + rotate_half(x) * sin, bit for bit: roll swaps the halves, sin carries the sign.
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)     # per head, before RoPE
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)), cos, sin)  # (B, T, H, D)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)), cos, sin)  # (B, T, H_kv, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)                                     # (B, T, H_kv, D)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True)                # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    """Container only, so that parameter names read `model.embed_tokens...` as in Hugging Face."""
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen3(nn.Module):
+    """Qwen3ForCausalLM. forward(input_ids) is what the trainer differentiates; `generate` samples."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.grad_checkpointing = False   # the trainer sets it; applies in training mode with grad enabled
+        self.reset_parameters()
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Random init: normal(0, 0.02) matrices and embeddings, zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, 0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        self.tie_weights()
+
+    def forward(self, input_ids):
+        """input_ids (B, T) -> logits (B, T, vocab): causal attention, positions 0..T-1. Right padding is
+        exact for the real tokens, since no real token attends to a later one."""
+        T = input_ids.shape[1]
+        x = self.model.embed_tokens(input_ids)                                    # (B, T, C)
+        positions = torch.arange(T, device=x.device)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)  # (T, 1, D)
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            if checkpointing:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        return self.lm_head(self.model.norm(x))
+
+    # ------------------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu") -> "Qwen3":
+        """Load a Hugging Face Qwen3 folder; any missing, unexpected or misshapen tensor stops the load.
+        Tied models: an `lm_head.weight` in the file must equal the embedding (it is then ignored)."""
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: not a Hugging Face checkpoint folder")
+        config = Qwen3Config.from_dict(json.loads(config_file.read_text()))
+        found = _tensor_shapes(path)                                  # name -> (file, shape)
+        with torch.device("meta"):
+            model = cls(config)
+        params = dict(model.named_parameters())          # a tied lm_head is listed once, as the embedding
+        tied_head = config.tie_word_embeddings and "lm_head.weight" in found
+        expected = {**params, "lm_head.weight": model.lm_head.weight} if tied_head else params
+        if missing := set(params) - set(found):
+            raise ValueError(f"{path}: missing tensor(s) {_few(missing)}")
+        if unexpected := set(found) - set(expected):
+            raise ValueError(f"{path}: unexpected tensor(s) {_few(unexpected)} (not in this dense Qwen3)")
+        for name, (file, shape) in found.items():
+            if shape != tuple(expected[name].shape):
+                raise ValueError(f"{file.name}: tensor {name} has shape {shape}, config.json implies "
+                                 f"{tuple(expected[name].shape)}")
+        model.to(dtype).to_empty(device=device)
+        model.tie_weights()                                                       # to_empty made new tensors
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for file in sorted({file for file, _ in found.values()}):
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        if name in params:
+                            params[name].copy_(f.get_tensor(name))
+            if tied_head:
+                file = found["lm_head.weight"][0]
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    head = f.get_tensor("lm_head.weight").to(device, dtype)
+                if not torch.equal(head, model.lm_head.weight):
+                    raise ValueError(f"{file.name}: lm_head.weight differs from model.embed_tokens.weight, "
+                                     "but config.json says tie_word_embeddings=true")
+        return model
+
+    def save_pretrained(self, path, state_dict: dict | None = None):
+        """Write config.json + model.safetensors. `state_dict`: a full (gathered) state dict to write instead
+        of self.state_dict(), e.g. from FSDP. Tied models store no lm_head.weight, as transformers does."""
+        path = Path(path)
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        skip = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k not in skip}
+        expected = {k for k, _ in self.named_parameters(remove_duplicate=False)} - skip
+        if set(tensors) != expected:
+            raise ValueError(f"save_pretrained: state dict keys differ from the model's: missing "
+                             f"{_few(expected - set(tensors))}, unexpected {_few(set(tensors) - expected)}")
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        dtype = tensors["model.embed_tokens.weight"].dtype
+        (path / "config.json").write_text(json.dumps(self.config.to_dict(dtype), indent=2) + "\n")
+
+
+def _few(names) -> str:
+    names = sorted(names)
+    return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """tensor name -> (the safetensors file holding it, its shape), from a single file or a sharded index."""
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if index.is_file():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif single.is_file():
+        files = [single]
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    found = {}
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{index}: shard {file.name} not found")
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name in found:
+                    raise ValueError(f"tensor {name} is in both {found[name][0].name} and {file.name}")
+                found[name] = (file, tuple(f.get_slice(name).get_shape()))
+    return found
+
+
+# ----------------------------------------------------------------------------- KV-cached decoding
+@dataclass
+class _LayerWeights:
+    """One decoder layer's weights for decoding; q|k|v fused into one matmul (gate|up is not: copying the
+    MLP's weights on every generate call costs more than the one matmul it would save)."""
+    input_norm: torch.Tensor
+    qkv: torch.Tensor                    # (H*D + 2*H_kv*D, C)
+    qkv_bias: torch.Tensor | None
+    qk_norm: torch.Tensor                # (H + H_kv, D): q_norm for each query head, then k_norm per kv head
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+class Decoder:
+    """The model's forward for sampling: fused weights and a static, preallocated KV cache, per layer
+    (B, T_max, H_kv, D). `prefill` writes slots 0..T-1; then each `step` token goes to the slot of its row's
+    explicit position and attends to slots 0..position, so ragged rows need no left padding. Same math as
+    Qwen3.forward (tested).
+
+    The fused q|k|v weights are copies (a quarter of a Qwen3 layer's weights), made once per generate call."""
+
+    def __init__(self, model: "Qwen3", batch: int, max_len: int):
+        params = list(model.parameters())
+        if any(type(p.data) is not torch.Tensor for p in params):
+            raise ValueError("generate needs the full weights as plain tensors (got a sharded/DTensor "
+                             "parameter): gather them first, e.g. FSDP2's model.unshard()")
+        cfg = self.config = model.config
+        weight = model.model.embed_tokens.weight
+        H, H_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.embed, self.norm, self.lm_head = weight, model.model.norm.weight, model.lm_head.weight
+        self.layers = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            self.layers.append(_LayerWeights(
+                input_norm=layer.input_layernorm.weight,
+                qkv=torch.cat([p.weight for p in projections]),
+                qkv_bias=torch.cat([p.bias for p in projections]) if cfg.attention_bias else None,
+                qk_norm=torch.cat([attn.q_norm.weight.expand(H, D), attn.k_norm.weight.expand(H_kv, D)]),
+                o=attn.o_proj.weight, o_bias=attn.o_proj.bias, post_norm=layer.post_attention_layernorm.weight,
+                gate=mlp.gate_proj.weight, up=mlp.up_proj.weight, down=mlp.down_proj.weight))
+        shape = (batch, max_len, H_kv, D)
+        # Zeros, not empty: a masked slot still enters attention as 0 * value, and 0 * NaN garbage is NaN.
+        self.k = [weight.new_zeros(shape) for _ in self.layers]
+        self.v = [weight.new_zeros(shape) for _ in self.layers]
+        self.cos, self.sin = rope_cos_sin(torch.arange(max_len, device=weight.device), D, cfg.rope_theta,
+                                          weight.dtype)                               # (T_max, 1, D)
+
+    def take_rows(self, rows: torch.Tensor, upto: int):
+        """Keep cache rows `rows` (in that order; repeats allowed), copying only the slots < upto."""
+        for caches in (self.k, self.v):
+            for i, old in enumerate(caches):
+                caches[i] = old.new_zeros((len(rows), *old.shape[1:]))
+                caches[i][:, :upto] = old[rows, :upto]
+
+    def prefill(self, tokens, logits_index):
+        """Fill cache slots 0..T-1 from right-padded prompts (B, T); returns the logits (B, vocab) at
+        `logits_index` (B,), each row's last prompt token. Causal attention is exact for the real tokens;
+        the padding's slots are masked later and overwritten by decoding."""
+        return self._forward(tokens, None, tokens.shape[1], logits_index)
+
+    def step(self, tokens, positions, kv_len: int):
+        """One token per row: tokens, positions (B,) -> logits (B, vocab). The token's keys and values go to
+        slot `position` of its row, and it attends to slots 0..position; kv_len bounds the slots read."""
+        return self._forward(tokens[:, None], positions, kv_len, None)[:, 0]
+
+    def _forward(self, tokens, positions, kv_len: int, logits_index):
+        cfg = self.config
+        B, T = tokens.shape
+        H, H_kv, D, S = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, kv_len
+        rep = H // H_kv
+        x = F.embedding(tokens, self.embed)                                       # (B, T, C)
+        if positions is None:                                                     # prefill
+            cos, sin = self.cos[:T], self.sin[:T]                                 # (T, 1, D)
+        else:                                                                     # one-token step, T == 1
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, 1, D)
+            visible = torch.arange(S, device=x.device) <= positions[:, None]      # (B, S)
+            mask = torch.where(visible, 0.0, -math.inf).to(x.dtype)[:, None, None]  # (B, 1, 1, S), all layers
+            rows = torch.arange(B, device=x.device)
+        for w, k_cache, v_cache in zip(self.layers, self.k, self.v):
+            qkv = F.linear(rms_norm(x, w.input_norm, cfg.rms_norm_eps), w.qkv, w.qkv_bias)
+            qkv = qkv.view(B, T, H + 2 * H_kv, D)
+            qk = apply_rope(rms_norm(qkv[:, :, :H + H_kv], w.qk_norm, cfg.rms_norm_eps), cos, sin)
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + H_kv:]            # (B, T, H or H_kv, D)
+            if positions is None:
+                k_cache[:, :T], v_cache[:, :T] = k, v
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True, enable_gqa=True)  # (B, H, T, D)
+                out = out.transpose(1, 2).reshape(B, T, H * D)
+            else:
+                # .to: under autocast v leaves the matmul in bfloat16; the cache keeps the weights' dtype,
+                # as the slice assignment above does implicitly.
+                k_cache[rows, positions] = k[:, 0].to(k_cache.dtype)
+                v_cache[rows, positions] = v[:, 0].to(v_cache.dtype)
+                # The `rep` query heads that share a kv head go on the query axis: no K/V copies, faster
+                # than enable_gqa here. Head h uses kv head h // rep, as transformers' repeat_kv.
+                out = F.scaled_dot_product_attention(q.reshape(B, H_kv, rep, D), k_cache[:, :S].transpose(1, 2),
+                                                     v_cache[:, :S].transpose(1, 2), attn_mask=mask)
+                out = out.reshape(B, 1, H * D)                                    # from (B, H_kv, rep, D)
+            x = x + F.linear(out, w.o, w.o_bias)
+            h = rms_norm(x, w.post_norm, cfg.rms_norm_eps)
+            x = x + F.linear(F.silu(F.linear(h, w.gate)) * F.linear(h, w.up), w.down)
+        if logits_index is not None:
+            x = x[torch.arange(B, device=x.device), logits_index]                  # (B, C)
+        return F.linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head)
+
+
+# ----------------------------------------------------------------------------- sampling
+@dataclass
+class Generation:
+    tokens: list[int]     # completion ids, ending with the stop id when one was hit
+    logprobs: list[float] # log-prob of each token under the sampling distribution
+    finished: bool        # a stop id was hit (False: cut off at max_new_tokens)
+
+
+def keep_top_k_top_p(logits, top_k: int, top_p: float):
+    """Set logits (B, V) outside the top-k, then outside the top-p nucleus, to -inf, in place (as
+    transformers' TopKLogitsWarper and TopPLogitsWarper: ties with the k-th logit stay; the nucleus is the
+    smallest set whose probability reaches top_p, and always holds the top token). 0 and 1 are off."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits.masked_fill_(logits < kth, -math.inf)
+    if top_p < 1.0:
+        ascending, order = logits.sort(-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        logits.masked_fill_(drop.scatter(1, order, drop), -math.inf)
+    return logits
+
+
+def sample_next(logits, temperature: float, top_k: int, top_p: float, generator):
+    """Draw one token per row from logits (B, V), which this overwrites (scratch space: with Qwen3's
+    151,936-token vocabulary every B x V temporary costs as much as the lm_head matmul on CPU).
+
+    Returns token ids (B,) and their log-probs (B,) under the distribution sampled from: softmax(logits /
+    temperature) restricted to the top-k / top-p set and renormalised. temperature 0 is greedy, with the
+    log-prob under softmax(logits)."""
+    logits = logits.float()
+    if temperature > 0:
+        keep_top_k_top_p(logits.div_(temperature), top_k, top_p)
+    top, token = logits.max(-1)
+    if temperature > 0:
+        # Gumbel-max: argmax(logits - log E), E ~ Exp(1), is a draw from softmax(logits), with no host
+        # sync. The floor keeps a zero draw from making -inf - (-inf) = NaN on an excluded token.
+        noise = torch.empty_like(logits).exponential_(generator=generator)
+        noise = noise.clamp_min_(torch.finfo(noise.dtype).tiny).log_()
+        token = torch.sub(logits, noise, out=noise).argmax(-1)
+    chosen = logits.gather(1, token[:, None])[:, 0]
+    log_normaliser = top + logits.sub_(top[:, None]).exp_().sum(-1).log_()   # logsumexp, in place
+    return token, chosen - log_normaliser
+
+
+@torch.inference_mode()
+def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, stop_ids=(), seed: int | None = None,
+             check_every: int = 8) -> list[Generation]:
+    """Sample a completion for each prompt (token-id lists, ragged allowed), in order.
+
+    Identical prompts (group sampling) are prefilled once and their cache rows copied. Every `check_every`
+    steps the host looks for stop ids: it ends the call when all rows stopped, and drops stopped rows from
+    the batch once they are a quarter of it. `seed` seeds this call's own torch.Generator."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}, "
+                         f"max_new_tokens={max_new_tokens}")
+    if max_new_tokens == 0:
+        return [Generation([], [], False) for _ in prompts]
+    device = model.model.embed_tokens.weight.device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    # Prefill each distinct prompt once, right-padded; padding slots are masked, then overwritten by decoding.
+    distinct: dict[tuple, int] = {}
+    source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]     # row -> distinct prompt
+    lengths = [len(p) for p in distinct]
+    N, L = len(prompts), max(lengths)
+    max_len = L + max_new_tokens
+    ids = torch.tensor([list(p) + [0] * (L - len(p)) for p in distinct], device=device)  # (U, L)
+    last = torch.tensor(lengths, device=device) - 1
+    U = len(distinct)
+    decoder = Decoder(model, U, max_len)
+    logits = decoder.prefill(ids, last)                                           # (U, V)
+    if U < N:
+        source_t = torch.tensor(source, device=device)
+        decoder.take_rows(source_t, L)
+        logits, last = logits[source_t], last[source_t]
+
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    position = last + 1                      # (B,) where each row's next token goes
+    rows = torch.arange(N, device=device)    # active row -> prompt index
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    segments, tokens, logps, first_step = [], [], [], 0   # segment: (rows, first step, tokens, logprobs)
+    for step in range(max_new_tokens):
+        token, logp = sample_next(logits, temperature, top_k, top_p, generator)
+        tokens.append(token)
+        logps.append(logp)
+        if step == max_new_tokens - 1:
+            break
+        if (step + 1) % check_every == 0:
+            segments.append((rows, first_step, torch.stack(tokens, 1), torch.stack(logps, 1)))
+            tokens, logps, first_step = [], [], step + 1
+            if len(stops):
+                done |= torch.isin(segments[-1][2], stops).any(1)
+                n_done = int(done.sum())                                         # the host sync
+                if n_done == len(rows):
+                    break
+                if 4 * n_done >= len(rows):  # compact: stopped rows cost nothing from here on
+                    keep = (~done).nonzero()[:, 0]
+                    decoder.take_rows(keep, L + step)
+                    token, position, rows, done = token[keep], position[keep], rows[keep], done[keep]
+        logits = decoder.step(token, position, L + step + 1)
+        position = position + 1
+    if tokens:
+        segments.append((rows, first_step, torch.stack(tokens, 1), torch.stack(logps, 1)))
+
+    all_tokens = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=device)
+    all_logps = torch.zeros((N, max_new_tokens), dtype=torch.float, device=device)
+    for seg_rows, start, seg_tokens, seg_logps in segments:
+        all_tokens[seg_rows, start:start + seg_tokens.shape[1]] = seg_tokens
+        all_logps[seg_rows, start:start + seg_tokens.shape[1]] = seg_logps
+    hit = torch.isin(all_tokens, stops)
+    finished = hit.any(1)
+    n_tokens = torch.where(finished, hit.int().argmax(1) + 1, max_new_tokens).tolist()
+    token_lists, logp_lists, finished = all_tokens.tolist(), all_logps.tolist(), finished.tolist()
+    return [Generation(token_lists[i][:n], logp_lists[i][:n], finished[i]) for i, n in enumerate(n_tokens)]
