@@ -1,0 +1,62 @@
+"""One update() on a fixed synthetic global batch; rank 0 saves the resulting weights.
+
+    python tests/dist_update.py OUT.pt                                  # 1 process
+    torchrun --nproc_per_node 2 tests/dist_update.py OUT.pt [--fsdp]    # 2 processes, gloo
+
+With plain SGD at lr 1 and no gradient clipping the weight change is the gradient itself, so equal
+weights mean equal gradients (test_icrl.py compares them)."""
+import sys
+
+import torch
+
+sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+import icrl  # noqa: E402
+from model import Qwen3, Qwen3Config  # noqa: E402
+
+CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=128, rope_theta=10000.0,
+              rms_norm_eps=1e-6, tie_word_embeddings=False)
+QUERIES = 4
+MICRO = __import__("os").environ.get("MICRO", "2")
+
+
+def global_batch():
+    """4 queries; rank slices differ in length so a per-rank token mean would differ from the global one."""
+    gen = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(1, 64, (n,), generator=gen).tolist()
+    per_query = []
+    for q in range(QUERIES):
+        context = ids(5 + q)
+        samples = []
+        for i in range(3):
+            n = 2 + (q * 7 + i * 3) % 9
+            adv = float(torch.randn((), generator=gen))
+            samples.append(icrl.TrainSample(context, ids(n), False, adv))
+        samples.append(icrl.TrainSample(context, ids(4), False, 0.7, calib_context=ids(9)))   # a refinement
+        samples.append(icrl.TrainSample(ids(6), ids(1 + q), True, -0.4 + 0.3 * q))             # a critique
+        per_query.append(samples)
+    return per_query
+
+
+def main():
+    out, fsdp = sys.argv[1], "--fsdp" in sys.argv
+    ctx = icrl.init_distributed()
+    args = icrl.parse_args(["--batch_prompts", str(QUERIES), "--micro_batch", MICRO, "--grad_clip", "1e9",
+                            "--critic_coef", "0.5", "--temperature", "0.9"] + (["--fsdp"] if fsdp else []))
+    torch.manual_seed(0)
+    model = icrl.wrap_model(Qwen3(Qwen3Config(**CONFIG)), args, ctx)
+    per_rank = QUERIES // ctx.world
+    mine = global_batch()[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+    samples = [s for qs in mine for s in qs]
+    icrl.old_logprobs(icrl.unwrap(model), samples, args, ctx)
+    for s in samples:  # move off rho = 1 so the clip and the ratio both matter
+        s.old_logp = s.old_logp + 0.1 * torch.arange(len(s.old_logp)) % 0.3
+    icrl.update(model, torch.optim.SGD(model.parameters(), lr=1.0), mine, args, ctx, step=0)
+    state, _ = icrl.full_state(model, torch.optim.SGD(model.parameters(), lr=1.0), ctx)
+    if ctx.main:
+        torch.save(state, out)
+    icrl.shutdown(ctx, fsdp)
+
+
+if __name__ == "__main__":
+    main()
