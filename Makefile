@@ -23,8 +23,10 @@ train: $(STAMP)
 eval: $(STAMP)
 	$(PY) eval.py --model $(OUT)/final --task arithmetic --out $(OUT)/eval
 
+# Speed as ratios against a peer run in the same process on the same inputs (README, "Benchmarks").
 bench: $(STAMP)
-	$(PY) bench.py
+	OMP_NUM_THREADS=2 $(PY) tests/bench_model.py
+	OMP_NUM_THREADS=1 $(PY) tests/bench_icrl.py
 
 clean:
 	rm -rf .venv runs bench_results .pytest_cache
