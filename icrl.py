@@ -297,8 +297,7 @@ def pad_batch(contexts, responses, device):
 def response_logprobs(model, contexts, responses, temperature, device):
     """log pi(response_t | context, response_<t) at the sampling temperature: (B, T) and its mask."""
     ids, targets, mask, positions = pad_batch(contexts, responses, device)
-    logits = model(ids)                                                   # (B, L, V)
-    logits = logits[torch.arange(len(contexts), device=device)[:, None], positions]  # (B, T, V)
+    logits = model(ids, logits_at=positions)                              # (B, T, V)
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, targets[..., None]).squeeze(-1) * mask, mask
 
@@ -627,24 +626,28 @@ def warm_start_pairs(task, tokenizer, example, rng, think, with_critique):
     return pairs
 
 
-WARM_START_ROLES_SHARE = 1 / 7
-
-
 def warm_start(model, tokenizer, task, args, ctx):
     """Supervised warm start of a randomly initialised model, so that RL starts with some reward:
     token-mean cross-entropy on warm_start_pairs, the stop token included so the model learns to end.
-    Critic and refiner prompts are 2-3x longer than the solver's, so the skill is learnt on solver
-    pairs alone and the last WARM_START_ROLES_SHARE of the steps add the critic and refiner formats
-    on every other example."""
+
+    Solver pairs alone until greedy accuracy on training examples reaches --warm_start_target (checked
+    every 50 steps; when a small model "gets" arithmetic varies by hundreds of steps with the data
+    order), then --warm_start_role_steps more steps that add the critic and refiner formats on every
+    other example (their prompts are 2-3x longer, so they come last). Returns (steps, accuracy)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.warm_start_lr)
     rng = random.Random(mix_seed(args.seed, ctx.rank, 5))
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     per_rank = args.warm_start_batch // ctx.world
-    roles_from = round(args.warm_start_steps * (1 - WARM_START_ROLES_SHARE))
-    for step in range(args.warm_start_steps):
+    probe = task.examples[:128]  # training examples: the held-out split stays unseen until RL begins
+    step, acc, roles_until = 0, 0.0, None
+    while roles_until is None or step < roles_until:
+        if roles_until is None and step and (step % 50 == 0 or step >= args.warm_start_steps):
+            acc = critique_free_accuracy(model, tokenizer, task, probe, args, ctx)
+            if acc >= args.warm_start_target or step >= args.warm_start_steps:
+                roles_until = step + args.warm_start_role_steps
+        with_roles = roles_until is not None
         pairs = [p for i in range(per_rank) for p in warm_start_pairs(
-            task, tokenizer, rng.choice(task.examples), rng, args.enable_thinking,
-            with_critique=step >= roles_from and i % 2 == 0)]
+            task, tokenizer, rng.choice(task.examples), rng, args.enable_thinking, with_roles and i % 2 == 0)]
         contexts = [c for c, _ in pairs]
         responses = [tokenizer.encode(text, add_special_tokens=False) + [stop] for _, text in pairs]
         with autocast_for(model, args):
@@ -654,6 +657,8 @@ def warm_start(model, tokenizer, task, args, ctx):
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step += 1
+    return step, acc
 
 
 # ==================================================================================================
@@ -759,8 +764,12 @@ def parse_args(argv=None):
     p.add_argument("--minibatch", type=int, default=None, help="queries per optimizer update, global "
                    "(default: --batch_prompts, one update per pass)")
     p.add_argument("--micro_batch", type=int, default=64, help="sequences per forward/backward (memory only)")
-    p.add_argument("--warm_start_steps", type=int, default=None, help="supervised warm-start steps before RL "
-                   "(default: 700 for --model tiny, else 0)")
+    p.add_argument("--warm_start_steps", type=int, default=None, help="most solver-only warm-start steps "
+                   "before RL (default: 1200 for --model tiny, else 0: no warm start)")
+    p.add_argument("--warm_start_target", type=float, default=0.3, help="leave the solver-only warm start "
+                   "once greedy accuracy on 128 training examples reaches this")
+    p.add_argument("--warm_start_role_steps", type=int, default=100, help="then this many steps that add "
+                   "the critic and refiner formats")
     p.add_argument("--warm_start_lr", type=float, default=3e-3, help="warm-start learning rate")
     p.add_argument("--warm_start_batch", type=int, default=64, help="warm-start examples per step, global")
     # systems
@@ -776,7 +785,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="a checkpoint folder or a run folder (its latest checkpoint)")
     args = p.parse_args(argv)
     if args.warm_start_steps is None:
-        args.warm_start_steps = 700 if args.model == "tiny" else 0
+        args.warm_start_steps = 1200 if args.model == "tiny" else 0
     if args.minibatch is None:
         args.minibatch = args.batch_prompts
     if args.temperature <= 0:
@@ -848,8 +857,9 @@ def train(args, ctx):
     model = wrap_model(model, args, ctx)
     if args.warm_start_steps and not args.resume:
         t = time.perf_counter()
-        warm_start(model, tokenizer, train_task, args, ctx)
-        print0(ctx, f"warm start: {args.warm_start_steps} supervised steps in {time.perf_counter() - t:.0f}s")
+        steps, acc = warm_start(model, tokenizer, train_task, args, ctx)
+        print0(ctx, f"warm start: {steps} supervised steps in {time.perf_counter() - t:.0f}s (greedy accuracy "
+                    f"{acc:.3f} on training examples when the critic and refiner formats were added)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if args.resume:
         state = torch.load(os.path.join(args.resume, TRAINER_STATE), weights_only=False) if ctx.main else {}

@@ -208,9 +208,11 @@ class Qwen3(nn.Module):
                 m.weight.fill_(1.0)
         self.tie_weights()
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, logits_at=None):
         """input_ids (B, T) -> logits (B, T, vocab): causal attention, positions 0..T-1. Right padding is
-        exact for the real tokens, since no real token attends to a later one."""
+        exact for the real tokens, since no real token attends to a later one. `logits_at` (B, T'): only
+        the logits at those positions, (B, T', vocab); a trainer needs them at response tokens alone, and
+        a 151,936-wide lm_head over whole prompts would dominate its memory."""
         T = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)                                    # (B, T, C)
         positions = torch.arange(T, device=x.device)
@@ -221,6 +223,8 @@ class Qwen3(nn.Module):
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device)[:, None], logits_at]    # (B, T', C)
         return self.lm_head(self.model.norm(x))
 
     # ------------------------------------------------------------------------- checkpoints

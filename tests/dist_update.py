@@ -5,11 +5,12 @@
 
 With plain SGD at lr 1 and no gradient clipping the weight change is the gradient itself, so equal
 weights mean equal gradients (test_icrl.py compares them)."""
+import os
 import sys
 
 import torch
 
-sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import icrl  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
 
@@ -17,7 +18,6 @@ CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_la
               num_key_value_heads=2, head_dim=8, max_position_embeddings=128, rope_theta=10000.0,
               rms_norm_eps=1e-6, tie_word_embeddings=False)
 QUERIES = 4
-MICRO = __import__("os").environ.get("MICRO", "2")
 
 
 def global_batch():
@@ -41,7 +41,7 @@ def global_batch():
 def main():
     out, fsdp = sys.argv[1], "--fsdp" in sys.argv
     ctx = icrl.init_distributed()
-    args = icrl.parse_args(["--batch_prompts", str(QUERIES), "--micro_batch", MICRO, "--grad_clip", "1e9",
+    args = icrl.parse_args(["--batch_prompts", str(QUERIES), "--micro_batch", "2", "--grad_clip", "1e9",
                             "--critic_coef", "0.5", "--temperature", "0.9"] + (["--fsdp"] if fsdp else []))
     torch.manual_seed(0)
     model = icrl.wrap_model(Qwen3(Qwen3Config(**CONFIG)), args, ctx)
