@@ -25,7 +25,7 @@ eval: $(STAMP)
 
 # Speed as ratios against a peer run in the same process on the same inputs (README, "Benchmarks").
 bench: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) tests/bench_model.py
+	OMP_NUM_THREADS=1 $(PY) tests/bench_model.py
 	OMP_NUM_THREADS=1 $(PY) tests/bench_icrl.py
 
 clean:

@@ -6,14 +6,15 @@ the same with Qwen3's 151,936-token vocabulary, and a ~100M-parameter model; bat
 
 "floor" is the bare work generate cannot avoid: our model's forward calls for the same tokens (model.Decoder:
 one prefill into the cache, then one-token decode steps) plus the sampling ops, with no bookkeeping. overhead =
-generate / floor - 1. Every timing is the best of `--repeats` runs, peers interleaved, because this
-machine is shared with other jobs.
+generate / floor - 1. Every timing is the best of several interleaved rounds (at least --repeats, and
+until --seconds have passed), because this machine is shared with other jobs.
 
 Run: .venv/bin/python tests/bench_model.py            (writes bench_results/model.json; ~3 minutes on 2 cores)
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,13 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from model import Decoder, Qwen3, Qwen3Config, generate, sample_next  # noqa: E402
 
-CONFIGS = {  # name -> (config, prompt length, new tokens); the 100M model decodes at a few tokens/s here
+CONFIGS = {  # name -> (config, prompt length, new tokens); shorter runs for the slow 100M model
     "default": (dict(vocab_size=100, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True), 32, 64),
     "vocab151936": (dict(vocab_size=151936, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True), 32, 64),
     "100M": (dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                  num_attention_heads=12, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True), 16, 32),
+                  num_attention_heads=12, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True), 16, 16),
 }
 
 
@@ -54,10 +55,13 @@ def timed(fn):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads for both peers; 1 as each rank of `make train` runs, and robust "
-                             "on a shared machine (2 threads stall when another job holds a core)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best one counts")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)),
+                        help="torch.set_num_threads for both peers (default: $OMP_NUM_THREADS, else 1 as each rank of "
+                             "`make train` runs; 1 is robust on a shared machine, 2 threads stall when another job "
+                             "holds a core)")
+    parser.add_argument("--repeats", type=int, default=3, help="at least this many rounds per measurement")
+    parser.add_argument("--seconds", type=float, default=12.0,
+                        help="more rounds until a measurement has taken this long; the best round counts")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     parser.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "model.json"), help="JSON results file")
@@ -66,8 +70,9 @@ def main():
     transformers.logging.set_verbosity_error()
 
     rows = []
-    header = (f"{'config':<12} {'params':>7} {'batch':>5} {'prompt+new':>10} {'ours tok/s':>11} {'hf tok/s':>9} "
-              f"{'speedup':>7} {'floor tok/s':>11} {'overhead':>8} {'same tokens':>11}")
+    header = (f"{'config':<12} {'params':>7} {'batch':>5} {'prompt+new':>10} {'rounds':>6} {'ours tok/s':>11} "
+              f"{'hf tok/s':>9} {'speedup':>7} {'floor tok/s':>11} {'overhead':>8} {'same tokens':>11}")
+    print(f"threads={args.threads}; greedy; best round of at least {args.repeats} and {args.seconds:.0f} s")
     print(header)
     print("-" * len(header))
     for name in args.configs.split(","):
@@ -81,30 +86,38 @@ def main():
         for batch in map(int, args.batches.split(",")):
             ids = torch.randint(0, config["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(1))
             prompts = ids.tolist()
-            run_hf = lambda n: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,  # noqa: E731
-                                           max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-            generate(ours, prompts, 2, temperature=0), run_hf(2)  # warm-up: allocator, thread pool, MKL paths
-            t_ours = t_floor = t_hf = float("inf")
-            for _ in range(args.repeats):  # interleaved, so a burst of load elsewhere hits all peers alike
-                t, gens = timed(lambda: generate(ours, prompts, new, temperature=0))
-                t_ours = min(t_ours, t)
-                t_floor = min(t_floor, timed(lambda: floor_run(ours, ids, new))[0])
-                t, ref = timed(lambda: run_hf(new))
-                t_hf = min(t_hf, t)
+            peers = {
+                "ours": lambda n: generate(ours, prompts, n, temperature=0),
+                "floor": lambda n: floor_run(ours, ids, n),
+                "hf": lambda n: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                            max_new_tokens=n, min_new_tokens=n, pad_token_id=0),
+            }
+            for run in peers.values():  # warm-up: allocator, thread pool, MKL code paths
+                run(2)
+            best, outputs, rounds, start = dict.fromkeys(peers, float("inf")), {}, 0, time.perf_counter()
+            # Rounds interleave the peers, so a burst of load from other jobs hits them alike, and rotate
+            # their order: a run is slower right after another peer's (allocator and cache state).
+            while rounds < args.repeats or time.perf_counter() - start < args.seconds:
+                order = list(peers)[rounds % 3:] + list(peers)[:rounds % 3]
+                for peer in order:
+                    seconds, outputs[peer] = timed(lambda: peers[peer](new))
+                    best[peer] = min(best[peer], seconds)
+                rounds += 1
+            gens, ref = outputs["ours"], outputs["hf"]
             assert ref.shape == (batch, prompt_len + new) and all(len(g.tokens) == new for g in gens)
             same = sum(g.tokens == r[prompt_len:].tolist() for g, r in zip(gens, ref)) / batch
             tokens = batch * new
             row = dict(config=name, params=n_params, batch=batch, prompt_len=prompt_len, new_tokens=new,
-                       ours_tok_s=tokens / t_ours, hf_tok_s=tokens / t_hf, floor_tok_s=tokens / t_floor,
-                       speedup=t_hf / t_ours, overhead=t_ours / t_floor - 1, same_tokens=same,
-                       ours_s=t_ours, hf_s=t_hf, floor_s=t_floor)
+                       rounds=rounds, ours_tok_s=tokens / best["ours"], hf_tok_s=tokens / best["hf"],
+                       floor_tok_s=tokens / best["floor"], speedup=best["hf"] / best["ours"],
+                       overhead=best["ours"] / best["floor"] - 1, same_tokens=same, seconds=best)
             rows.append(row)
-            print(f"{name:<12} {n_params / 1e6:>6.1f}M {batch:>5} {f'{prompt_len}+{new}':>10} "
+            print(f"{name:<12} {n_params / 1e6:>6.1f}M {batch:>5} {f'{prompt_len}+{new}':>10} {rounds:>6} "
                   f"{row['ours_tok_s']:>11.0f} {row['hf_tok_s']:>9.0f} {row['speedup']:>6.2f}x "
                   f"{row['floor_tok_s']:>11.0f} {100 * row['overhead']:>7.1f}% {100 * same:>10.0f}%", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(threads=args.threads, repeats=args.repeats, torch=torch.__version__,
+    out.write_text(json.dumps(dict(threads=args.threads, torch=torch.__version__,
                                    transformers=transformers.__version__, results=rows), indent=2) + "\n")
     print(f"wrote {out}")
 
