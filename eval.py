@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import load_task
+from data import load_task, parse_knobs
 from icrl import (DTYPES, SamplingConfig, chunks, init_distributed, mix_seed, print0, rollout, shutdown,
                   write_atomic)
 from model import Qwen3
@@ -223,6 +223,8 @@ def parse_args(argv=None):
                    "(same vocabulary), attempts and refinements from --model")
     p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math (data.py)")
     p.add_argument("--eval_file", default=None, help="JSONL split (gsm8k, math)")
+    p.add_argument("--task_knob", action="append", default=[], metavar="KEY=VALUE", help="a task option, "
+                   "repeatable, as for icrl.py (e.g. --task_knob digits=3)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="split of a synthetic task")
     p.add_argument("--task_seed", type=int, default=0, help="seed of a synthetic task's examples (icrl.py "
                    "generates its held-out split with its --seed, default 0)")
@@ -272,7 +274,8 @@ def main(argv=None):
 def run(args, ctx):
     t0 = time.perf_counter()
     model, tokenizer, critic = load_models(args, ctx.device)
-    task = load_task(args.task, path=args.eval_file, split=args.split, seed=args.task_seed)
+    task = load_task(args.task, path=args.eval_file, split=args.split, seed=args.task_seed,
+                     **parse_knobs(args.task_knob))
     examples = task.examples[:args.max_examples] if args.max_examples else task.examples
     print0(ctx, "config:", json.dumps(vars(args), indent=1))
     if args.max_examples > len(examples):

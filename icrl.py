@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import build_char_tokenizer, load_task
+from data import CRITIQUE_RIGHT, CRITIQUE_WRONG, build_char_tokenizer, load_task, parse_knobs
 from model import Qwen3, Qwen3Config, generate
 
 # ==================================================================================================
@@ -515,6 +515,8 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
                 grad_norm = grad_norm.full_tensor()
             finite = all_reduce([0.0 if finite else 1.0], ctx, dist.ReduceOp.MAX)[0] == 0.0
             if finite and math.isfinite(float(grad_norm)):
+                for group in optimizer.param_groups:  # a function of the step alone, so resume is exact
+                    group["lr"] = args.lr * min(1.0, (step + 1) / max(args.lr_warmup, 1))
                 optimizer.step()
                 stats["grad_norm"] += float(grad_norm)
                 stats["updates"] += 1
@@ -596,14 +598,18 @@ def calibration_summary(refined, args, ctx):
 
 
 @torch.no_grad()
-def critique_free_accuracy(model, tokenizer, task, examples, args, ctx):
-    """Held-out critique-free accuracy, greedy: each rank scores its share, the sums are all-reduced."""
-    cfg = sampling_config(args, group_size=1, temperature=0.0)
+def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=0):
+    """Held-out critique-free accuracy: greedy, and with `samples` > 0 also SPEC §4's pass@1, the mean
+    reward of that many attempts per example at the training temperature (the quantity RL maximises;
+    eval.py's pass@1). Each rank scores its share; the sums are all-reduced. Returns (greedy, pass@1)."""
     mine = examples[ctx.rank::ctx.world]
     with full_weights(model, args) as m:
-        rollouts, _ = rollout(m, tokenizer, task, mine, cfg, seed=0, critique=False)
-    correct, total = all_reduce([sum(ro.attempts[0].reward for ro in rollouts), len(mine)], ctx)
-    return correct / max(total, 1)
+        greedy, _ = rollout(m, tokenizer, task, mine, sampling_config(args, 1, 0.0), seed=0, critique=False)
+        sampled, _ = rollout(m, tokenizer, task, mine, sampling_config(args, samples), seed=mix_seed(args.seed, 7),
+                             critique=False) if samples else ([], None)
+    greedy_correct, sampled_correct, n = all_reduce([sum(ro.attempts[0].reward for ro in greedy),
+                                                     sum(a.reward for ro in sampled for a in ro.attempts), len(mine)], ctx)
+    return greedy_correct / max(n, 1), sampled_correct / max(n * samples, 1)
 
 
 # ==================================================================================================
@@ -620,20 +626,21 @@ def warm_start_pairs(task, tokenizer, example, rng, think, with_critique):
     if not with_critique or not answer.lstrip("-").isdigit():
         return pairs
     attempt = f"\\boxed{{{int(answer) + rng.choice([-10, -1, 1, 10])}}}" if rng.random() < 0.5 else boxed
-    critique = "Correct." if attempt == boxed else f"Wrong, it is {answer}."
+    critique = CRITIQUE_RIGHT if attempt == boxed else CRITIQUE_WRONG.format(answer=answer)
     pairs.append((task.critic_context(tokenizer, example, attempt, enable_thinking=think), critique))
     pairs.append((task.refiner_context(tokenizer, example, attempt, critique, enable_thinking=think), boxed))
     return pairs
 
 
 def warm_start(model, tokenizer, task, args, ctx):
-    """Supervised warm start of a randomly initialised model, so that RL starts with some reward:
-    token-mean cross-entropy on warm_start_pairs, the stop token included so the model learns to end.
+    """Supervised warm start of a randomly initialised model, so that RL starts with some reward and a
+    critic and refiner that know their formats: token-mean cross-entropy on warm_start_pairs, the stop
+    token included so the model learns to end.
 
     Solver pairs alone until greedy accuracy on training examples reaches --warm_start_target (checked
     every 50 steps; when a small model "gets" arithmetic varies by hundreds of steps with the data
-    order), then --warm_start_role_steps more steps that add the critic and refiner formats on every
-    other example (their prompts are 2-3x longer, so they come last). Returns (steps, accuracy)."""
+    order), then --warm_start_role_steps more steps that add the critic and refiner pairs on every other
+    example. Returns (steps, accuracy)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.warm_start_lr)
     rng = random.Random(mix_seed(args.seed, ctx.rank, 5))
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -642,7 +649,8 @@ def warm_start(model, tokenizer, task, args, ctx):
     step, acc, roles_until = 0, 0.0, None
     while roles_until is None or step < roles_until:
         if roles_until is None and step and (step % 50 == 0 or step >= args.warm_start_steps):
-            acc = critique_free_accuracy(model, tokenizer, task, probe, args, ctx)
+            acc, _ = critique_free_accuracy(model, tokenizer, task, probe, args, ctx)
+            print0(ctx, f"warm start step {step}: greedy accuracy {acc:.3f} on {len(probe)} training examples")
             if acc >= args.warm_start_target or step >= args.warm_start_steps:
                 roles_until = step + args.warm_start_role_steps
         with_roles = roles_until is not None
@@ -735,6 +743,8 @@ def parse_args(argv=None):
     p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math (data.py)")
     p.add_argument("--train_file", default=None, help="JSONL training split (gsm8k, math)")
     p.add_argument("--eval_file", default=None, help="JSONL held-out split (gsm8k, math)")
+    p.add_argument("--task_knob", action="append", default=[], metavar="KEY=VALUE", help="a task option, "
+                   "repeatable, e.g. --task_knob digits=3 --task_knob ops=+-* (data.py lists each task's)")
     p.add_argument("--enable_thinking", action="store_true", help="passed to the chat template (SPEC §1)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype; weights stay float32")
     # sampling (SPEC §2.1-2.3)
@@ -756,8 +766,10 @@ def parse_args(argv=None):
     p.add_argument("--clip_low", type=float, default=0.2, help="eps_low of §2.7")
     p.add_argument("--clip_high", type=float, default=0.28, help="eps_high of §2.7")
     # optimisation (SPEC §2.8)
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (the defaults suit the tiny "
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (the defaults suit the tiny "
                    "model; Qwen3-4B/8B want ~1e-6)")
+    p.add_argument("--lr_warmup", type=int, default=10, help="RL steps of linear learning-rate warmup: "
+                   "a fresh AdamW's first steps move every weight by ~lr whatever its gradient")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--ppo_epochs", type=int, default=1, help="passes over each step's samples")
@@ -766,7 +778,7 @@ def parse_args(argv=None):
     p.add_argument("--micro_batch", type=int, default=64, help="sequences per forward/backward (memory only)")
     p.add_argument("--warm_start_steps", type=int, default=None, help="most solver-only warm-start steps "
                    "before RL (default: 1200 for --model tiny, else 0: no warm start)")
-    p.add_argument("--warm_start_target", type=float, default=0.3, help="leave the solver-only warm start "
+    p.add_argument("--warm_start_target", type=float, default=0.25, help="leave the solver-only warm start "
                    "once greedy accuracy on 128 training examples reaches this")
     p.add_argument("--warm_start_role_steps", type=int, default=100, help="then this many steps that add "
                    "the critic and refiner formats")
@@ -777,9 +789,11 @@ def parse_args(argv=None):
     p.add_argument("--grad_ckpt", action="store_true", help="recompute each layer in the backward pass")
     p.add_argument("--seed", type=int, default=0, help="seeds init, data order and every sampling call")
     # schedule and output
-    p.add_argument("--steps", type=int, default=90, help="RL steps")
-    p.add_argument("--eval_every", type=int, default=15, help="held-out critique-free accuracy every N steps")
+    p.add_argument("--steps", type=int, default=60, help="RL steps")
+    p.add_argument("--eval_every", type=int, default=10, help="held-out critique-free accuracy every N steps")
     p.add_argument("--eval_examples", type=int, default=256, help="held-out examples per evaluation")
+    p.add_argument("--eval_samples", type=int, default=4, help="attempts per held-out example for pass@1 "
+                   "(eval_acc); greedy accuracy (eval_acc_greedy) is reported beside it")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only the final one)")
     p.add_argument("--out", default="runs/icrl", help="run folder: checkpoints and metrics.jsonl")
     p.add_argument("--resume", default=None, help="a checkpoint folder or a run folder (its latest checkpoint)")
@@ -848,8 +862,9 @@ def train(args, ctx):
         args.resume = resolve_checkpoint(args.resume)
         start_step = torch.load(os.path.join(args.resume, TRAINER_STATE), weights_only=False)["step"]
     model, tokenizer = load_model_and_tokenizer(args, ctx)
-    train_task = load_task(args.task, path=args.train_file, split="train", seed=args.seed)
-    eval_task = load_task(args.task, path=args.eval_file, split="test", seed=args.seed)
+    knobs = parse_knobs(args.task_knob)
+    train_task = load_task(args.task, path=args.train_file, split="train", seed=args.seed, **knobs)
+    eval_task = load_task(args.task, path=args.eval_file, split="test", seed=args.seed, **knobs)
     eval_examples = eval_task.examples[:args.eval_examples]
     print0(ctx, "config:", json.dumps(vars(args), indent=1))
     print0(ctx, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -861,17 +876,26 @@ def train(args, ctx):
         print0(ctx, f"warm start: {steps} supervised steps in {time.perf_counter() - t:.0f}s (greedy accuracy "
                     f"{acc:.3f} on training examples when the critic and refiner formats were added)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    os.makedirs(args.out, exist_ok=True)
+    if args.warm_start_steps and not args.resume:  # RL's starting point, for --model or --resume
+        save_checkpoint(model, optimizer, tokenizer, args, ctx, 0, "warm_start")
     if args.resume:
         state = torch.load(os.path.join(args.resume, TRAINER_STATE), weights_only=False) if ctx.main else {}
         load_optimizer_state(model, optimizer, state.get("optimizer", {}), ctx)
-    os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if ctx.main:
         keep_metrics_until(metrics_path, start_step)
-    eval_acc = critique_free_accuracy(model, tokenizer, eval_task, eval_examples, args, ctx)
+
+    def evaluate():
+        greedy, pass1 = critique_free_accuracy(model, tokenizer, eval_task, eval_examples, args, ctx, args.eval_samples)
+        return {"eval_acc": pass1, "eval_acc_greedy": greedy}
+
+    def describe(figures):
+        return f"pass@1 {figures['eval_acc']:.3f} ({args.eval_samples} samples each), greedy {figures['eval_acc_greedy']:.3f}"
+
+    first = last = evaluate()
     print0(ctx, f"held-out critique-free accuracy when RL begins (step {start_step}"
-                f"{', after the warm start' if args.warm_start_steps and not args.resume else ''}): {eval_acc:.3f}")
-    first_eval = eval_acc
+                f"{', after the warm start' if args.warm_start_steps and not args.resume else ''}): {describe(first)}")
     cfg = sampling_config(args)
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not ctx.main,
                dynamic_ncols=True)
@@ -879,18 +903,19 @@ def train(args, ctx):
         metrics = train_step(model, optimizer, tokenizer, train_task, cfg, args, ctx, step)
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 or done == args.steps:
-            metrics["eval_acc"] = eval_acc = critique_free_accuracy(model, tokenizer, eval_task, eval_examples, args, ctx)
+            metrics.update(last := evaluate())
         if ctx.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": done, **metrics}) + "\n")
             shown = {k: f"{metrics[k]:.2f}" for k in ("acc", "refined_acc", "gain") if k in metrics}
-            bar.set_postfix(**shown, eval=f"{eval_acc:.2f}", refresh=False)
+            bar.set_postfix(**shown, eval=f"{last['eval_acc']:.2f}", refresh=False)
         if args.save_every and done % args.save_every == 0 and done != args.steps:
             save_checkpoint(model, optimizer, tokenizer, args, ctx, done, f"step_{done}")
     save_checkpoint(model, optimizer, tokenizer, args, ctx, args.steps, "final")
-    print0(ctx, f"held-out critique-free accuracy at the end (step {args.steps}): {eval_acc:.3f} "
-                f"({100 * (eval_acc - first_eval):+.1f} points since RL began)")
-    return eval_acc
+    gained = {k: f"{100 * (last[k] - first[k]):+.1f}" for k in last}
+    print0(ctx, f"held-out critique-free accuracy at the end (step {args.steps}): {describe(last)}; "
+                f"{gained['eval_acc']} and {gained['eval_acc_greedy']} points since RL began")
+    return last
 
 
 def train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step):

@@ -15,9 +15,9 @@ from fractions import Fraction
 import pytest
 from transformers import AutoTokenizer
 
-from data import (ANSWER_FORMAT, COUNTDOWN_ANSWER_FORMAT, CRITIC_PROMPT, MAX_ANSWER_CHARS, MAX_PAREN_DEPTH,
-                  REFINER_PROMPT, SOLVER_PROMPT, Example, build_char_tokenizer, evaluate_expression, final_answer,
-                  last_boxed, load_task, parse_exact_number, split_of, visible_response)
+from data import (ANSWER_FORMAT, CHAR_PHRASES, COUNTDOWN_ANSWER_FORMAT, CRITIC_PROMPT, MAX_ANSWER_CHARS,
+                  MAX_PAREN_DEPTH, REFINER_PROMPT, SOLVER_PROMPT, Example, build_char_tokenizer, evaluate_expression, final_answer,
+                  last_boxed, load_task, parse_exact_number, parse_knobs, split_of, visible_response)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GSM8K_SAMPLE = os.path.join(HERE, "data", "gsm8k_sample.jsonl")
@@ -297,7 +297,7 @@ def test_critic_never_sees_the_reference_answer_or_the_reasoning():
 
 def test_char_tokenizer_vocabulary(char_tokenizer):
     tok = char_tokenizer
-    assert len(tok) == 103
+    assert len(tok) == 103 + len(CHAR_PHRASES)
     assert (tok.pad_token, tok.pad_token_id, tok.eos_token, tok.eos_token_id) == ("<|endoftext|>", 0, "<|im_end|>", 2)
     assert tok.convert_tokens_to_ids(["<|im_start|>", "<|unk|>", "<think>", "</think>"]) == [1, 3, 4, 5]
     assert tok.encode("<|im_start|>user\n", add_special_tokens=False) == [1] + tok.encode("user\n", add_special_tokens=False)
@@ -309,14 +309,29 @@ def test_char_tokenizer_vocabulary(char_tokenizer):
 
 def test_char_tokenizer_round_trips_ascii(char_tokenizer):
     alphabet = string.printable  # printable ASCII + \t \n \r \x0b \x0c; the vocabulary has \t and \n
-    texts = ["".join(chr(c) for c in range(32, 127)), "  two  spaces\n\tand a tab ", "47+38\nAnswer in \\boxed{}.",
+    texts = ["".join(chr(c) for c in range(32, 127)), "  two  spaces\n\tand a tab ", "47+38\nAnswer in boxed{}",
              "\n\n", " ", "a" * 1000]
     rng = random.Random(0)
     texts += ["".join(rng.choice(alphabet[:-3]) for _ in range(rng.randint(1, 200))) for _ in range(200)]
     for text in texts:
         ids = char_tokenizer.encode(text, add_special_tokens=False)
-        assert len(ids) == len(text)
+        assert len(ids) == len(text)  # no phrase inside: one id per character
         assert char_tokenizer.decode(ids) == text
+
+
+def test_char_tokenizer_phrases(char_tokenizer):
+    tok = char_tokenizer
+    assert [tok.encode(p, add_special_tokens=False) for p in CHAR_PHRASES] == [[103 + i] for i in range(len(CHAR_PHRASES))]
+    text = "47+38\nAnswer in \\boxed{}.\\boxed{85}<think>\n\n</think>\n\nx"   # longest phrase wins at each place
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(ids) == ["4", "7", "+", "3", "8", "\n", "Answer in \\boxed{}.", "\\boxed{", "8", "5",
+                                              "}", "<think>\n\n</think>\n\n", "x"]
+    assert tok.decode(ids) == text
+    task = load_task("arithmetic", split="test", seed=0)
+    tokens = tok.convert_ids_to_tokens(task.solver_context(tok, task.examples[0]))
+    question = list(task.examples[0].question)
+    assert tokens == ["<|im_start|>", "user\n", *question, "\n", "Answer in \\boxed{}.", "<|im_end|>", "\n",
+                      "<|im_start|>", "assistant\n", "<think>\n\n</think>\n\n"]
 
 
 CONVERSATIONS = [
@@ -362,12 +377,12 @@ def test_arithmetic_splits_partition_the_whole_problem_space():
     space = {f"{a}{op}{b}" for a in range(10) for b in range(10) for op in "+-"}
     in_test = {q for q in space if split_of(f"arithmetic:{q}") == "test"}
     assert 0 < len(in_test) < len(space) // 4
-    train = load_task("arithmetic", split="train", seed=1, n=len(space) - len(in_test), digits=1)
-    test = load_task("arithmetic", split="test", seed=2, n=len(in_test), digits=1)
+    train = load_task("arithmetic", split="train", seed=1, n=len(space) - len(in_test), digits=1, ops="+-")
+    test = load_task("arithmetic", split="test", seed=2, n=len(in_test), digits=1, ops="+-")
     assert {e.question for e in test.examples} == in_test
     assert {e.question for e in train.examples} == space - in_test
     with pytest.raises(ValueError, match="found only"):
-        load_task("arithmetic", split="test", n=len(in_test) + 1, digits=1)
+        load_task("arithmetic", split="test", n=len(in_test) + 1, digits=1, ops="+-")
 
 
 @pytest.mark.parametrize("name", ["arithmetic", "countdown"])
@@ -392,7 +407,7 @@ def test_seeded_reproducibility(name, knobs):
 def test_default_arithmetic_is_easy_and_short():
     task = load_task("arithmetic")
     assert len(task.examples) == 5000
-    assert all(re.fullmatch(r"\d{1,2}[+-]\d{1,2}", e.question) for e in task.examples)
+    assert all(re.fullmatch(r"\d{1,2}\+\d{1,2}", e.question) for e in task.examples)
 
 
 def test_countdown_instances():
@@ -409,6 +424,14 @@ def test_countdown_instances():
 def test_bad_arithmetic_knobs(knobs, error):
     with pytest.raises(error):
         load_task("arithmetic", **knobs)
+
+
+def test_knobs_from_the_command_line():
+    assert parse_knobs(["digits=3", "ops=+-*", "n=-2", "ops=+"]) == {"digits": 3, "ops": "+", "n": -2}
+    assert load_task("arithmetic", **parse_knobs(["digits=1", "ops=*", "n=5"])).examples[0].question[1] == "*"
+    for bad in ("digits", "=3", "two words=1"):
+        with pytest.raises(ValueError, match="expected KEY=VALUE"):
+            parse_knobs([bad])
 
 
 # ==================================================================================================

@@ -11,7 +11,7 @@ import torch
 
 import eval as ev
 import icrl
-from data import build_char_tokenizer
+from data import build_char_tokenizer, visible_response
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--task", "arithmetic", "--max_examples", "3", "--n", "2", "--max_new_tokens", "6",
@@ -143,7 +143,7 @@ def test_end_to_end(checkpoints, tmp_path, capsys):
     for r in rows:
         assert r["question"] in r["prompt"] and "<|im_start|>user" in r["prompt"]  # decoded, chat markup kept
         assert r["question"] in r["critic_prompt"] and r["answer"] not in r["critic_prompt"].split("Attempt:")[0]
-        assert r["critique"] in r["refiner_prompt"]
+        assert visible_response(r["critique"]) in r["refiner_prompt"]  # reasoning removed (SPEC §1)
         assert r["reward"] in (0.0, 1.0) and r["refined_reward"] in (0.0, 1.0)
         assert r["reward"] == 0.0 or r["response_finished"]  # SPEC §1: cut off scores 0
     assert any(r["critique"] != "Z" * len(r["critique"]) for r in rows)  # a self-critique is no 'ZZZ...'

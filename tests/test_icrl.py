@@ -149,7 +149,7 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     assert steps == [1, 2, 3]
     for key in ("acc", "refined_acc", "fix_rate", "break_rate", "gain", "calib_w_mean", "calib_w_p10",
                 "calib_w_low_frac", "len_solver", "len_critic", "loss_solver", "loss_critic", "clip_frac",
-                "grad_norm", "logprob_gap", "tok_per_s", "t_sample", "t_score", "t_train", "eval_acc"):
+                "grad_norm", "logprob_gap", "tok_per_s", "t_sample", "t_score", "t_train", "eval_acc", "eval_acc_greedy"):
         assert key in json.loads(open(os.path.join(first, "metrics.jsonl")).readlines()[-1]), key
 
 
@@ -164,6 +164,12 @@ def test_checkpoint_is_a_transformers_folder(tmp_path):
     ids = torch.tensor([tokenizer.encode("12+34")])
     torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-5)
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
+    # RL's starting point is kept, so another algorithm can start from the same weights (--model).
+    assert sorted(os.listdir(out)) == ["final", "latest", "metrics.jsonl", "warm_start"]
+    rl_start = os.path.join(out, "warm_start")
+    assert icrl.Qwen3.from_pretrained(rl_start).config.vocab_size == ours.config.vocab_size
+    assert AutoTokenizer.from_pretrained(rl_start).vocab == tokenizer.vocab
+    assert torch.load(os.path.join(rl_start, icrl.TRAINER_STATE), weights_only=False)["step"] == 0
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
