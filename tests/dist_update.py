@@ -41,7 +41,7 @@ def global_batch():
 def main():
     out, fsdp = sys.argv[1], "--fsdp" in sys.argv
     ctx = icrl.init_distributed()
-    args = icrl.parse_args(["--batch_prompts", str(QUERIES), "--micro_batch", "2", "--grad_clip", "1e9",
+    args = icrl.parse_args(["--batch_prompts", str(QUERIES), "--lr_warmup", "1", "--micro_batch", "2", "--grad_clip", "1e9",
                             "--critic_coef", "0.5", "--temperature", "0.9"] + (["--fsdp"] if fsdp else []))
     torch.manual_seed(0)
     model = icrl.wrap_model(Qwen3(Qwen3Config(**CONFIG)), args, ctx)

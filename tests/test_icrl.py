@@ -104,7 +104,7 @@ def test_two_process_gradient_equals_one_process(tmp_path, fsdp):
         torch.testing.assert_close(double[name], single[name], rtol=0, atol=2e-6, msg=name)
     torch.manual_seed(0)  # the update did something: the weights moved from their initial values
     init = Qwen3(Qwen3Config(**CONFIG)).state_dict()
-    assert max(float((single[n] - init[n]).abs().max()) for n in single) > 1e-4
+    assert max(float((single[n] - init[n]).abs().max()) for n in single) > 2e-5  # 10x the tolerance above
 
 
 def test_non_finite_loss_skips_the_update(capsys):
