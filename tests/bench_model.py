@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from model import Decoder, Qwen3, Qwen3Config, generate, sample_next  # noqa: E402
 
 CONFIGS = {  # name -> (config, prompt length, new tokens); shorter runs for the slow 100M model
-    "default": (dict(vocab_size=100, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+    "default": (dict(vocab_size=116, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True), 32, 64),
     "vocab151936": (dict(vocab_size=151936, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True), 32, 64),
