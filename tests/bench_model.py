@@ -38,13 +38,14 @@ CONFIGS = {  # name -> (config, prompt length, new tokens); shorter runs for the
 
 def floor_run(model, ids, new):
     """What generate cannot avoid: building the decoder (fused weights, cache), its forwards (prefill, then
-    cached one-token steps) and the greedy sampling ops; no bookkeeping."""
+    cached one-token steps; the prompts have one length, so every row steps at one int position, as generate
+    passes it) and the greedy sampling ops; no bookkeeping."""
     with torch.inference_mode():
         B, L = ids.shape
-        decoder = Decoder(model, B, L + new)
+        decoder = Decoder(model, B, L + new, decode_steps=new)             # the layout generate picks
         token, _ = sample_next(decoder.prefill(ids, torch.full((B,), L - 1)), 0, 0, 1.0, None)
         for step in range(new - 1):
-            token, _ = sample_next(decoder.step(token, torch.full((B,), L + step), L + step + 1), 0, 0, 1.0, None)
+            token, _ = sample_next(decoder.step(token, L + step, L + step + 1), 0, 0, 1.0, None)
 
 
 def timed(fn):

@@ -101,17 +101,20 @@ def test_grad_checkpointing_gives_same_gradients(tiny):
 # ----------------------------------------------------------------------------- KV cache
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 4, "attention_bias": True}],
                          ids=["gqa", "mha-bias"])
-def test_cached_decode_equals_full_forward_ragged(tmp_path, overrides):
-    """Prefill ragged prompts right-padded, then decode one token at a time at each row's own position."""
+@pytest.mark.parametrize("rows", [3, 70], ids=["3rows", "70rows"])
+def test_cached_decode_equals_full_forward_ragged(tmp_path, overrides, rows):
+    """Prefill ragged prompts right-padded, then decode one token at a time at each row's own position.
+    70 rows for 24 steps: a CPU prefill in two chunks, and column-major weights."""
     folder, _ = make_hf_qwen3(tmp_path, **overrides)
     model = Qwen3.from_pretrained(folder)
-    lengths, extra = [5, 9, 2], 6
+    lengths, extra = ([5, 9, 2] * 24)[:rows], 6 if rows < 8 else 24
     L = max(lengths)
     seqs = random_prompts([n + extra for n in lengths], seed=1)
-    decoder = Decoder(model, 3, L + extra)
+    decoder = Decoder(model, rows, L + extra)
+    assert rows < 8 or (rows * L > Decoder.prefill_tokens and not decoder.layers[0].qkv.is_contiguous())
     padded = torch.tensor([s[:n] + [0] * (L - n) for s, n in zip(seqs, lengths)])
     with torch.no_grad():
-        last = decoder.prefill(padded, torch.tensor(lengths) - 1)                         # (3, V)
+        last = decoder.prefill(padded, torch.tensor(lengths) - 1)                      # (rows, V)
         decoded = []
         for step in range(extra):
             position = torch.tensor(lengths) + step
@@ -122,6 +125,19 @@ def test_cached_decode_equals_full_forward_ragged(tmp_path, overrides):
             assert (last[row] - full[n - 1]).abs().max() < 1e-5
             steps = torch.stack([d[row] for d in decoded])
             assert (steps - full[n:]).abs().max() < 1e-5
+
+
+def test_cached_decode_at_one_position_equals_full_forward(tiny):
+    """Equal-length rows step with one int position: no mask, slice writes."""
+    model, _ = tiny
+    L, extra = 6, 5
+    seqs = random_prompts([L + extra] * 9, seed=11)
+    decoder = Decoder(model, 9, L + extra)
+    with torch.no_grad():
+        last = decoder.prefill(torch.tensor([s[:L] for s in seqs]), torch.full((9,), L - 1))
+        steps = [decoder.step(torch.tensor([s[L + i] for s in seqs]), L + i, L + i + 1) for i in range(extra)]
+        full = model(torch.tensor(seqs))                                          # (9, L + extra, V)
+    assert (torch.stack([last] + steps, 1) - full[:, L - 1:]).abs().max() < 1e-5
 
 
 def test_decoder_bf16_close_to_forward(tiny):
@@ -135,7 +151,7 @@ def test_decoder_bf16_close_to_forward(tiny):
         prefill = decoder.prefill(torch.tensor([seq[:8]]), torch.tensor([7]))[0].float()
         steps = [decoder.step(torch.tensor([t]), torch.tensor([8 + i]), 9 + i)[0].float()
                  for i, t in enumerate(seq[8:])]
-    assert decoder.k[0].dtype == torch.bfloat16
+    assert decoder.kv[0].dtype == torch.bfloat16
     assert (torch.stack([prefill] + steps) - full[7:]).abs().max() < 2e-2
 
 
