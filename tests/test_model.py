@@ -111,7 +111,7 @@ def test_cached_decode_equals_full_forward_ragged(tmp_path, overrides, rows):
     L = max(lengths)
     seqs = random_prompts([n + extra for n in lengths], seed=1)
     decoder = Decoder(model, rows, L + extra)
-    assert rows < 8 or (rows * L > Decoder.prefill_tokens and not decoder.layers[0].qkv.is_contiguous())
+    assert rows < 8 or (rows * L > Decoder.prefill_tokens and decoder.layers[0].qkv.is_contiguous())
     padded = torch.tensor([s[:n] + [0] * (L - n) for s, n in zip(seqs, lengths)])
     with torch.no_grad():
         last = decoder.prefill(padded, torch.tensor(lengths) - 1)                      # (rows, V)
@@ -127,32 +127,35 @@ def test_cached_decode_equals_full_forward_ragged(tmp_path, overrides, rows):
             assert (steps - full[n:]).abs().max() < 1e-5
 
 
-def test_cached_decode_at_one_position_equals_full_forward(tiny):
-    """Equal-length rows step with one int position: no mask, slice writes."""
+@pytest.mark.parametrize("rows", [9, 40])
+def test_cached_decode_at_one_position_equals_full_forward(tiny, rows):
+    """Equal-length rows step with one int position: no mask, slice writes. 40 rows x 2 kv heads: matmul
+    attention over the transposed key cache."""
     model, _ = tiny
     L, extra = 6, 5
-    seqs = random_prompts([L + extra] * 9, seed=11)
-    decoder = Decoder(model, 9, L + extra)
+    seqs = random_prompts([L + extra] * rows, seed=11)
+    decoder = Decoder(model, rows, L + extra)
+    assert decoder.matmul_attention == (rows == 40)
     with torch.no_grad():
-        last = decoder.prefill(torch.tensor([s[:L] for s in seqs]), torch.full((9,), L - 1))
+        last = decoder.prefill(torch.tensor([s[:L] for s in seqs]), torch.full((rows,), L - 1))
         steps = [decoder.step(torch.tensor([s[L + i] for s in seqs]), L + i, L + i + 1) for i in range(extra)]
-        full = model(torch.tensor(seqs))                                          # (9, L + extra, V)
+        full = model(torch.tensor(seqs))                                          # (rows, L + extra, V)
     assert (torch.stack([last] + steps, 1) - full[:, L - 1:]).abs().max() < 1e-5
 
 
-def test_decoder_bf16_close_to_forward(tiny):
+@pytest.mark.parametrize("rows", [1, 40], ids=["sdpa", "matmul-attention"])
+def test_decoder_bf16_close_to_forward(tiny, rows):
     model, _ = tiny
     bf16 = Qwen3(model.config).to(torch.bfloat16)
     bf16.load_state_dict(model.state_dict())
-    (seq,) = random_prompts([12], seed=12)
-    decoder = Decoder(bf16, 1, 12)
+    seqs = torch.tensor(random_prompts([12] * rows, seed=12))
+    decoder = Decoder(bf16, rows, 12)
     with torch.no_grad():
-        full = bf16(torch.tensor([seq]))[0].float()
-        prefill = decoder.prefill(torch.tensor([seq[:8]]), torch.tensor([7]))[0].float()
-        steps = [decoder.step(torch.tensor([t]), torch.tensor([8 + i]), 9 + i)[0].float()
-                 for i, t in enumerate(seq[8:])]
-    assert decoder.kv[0].dtype == torch.bfloat16
-    assert (torch.stack([prefill] + steps) - full[7:]).abs().max() < 2e-2
+        full = bf16(seqs).float()
+        prefill = decoder.prefill(seqs[:, :8], torch.full((rows,), 7)).float()
+        steps = [decoder.step(seqs[:, 8 + i], torch.full((rows,), 8 + i), 9 + i).float() for i in range(4)]
+    assert decoder.cache[0].k.dtype == decoder.cache[0].v.dtype == torch.bfloat16
+    assert (torch.stack([prefill] + steps, 1) - full[:, 7:]).abs().max() < 2e-2
 
 
 # ----------------------------------------------------------------------------- generate: greedy
@@ -302,9 +305,10 @@ def test_stop_ids_end_rows_and_set_finished(tiny, monkeypatch):
 
 
 def test_sampling_with_stops_keeps_logprobs_right(tiny):
-    """Rows stop at random steps and are compacted away; the survivors' cache rows must stay theirs."""
+    """Rows stop at random steps and are compacted away; the survivors' cache rows must stay theirs. Each
+    prompt 10 times: prefilled once, its cache rows copied. 40 rows: matmul attention."""
     model, _ = tiny
-    prompts = random_prompts([4, 7, 2, 9], seed=10) * 4
+    prompts = random_prompts([4, 7, 2, 9], seed=10) * 10
     stop_ids = tuple(range(0, VOCAB, 9))                                    # ~11% of the vocabulary
     gens = generate(model, prompts, max_new_tokens=40, temperature=1.0, stop_ids=stop_ids, seed=3,
                     check_every=2)
