@@ -450,10 +450,11 @@ def test_config_reads_both_rope_layouts():
 
 
 # ----------------------------------------------------------------------------- how the trainer calls it
-def test_generate_under_bf16_autocast(tiny):
+@pytest.mark.parametrize("rows", [2, 40], ids=["sdpa", "matmul-attention"])
+def test_generate_under_bf16_autocast(tiny, rows):
     """icrl.py samples under torch.autocast for --dtype bfloat16 (DDP): log-probs match the forward there."""
     model, _ = tiny
-    prompts = random_prompts([3, 6], seed=13)
+    prompts = random_prompts([3, 6] * (rows // 2), seed=13)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         gens = generate(model, prompts, 10, temperature=1.0, seed=0)
         for prompt, gen in zip(prompts, gens):
