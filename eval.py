@@ -1,36 +1,59 @@
-"""ICRL evaluation (../shared/SPEC.md §4): critique-free pass@k, one round of self-critique, the critic
-swap and the internalisation gap, for a checkpoint written by icrl.py (or any Hugging Face Qwen3 folder).
+"""ICRL evaluation (../shared/SPEC.md §4) of a checkpoint written by icrl.py (or any Hugging Face Qwen3
+folder): critique-free pass@k, test-time self-critique over K rounds with the training gate, the critique's
+value beyond a second draw, the critic swap and the internalisation gap.
 
 Run:
     python eval.py --model runs/icrl/final --task arithmetic --out runs/icrl/eval          # `make eval`
+    python eval.py --model runs/icrl/final --rounds 3 --critic_gate always ...   # K = 3, successes critiqued too
+    python eval.py ... --critic_model runs/other/final    # critic swap: another checkpoint critiques
     torchrun --standalone --nproc_per_node 2 eval.py --model runs/icrl/final --task arithmetic --out runs/icrl/eval
         (under torchrun spell --n as --samples: torchrun takes `--n` for an abbreviation of its own flags)
     torchrun --nproc_per_node 8 eval.py --model runs/qwen3-8b/final --task math --eval_file test.jsonl \
-        --samples 16 --k 1 --k 8 --k 16 --batch_examples 16 \
+        --samples 16 --k 1 --k 8 --k 16 --rounds 3 --batch_examples 16 --rollout_batch 128 \
         --max_examples 500 --max_new_tokens 2048 --critic_max_new_tokens 1024 --dtype bfloat16 --out runs/qwen3-8b/eval
-    python eval.py ... --critic_model runs/other/final     # critiques by another checkpoint, solver unchanged
 
-For every example, n attempts y_i ~ S(x) are sampled (the critique-free solver), then one critique per
-attempt and one refinement per critique (icrl.rollout, SPEC §2.1-2.3). An attempt is correct when its
-reward is 1. Figures, over all examples:
-    pass@k               mean over examples of 1 - C(n-c, k)/C(n, k), c = correct attempts of n
-    self_critique_acc    share of refinements y' that are correct
-    fix_rate, break_rate P(r'=1 | r=0), P(r'=0 | r=1) over attempt/refinement pairs (null: no such attempt)
-    critique_tokens      mean generated tokens per critique (its stop token included, as icrl.py counts)
-    internalisation_gap  self_critique_acc - pass@1
-Outputs: a table on stdout, DIR/summary.json (the figures and the settings) and DIR/samples.jsonl, one
-line per attempt in (example, attempt) order: example, id, question, answer (reference), attempt,
-prompt / critic_prompt / refiner_prompt (the decoded S(x), C(x, y), F(x, y, c), chat markup included),
-response, critique, refinement (texts), reward, refined_reward, the *_tokens lengths and *_finished flags.
+What is sampled (icrl.rollout, SPEC §2.1-2.4, the same code as training): for every example, n chains
+(--n) of up to K rounds (--rounds). Round 1 is a critique-free episode tau_1 ~ S(x). While the gate lets a
+chain go on (--critic_gate failure: only after a failure, as in training; always: after successes too)
+and it has fewer than K episodes, the critic (the model itself, or --critic_model) writes a critique c_k
+of C(x, tau_k) and the solver retries from a fresh reset with S(x, c_k). Then every chain whose first
+attempt failed and was critiqued gets one more critique-free attempt ~ S(x) (a fresh reset, its own seed):
+the baseline a critique has to beat. An episode succeeds when its reward is 1.
+
+Figures (summary.json and the printed table), over all chains; null where a rate has no denominator:
+    pass@k               critique-free, over first attempts: mean over examples of 1 - C(n-c, k)/C(n, k),
+                         c = first attempts with reward 1 among the n (unbiased)
+    acc_round_k          k = 1..K, accuracy after round k: mean over chains of the reward of the chain's
+                         last episode among its first k (acc_round_1: critique-free, = pass@1 with 0/1 rewards)
+    retry_acc            P(retry reward = 1 | critiqued), over all retries; retry_acc_r2.. per round when K > 2
+    critique_value       on chains whose first attempt failed and was critiqued: P(round-2 retry = 1) minus
+                         P(second critique-free attempt = 1), i.e. failed_retry_acc - second_attempt_acc
+                         over the same `failed_chains` chains
+    internalisation_gap  acc_round_K - acc_round_1
+    critique_tokens      mean generated tokens per critique (stop token included, as icrl.py counts)
+    critiqued_frac       share of chains critiqued at least once
+    turns, trunc_frac    mean action turns per episode; share of episodes ended by context, max_turns or
+                         cutoff (retries included, second attempts not)
+    examples, chains     how many; plus the settings
+Outputs: the table on stdout, DIR/summary.json and DIR/samples.jsonl, one line per chain in (example, chain)
+order: example, id, question, answer (reference), chain, rounds, second_attempt_reward (null unless the
+first attempt failed and was critiqued). rounds[k] is episode k + 1: context and text (decoded, special
+tokens kept), actions, observations, reward, end (done | max_turns | repeat | context | cutoff),
+action_tokens; and the critique written about it: critic_context (decoded), critique (the extracted text
+the retry was given), critique_tokens, critique_finished (all null when it was not critiqued).
 
 Under torchrun the examples are cut into --batch_examples batches dealt round-robin to the ranks, each
-batch sampled with a seed from (--seed, batch index): the figures do not depend on the number of ranks.
+batch sampled with seeds from (--seed, batch index): the figures do not depend on the number of ranks.
+--rollout_batch bounds the sequences per sampling call (the KV cache); it changes which seed draws which
+sample (seeds are per call), not the distribution.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
 import time
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -40,6 +63,8 @@ from data import load_task, parse_knobs
 from icrl import (DTYPES, SamplingConfig, chunks, init_distributed, mix_seed, print0, rollout, shutdown,
                   write_atomic)
 from model import Qwen3
+
+TRUNCATED = ("context", "max_turns", "cutoff")   # episode ends that count in trunc_frac (as icrl.py's)
 
 
 # ==================================================================================================
@@ -59,26 +84,48 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def figures(records, ks):
-    """SPEC §4 figures from per-example records (`example_record`); None where a rate has no denominator."""
-    attempts = [a for rec in records for a in rec["attempts"]]
-    pairs = [(a["reward"] == 1.0, a["refined_reward"] == 1.0) for a in attempts]
-    wrong = sum(1 for r, _ in pairs if not r)
-    right = len(pairs) - wrong
-    div = lambda a, b: a / b if b else None
-    out = {}
-    for k in ks:
-        out[f"pass@{k}"] = div(sum(pass_at_k(len(rec["attempts"]), sum(a["reward"] == 1.0 for a in rec["attempts"]), k)
-                                   for rec in records), len(records))
-    out["self_critique_acc"] = div(sum(r2 for _, r2 in pairs), len(pairs))
-    out["fix_rate"] = div(sum(1 for r, r2 in pairs if not r and r2), wrong)
-    out["break_rate"] = div(sum(1 for r, r2 in pairs if r and not r2), right)
-    out["critique_tokens"] = div(sum(a["critique_tokens"] for a in attempts), len(attempts))
-    pass1 = div(sum(r for r, _ in pairs), len(pairs))  # = pass@1 (every example has n attempts)
-    out["internalisation_gap"] = None if pass1 is None else out["self_critique_acc"] - pass1
-    out["response_tokens"] = div(sum(a["response_tokens"] for a in attempts), len(attempts))
-    out["refinement_tokens"] = div(sum(a["refinement_tokens"] for a in attempts), len(attempts))
-    out["examples"], out["attempts"] = len(records), len(attempts)
+def ratio(a, b):
+    """A rate, or None (JSON null) where it has no denominator: never NaN, never a default 0."""
+    return a / b if b else None
+
+
+def critiqued_failure(row):
+    """The chains critique_value is measured on: the first attempt failed and was critiqued (a retry followed)."""
+    return row["rounds"][0]["reward"] < 1.0 and len(row["rounds"]) > 1
+
+
+def figures(rows, ks, rounds):
+    """SPEC §4 figures from per-chain rows (`chain_row`, samples.jsonl's lines); `rounds` is K."""
+    wins = lambda rewards: sum(r == 1.0 for r in rewards)
+    by_example = defaultdict(list)
+    for row in rows:
+        by_example[row["example"]].append(row["rounds"][0]["reward"])
+    out = {f"pass@{k}": ratio(sum(pass_at_k(len(first), wins(first), k) for first in by_example.values()),
+                              len(by_example)) for k in ks}
+    # Accuracy after round k: the chain's last episode among its first k (a chain the gate stopped keeps its last).
+    for k in range(1, rounds + 1):
+        out[f"acc_round_{k}"] = ratio(sum(row["rounds"][:k][-1]["reward"] for row in rows), len(rows))
+    # Retries: rounds[k - 1] is the round-k retry, which follows the critique of rounds[k - 2].
+    retries = {k: [row["rounds"][k - 1]["reward"] for row in rows if len(row["rounds"]) >= k]
+               for k in range(2, rounds + 1)}
+    out["retry_acc"] = ratio(sum(wins(r) for r in retries.values()), sum(len(r) for r in retries.values()))
+    if rounds > 2:
+        out.update({f"retry_acc_r{k}": ratio(wins(r), len(r)) for k, r in retries.items()})
+    failed = [row for row in rows if critiqued_failure(row)]
+    out["failed_chains"] = len(failed)
+    out["failed_retry_acc"] = ratio(wins(row["rounds"][1]["reward"] for row in failed), len(failed))
+    out["second_attempt_acc"] = ratio(wins(row["second_attempt_reward"] for row in failed), len(failed))
+    out["critique_value"] = (None if not failed else out["failed_retry_acc"] - out["second_attempt_acc"])
+    first, last = out["acc_round_1"], out[f"acc_round_{rounds}"]
+    out["internalisation_gap"] = None if first is None else last - first
+    critique_tokens = [ep["critique_tokens"] for row in rows for ep in row["rounds"]
+                       if ep["critique_tokens"] is not None]
+    out["critique_tokens"] = ratio(sum(critique_tokens), len(critique_tokens))
+    out["critiqued_frac"] = ratio(sum(len(row["rounds"]) > 1 for row in rows), len(rows))
+    episodes = [ep for row in rows for ep in row["rounds"]]
+    out["turns"] = ratio(sum(len(ep["actions"]) for ep in episodes), len(episodes))
+    out["trunc_frac"] = ratio(sum(ep["end"] in TRUNCATED for ep in episodes), len(episodes))
+    out["examples"], out["chains"] = len(by_example), len(rows)
     return out
 
 
@@ -142,71 +189,100 @@ def load_models(args, device):
 # Sampling and records
 # ==================================================================================================
 
-def example_record(index, ro, tokenizer):
-    """Everything sampled for one example, as plain data (gathered across ranks, written to samples.jsonl)."""
+def eval_config(args):
+    """The rollout's SamplingConfig: n chains per example, K rounds, the gate and the episode limits."""
+    return SamplingConfig(group_size=args.n, max_new_tokens=args.max_new_tokens,
+                          critic_max_new_tokens=args.critic_max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, enable_thinking=args.enable_thinking, max_batch=args.rollout_batch,
+                          rounds=args.rounds, critic_gate=args.critic_gate, max_turns=args.max_turns,
+                          max_context=args.max_context, obs_chars=args.obs_chars)
+
+
+def chain_row(index, example, c, chain, tokenizer):
+    """One chain as plain data (gathered across ranks, one line of samples.jsonl)."""
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
-    attempts = []
-    for y, c, y2, c_ctx, f_ctx in zip(ro.attempts, ro.critiques, ro.refinements, ro.critic_contexts,
-                                      ro.refiner_contexts):
-        attempts.append(dict(
-            response=y.text, reward=y.reward, response_tokens=len(y.tokens), response_finished=y.finished,
-            critic_prompt=decode(c_ctx), critique=c.text, critique_tokens=len(c.tokens), critique_finished=c.finished,
-            refiner_prompt=decode(f_ctx), refinement=y2.text, refined_reward=y2.reward,
-            refinement_tokens=len(y2.tokens), refinement_finished=y2.finished))
-    ex = ro.example
-    return dict(example=index, id=ex.id, question=ex.question, answer=ex.answer,
-                prompt=decode(ro.solver_context), attempts=attempts)
+    rounds = []
+    for k, ep in enumerate(chain.episodes):
+        cr = chain.critiques[k] if k < len(chain.critiques) else None
+        rounds.append(dict(
+            context=decode(ep.context), text=decode(ep.tokens), actions=list(ep.actions),
+            observations=list(ep.observations), reward=ep.reward, end=ep.end, action_tokens=ep.action_tokens,
+            critic_context=None if cr is None else decode(cr.context), critique=None if cr is None else cr.text,
+            critique_tokens=None if cr is None else len(cr.tokens),
+            critique_finished=None if cr is None else cr.finished))
+    return dict(example=index, id=example.id, question=example.question, answer=example.answer, chain=c,
+                rounds=rounds, second_attempt_reward=None)
 
 
 def evaluate(model, tokenizer, critic, task, examples, args, ctx):
-    """This rank's per-example records. Batch b (of --batch_examples examples) goes to rank b % world and
-    is sampled with seed (--seed, b), so every batch is the same whatever the number of ranks."""
-    cfg = SamplingConfig(args.n, args.max_new_tokens, args.critic_max_new_tokens, args.temperature, args.top_p,
-                         args.enable_thinking)
+    """This rank's per-chain rows. Batch b (of --batch_examples examples) goes to rank b % world and is
+    sampled with seed (--seed, b), its second attempts with (--seed, b, 1): every batch is the same
+    whatever the number of ranks."""
+    cfg = eval_config(args)
+    second_cfg = dataclasses.replace(cfg, group_size=1)
     batches = list(enumerate(chunks(list(enumerate(examples)), args.batch_examples)))
     mine = batches[ctx.rank::ctx.world]
-    records = []
+    rows = []
     bar = tqdm(total=sum(len(b) for _, b in mine), disable=not ctx.main, unit="ex", dynamic_ncols=True)
     for b, batch in mine:
         rollouts, _ = rollout(model, tokenizer, task, [ex for _, ex in batch], cfg, seed=mix_seed(args.seed, b),
                               critique=True, critic_model=critic)
-        records += [example_record(i, ro, tokenizer) for (i, _), ro in zip(batch, rollouts)]
+        batch_rows = [chain_row(i, ro.example, c, chain, tokenizer)
+                      for (i, _), ro in zip(batch, rollouts) for c, chain in enumerate(ro.chains)]
+        # SPEC §4 critique value: one more critique-free attempt S(x), from a fresh reset, for every chain
+        # whose first attempt failed and was critiqued (duplicates of an example are separate draws).
+        failed = [row for row in batch_rows if critiqued_failure(row)]
+        if failed:
+            by_index = dict(batch)
+            second, _ = rollout(model, tokenizer, task, [by_index[row["example"]] for row in failed], second_cfg,
+                                seed=mix_seed(args.seed, b, 1), critique=False)
+            for row, ro in zip(failed, second):
+                row["second_attempt_reward"] = ro.chains[0].episodes[0].reward
+        rows += batch_rows
         bar.update(len(batch))
     bar.close()
-    return records
+    return rows
 
 
-def gather(records, ctx):
-    """All ranks' records on rank 0, in example order (None elsewhere)."""
+def gather(rows, ctx):
+    """All ranks' rows on rank 0, in (example, chain) order (None elsewhere)."""
     if ctx.world > 1:
         everyone = [None] * ctx.world
-        dist.all_gather_object(everyone, records)
-        records = [r for part in everyone for r in part]
-    return sorted(records, key=lambda r: r["example"]) if ctx.main else None
+        dist.all_gather_object(everyone, rows)
+        rows = [r for part in everyone for r in part]
+    return sorted(rows, key=lambda r: (r["example"], r["chain"])) if ctx.main else None
 
 
 # ==================================================================================================
 # Outputs
 # ==================================================================================================
 
-def samples_jsonl(records):
-    lines = []
-    for rec in records:
-        head = {k: v for k, v in rec.items() if k != "attempts"}
-        for i, a in enumerate(rec["attempts"]):
-            lines.append(json.dumps({**head, "attempt": i, **a}, ensure_ascii=False))
-    return "".join(line + "\n" for line in lines)
+def samples_jsonl(rows):
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def table(summary, ks):
-    rows = [f"pass@{k}" for k in ks] + ["self_critique_acc", "fix_rate", "break_rate", "critique_tokens",
-                                        "internalisation_gap"]
-    fmt = lambda key, v: "n/a" if v is None else (f"{v:+.4f}" if key == "internalisation_gap" else
-                                                  f"{v:.2f}" if key == "critique_tokens" else f"{v:.4f}")
+def figure_keys(ks, rounds):
+    """summary.json's figures in the table's order."""
+    keys = [f"pass@{k}" for k in ks] + [f"acc_round_{k}" for k in range(1, rounds + 1)] + ["retry_acc"]
+    keys += [f"retry_acc_r{k}" for k in range(2, rounds + 1)] if rounds > 2 else []
+    return keys + ["critique_value", "failed_retry_acc", "second_attempt_acc", "failed_chains",
+                   "internalisation_gap", "critique_tokens", "critiqued_frac", "turns", "trunc_frac"]
+
+
+def table(summary, ks, rounds):
+    signed, counts = ("critique_value", "internalisation_gap"), ("failed_chains",)
+    plain2 = ("critique_tokens", "turns")
+
+    def fmt(key, v):
+        if v is None:
+            return "n/a"
+        return (f"{v:+.4f}" if key in signed else f"{v:d}" if key in counts else f"{v:.2f}" if key in plain2
+                else f"{v:.4f}")
     critic = summary["critic_model"] or "self"
-    lines = [f"{summary['task']} ({summary['split']}): {summary['examples']} examples x n={summary['n']}, "
+    lines = [f"{summary['task']} ({summary['split']}): {summary['examples']} examples x n={summary['n']} "
+             f"({summary['chains']} chains), K={summary['rounds']} rounds, gate {summary['critic_gate']}, "
              f"model {summary['model']}, critic {critic}"]
-    lines += [f"  {key:<22}{fmt(key, summary[key]):>10}" for key in rows]
+    lines += [f"  {key:<22}{fmt(key, summary[key]):>10}" for key in figure_keys(ks, rounds)]
     return "\n".join(lines)
 
 
@@ -220,8 +296,11 @@ def parse_args(argv=None):
     p.add_argument("--model", default="runs/icrl/final", help="the solver: a Hugging Face Qwen3 folder "
                    "with its tokenizer files (icrl.py writes them)")
     p.add_argument("--critic_model", default=None, help="critic swap (SPEC §4): critiques from this checkpoint "
-                   "(same vocabulary), attempts and refinements from --model")
-    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math (data.py)")
+                   "(same vocabulary), attempts and retries from --model")
+    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math (one turn); gridworld | guess "
+                   "(multi-turn); agentgym:<alfworld|webshop|sciworld|searchqa> with --env_url (data.py)")
+    p.add_argument("--env_url", default=None, help="agentgym tasks: comma-separated AgentGym server URLs, one "
+                   "episode at a time each (../shared/AGENTGYM.md)")
     p.add_argument("--eval_file", default=None, help="JSONL split (gsm8k, math)")
     p.add_argument("--task_knob", action="append", default=[], metavar="KEY=VALUE", help="a task option, "
                    "repeatable, as for icrl.py (e.g. --task_knob digits=3)")
@@ -231,30 +310,47 @@ def parse_args(argv=None):
     p.add_argument("--max_examples", type=int, default=200, help="the first M examples (0: all)")
     p.add_argument("--enable_thinking", action="store_true", help="passed to the chat template (SPEC §1)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute dtype")
-    # sampling
+    # chains and rounds (SPEC §2.1-2.4, §4)
     # --samples is --n's alias for torchrun, whose own parser rejects a later `--n` as an ambiguous
     # abbreviation of its --nnodes / --nproc_per_node before eval.py ever runs.
-    p.add_argument("--n", "--samples", type=int, default=4, help="attempts per example (each one critiqued "
-                   "and refined); write --samples under torchrun")
+    p.add_argument("--n", "--samples", type=int, default=4, help="chains (attempts) per example; write "
+                   "--samples under torchrun")
     p.add_argument("--k", type=int, action="append", default=None, help="report pass@k; repeat the flag "
                    "for several (pass@1 is always reported; default: 1 and n)")
-    p.add_argument("--max_new_tokens", type=int, default=16, help="attempts and refinements")
+    p.add_argument("--rounds", type=int, default=2, help="K: most episodes per chain (solve + K-1 "
+                   "critique/retry rounds; 1: critique-free only)")
+    p.add_argument("--critic_gate", default="failure", choices=["failure", "always"], help="critique and "
+                   "retry failures only (as in training), or successes too")
+    p.add_argument("--max_turns", type=int, default=0, help="most action turns per episode (SPEC §1; 0: the "
+                   "task's own, 1 for one-turn tasks)")
+    p.add_argument("--max_context", type=int, default=0, help="most tokens of context + episode; an episode "
+                   "that would pass it is truncated (0: the model's max_position_embeddings)")
+    p.add_argument("--obs_chars", type=int, default=800, help="each observation in the critic's summary is "
+                   "cut to this many characters")
+    # sampling
+    p.add_argument("--max_new_tokens", type=int, default=16, help="each action turn (attempts and retries)")
     p.add_argument("--critic_max_new_tokens", type=int, default=24, help="critiques")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--seed", type=int, default=0, help="seeds every sampling call, with the batch index")
-    p.add_argument("--batch_examples", type=int, default=64, help="examples per sampling call "
-                   "(n sequences each); batches are dealt round-robin to the ranks")
+    p.add_argument("--batch_examples", type=int, default=64, help="examples per rollout (n chains each); "
+                   "batches are dealt round-robin to the ranks")
+    p.add_argument("--rollout_batch", type=int, default=0, help="most sequences per sampling call, to bound "
+                   "the KV cache (rounded down to a multiple of n, at least n; 0: a phase's whole batch at once)")
     # output
     p.add_argument("--out", default="runs/icrl/eval", help="folder for summary.json and samples.jsonl")
     args = p.parse_args(argv)
-    args.k = sorted(set(args.k or [args.n]) | {1})  # pass@1 always: the internalisation gap is read against it
+    args.k = sorted(set(args.k or [args.n]) | {1})  # pass@1 always: the critique-free reference
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}")
     if bad := [k for k in args.k if not 1 <= k <= args.n]:
         p.error(f"--k {bad[0]}: pass@k needs 1 <= k <= n, and --n is {args.n} (raise --n or lower --k)")
+    if args.rounds < 1 or args.max_turns < 0:
+        p.error(f"--rounds must be at least 1 and --max_turns at least 0, got {args.rounds} and {args.max_turns}")
     if args.max_examples < 0 or args.batch_examples < 1:
         p.error("--max_examples must be >= 0 and --batch_examples >= 1")
+    if min(args.rollout_batch, args.max_context, args.obs_chars) < 0:
+        p.error("--rollout_batch, --max_context and --obs_chars must be >= 0")
     if args.temperature < 0:
         p.error(f"--temperature must be >= 0, got {args.temperature}")
     return args
@@ -271,11 +367,17 @@ def main(argv=None):
         shutdown(ctx, fsdp=False)
 
 
+SETTINGS = ("task", "split", "eval_file", "model", "n", "k", "rounds", "critic_gate", "max_turns", "max_context",
+            "obs_chars", "temperature", "top_p", "max_new_tokens", "critic_max_new_tokens", "enable_thinking",
+            "dtype", "seed", "task_seed", "batch_examples", "rollout_batch")
+
+
 def run(args, ctx):
     t0 = time.perf_counter()
     model, tokenizer, critic = load_models(args, ctx.device)
     task = load_task(args.task, path=args.eval_file, split=args.split, seed=args.task_seed,
-                     **parse_knobs(args.task_knob))
+                     **parse_knobs(args.task_knob, args.env_url))
+    args.max_turns = args.max_turns or task.max_turns
     examples = task.examples[:args.max_examples] if args.max_examples else task.examples
     print0(ctx, "config:", json.dumps(vars(args), indent=1))
     if args.max_examples > len(examples):
@@ -283,20 +385,18 @@ def run(args, ctx):
     n_batches = math.ceil(len(examples) / args.batch_examples)
     if n_batches < ctx.world:
         print0(ctx, f"note: {n_batches} batch(es) for {ctx.world} ranks; lower --batch_examples to use them all")
-    records = gather(evaluate(model, tokenizer, critic, task, examples, args, ctx), ctx)
+    with torch.no_grad():
+        rows = gather(evaluate(model, tokenizer, critic, task, examples, args, ctx), ctx)
     if not ctx.main:
         return None
-    summary = dict(figures(records, args.k), task=args.task, split=args.split, eval_file=args.eval_file,
-                   model=args.model, critic_model=None if critic is None else args.critic_model, n=args.n,
-                   k=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                   critic_max_new_tokens=args.critic_max_new_tokens, enable_thinking=args.enable_thinking,
-                   dtype=args.dtype, seed=args.seed, task_seed=args.task_seed, world_size=ctx.world,
+    summary = dict(figures(rows, args.k, args.rounds), **{key: getattr(args, key) for key in SETTINGS},
+                   critic_model=None if critic is None else args.critic_model, world_size=ctx.world,
                    seconds=time.perf_counter() - t0)
     os.makedirs(args.out, exist_ok=True)
-    write_atomic(os.path.join(args.out, "samples.jsonl"), samples_jsonl(records))
-    write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    print(table(summary, args.k))
-    print(f"wrote {os.path.join(args.out, 'summary.json')} and samples.jsonl ({summary['attempts']} lines)")
+    write_atomic(os.path.join(args.out, "samples.jsonl"), samples_jsonl(rows))
+    write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    print(table(summary, args.k, args.rounds))
+    print(f"wrote {os.path.join(args.out, 'summary.json')} and samples.jsonl ({summary['chains']} lines)")
     return summary
 
 

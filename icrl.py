@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import CRITIQUE_RIGHT, CRITIQUE_WRONG, build_char_tokenizer, load_task, parse_knobs
+from data import (CRITIQUE_RIGHT, CRITIQUE_WRONG, build_char_tokenizer, critic_context, encode_observation,
+                  episode_summary, extract_critique, load_task, observation_turn, parse_knobs, solver_context)
 from model import Qwen3, Qwen3Config, generate
 
 # ==================================================================================================
@@ -35,13 +36,14 @@ from model import Qwen3, Qwen3Config, generate
 # ==================================================================================================
 
 
-def critic_gain(r_init, r_refined):
-    """SPEC §2.4: the critic's reward is the solver's gain after the critique, g = r' - r in [-1, 1]."""
-    return r_refined - r_init
+def critic_gain(r_before, r_after):
+    """SPEC §2.5: the critic's reward g_k = 1 if the retry succeeds (r_{k+1} = 1), else r_{k+1} - r_k."""
+    r_before, r_after = torch.as_tensor(r_before, dtype=torch.float64), torch.as_tensor(r_after, dtype=torch.float64)
+    return torch.where(r_after == 1.0, torch.ones_like(r_after), r_after - r_before)
 
 
 def group_advantages(values, group_ids, eps=1e-6):
-    """SPEC §2.5: A = (v - mean(group)) / (std(group) + eps), std with Bessel's correction.
+    """SPEC §2.6: A = (v - mean(group)) / (std(group) + eps), std with Bessel's correction; groups of any size.
 
     A constant group gives A = 0; so does a group of one (its Bessel std is undefined, and one sample
     carries no relative signal)."""
@@ -58,12 +60,12 @@ def group_advantages(values, group_ids, eps=1e-6):
     return torch.where(count[group] > 1, adv, torch.zeros_like(adv)).to(out_dtype)
 
 
-def calibration_weights(logp_free, logp_cond, mask, mode="token", clip=1.0):
-    """SPEC §2.6: distribution-calibration weight of each refinement token, stop-gradient.
+def calibration_weights(logp_free, logp_cond, mask, mode="token", clip=2.0):
+    """SPEC §2.7: distribution-calibration weight of each action token of a retry, stop-gradient.
 
-    token: w_t = min(exp(l_free_t - l_cond_t), clip). seq: one weight per refinement,
-    min(exp(mean_t(l_free_t - l_cond_t)), clip): a geometric mean, never the raw product, which
-    explodes with length. none: w = 1 (naive transfer). Masked positions get 0."""
+    token: w_t = min(exp(l_free_t - l_cond_t), clip). seq: one weight per retry,
+    min(exp(mean_t(l_free_t - l_cond_t)), clip) over its action tokens: a geometric mean, never the raw
+    product, which explodes with length. none: w = 1. Masked positions (observations, padding) get 0."""
     mask = mask.to(logp_free.dtype)
     log_ratio = (logp_free - logp_cond).detach()
     if mode == "token":
@@ -79,7 +81,7 @@ def calibration_weights(logp_free, logp_cond, mask, mode="token", clip=1.0):
 
 
 def clipped_token_loss(logp, old_logp, adv, weight, mask, clip_low=0.2, clip_high=0.28):
-    """SPEC §2.7: loss_t = -w_t * min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A), per token,
+    """SPEC §2.8: loss_t = -w_t * min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A), per token,
     unreduced; rho_t = exp(logp_t - old_logp_t). The asymmetric clip is DAPO's."""
     ratio = (logp - old_logp).exp()
     adv = adv[:, None]
@@ -89,8 +91,8 @@ def clipped_token_loss(logp, old_logp, adv, weight, mask, clip_low=0.2, clip_hig
 
 def rolewise_token_mean(token_loss, mask, is_critic, solver_tokens, critic_tokens, critic_coef=1.0,
                         world_size=1):
-    """SPEC §2.7 aggregation: L = L_solver + critic_coef * L_critic, each role's token-loss sum over the
-    global batch divided by that role's global response-token count.
+    """SPEC §2.8 aggregation: L = L_solver + critic_coef * L_critic, each role's token-loss sum over the
+    global batch divided by that role's global trained-token count.
 
     Each rank holds a slice, and DDP averages gradients over ranks, so the local sums are scaled by
     world_size / N_global: the average of the ranks' gradients is then exactly the global token mean."""
@@ -102,40 +104,75 @@ def rolewise_token_mean(token_loss, mask, is_critic, solver_tokens, critic_token
 
 
 # ==================================================================================================
-# Rollout: solve -> critique -> refine (SPEC §2.1-2.3). eval.py reuses it.
+# Episodes (SPEC §1): turns of sampled action tokens and environment observation tokens
 # ==================================================================================================
 
 @dataclass
-class Response:
-    """One sampled completion: ids (ending with the stop id when finished), sampler log-probs, text."""
+class Episode:
+    """One episode after its context. `tokens` holds action tokens (sampled: mask 1, with the sampler's
+    log-probs) and observation tokens (the environment's, wrapped in the template's user turn: mask 0)."""
+    context: list                  # the ids it was sampled after: S(x), or S(x, c) for a retry
+    task_text: str = ""
+    first_observation: str = ""
+    tokens: list = field(default_factory=list)
+    mask: list = field(default_factory=list)
+    sampler_logprobs: list = field(default_factory=list)   # 0.0 on observation tokens
+    actions: list = field(default_factory=list)            # each action's text (special tokens dropped)
+    observations: list = field(default_factory=list)       # the observation after each action
+    reward: float = 0.0
+    end: str = ""                  # done | max_turns | repeat | context | cutoff
+
+    @property
+    def action_tokens(self):
+        return sum(self.mask)
+
+
+@dataclass
+class Critique:
+    """One sampled critique c_k and the text its retry is given (SPEC §1: inside the last <critic></critic>)."""
+    context: list                  # C(x, tau_k)
     tokens: list
     logprobs: list
     finished: bool
     text: str
-    reward: float = 0.0
+
+
+@dataclass
+class Chain:
+    """SPEC §2.1-2.4 for one of a query's G chains: episodes[k] is round k + 1; critiques[k] was written
+    about episodes[k] and episodes[k + 1] is its retry. free_contexts[k] is S(x) from episode k's reset."""
+    episodes: list = field(default_factory=list)
+    critiques: list = field(default_factory=list)
+    free_contexts: list = field(default_factory=list)
+
+    @property
+    def final_reward(self):
+        return self.episodes[-1].reward
 
 
 @dataclass
 class QueryRollout:
-    """Everything sampled for one query x: G attempts, and in ICRL one critique and refinement each."""
     example: object
-    solver_context: list
-    attempts: list
-    critic_contexts: list = field(default_factory=list)
-    critiques: list = field(default_factory=list)
-    refiner_contexts: list = field(default_factory=list)
-    refinements: list = field(default_factory=list)
+    chains: list
 
 
 @dataclass
 class SamplingConfig:
     group_size: int = 8
-    max_new_tokens: int = 16           # solver attempts and refinements
+    max_new_tokens: int = 16           # each action turn
     critic_max_new_tokens: int = 32    # critiques
     temperature: float = 1.0
     top_p: float = 1.0
     enable_thinking: bool = False
     max_batch: int = 0                 # sequences per sampling call (bounds the KV cache); 0: all at once
+    rounds: int = 2                    # K (SPEC §2)
+    critic_gate: str = "failure"       # failure | always
+    max_turns: int = 1
+    max_context: int = 0               # tokens of context + episode; 0: the model's max positions
+    obs_chars: int = 800
+
+
+REPEAT_LIMIT = 3  # SPEC §1: the same action this many times in a row ends the episode
 
 
 def stop_token_ids(tokenizer):
@@ -145,76 +182,164 @@ def stop_token_ids(tokenizer):
     return sorted(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id)
 
 
-def _sample(model, tokenizer, contexts, max_new_tokens, cfg, seed):
-    # Calls of at most max_batch sequences, a multiple of G, so a group's prompt is prefilled once.
-    size = len(contexts) if not cfg.max_batch else max(cfg.max_batch // cfg.group_size, 1) * cfg.group_size
-    gens = [g for i, part in enumerate(chunks(contexts, size))
-            for g in generate(model, part, max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              stop_ids=stop_token_ids(tokenizer), seed=mix_seed(seed, i))]
-    # Text excludes the stop id; special tokens are dropped so model text can never forge a chat turn
-    # when it is placed into the next role's prompt.
-    return [Response(g.tokens, g.logprobs, g.finished,
-                     tokenizer.decode(g.tokens[:-1] if g.finished else g.tokens, skip_special_tokens=True))
-            for g in gens]
+class Sampler:
+    """The model, tokenizer and settings a rollout samples with, and the seconds it spends."""
+
+    def __init__(self, model, tokenizer, cfg, seed, critic_model=None):
+        self.model, self.critic_model, self.tokenizer, self.cfg, self.seed = model, critic_model or model, tokenizer, cfg, seed
+        if cfg.max_turns < 1:
+            raise ValueError(f"max_turns must be at least 1, got {cfg.max_turns}")
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.before_obs, self.after_obs = observation_turn(tokenizer, cfg.enable_thinking)
+        self.max_context = cfg.max_context or model_positions(model)
+        self.times = {"sample": 0.0, "env": 0.0}
+
+    def sample(self, contexts, max_new_tokens, phase, critic=False):
+        """One generation per context, in calls of at most cfg.max_batch sequences (a multiple of G, so a
+        group's shared prompt is prefilled once), each seeded from (seed, phase, call)."""
+        t, cfg = time.perf_counter(), self.cfg
+        size = len(contexts) if not cfg.max_batch else max(cfg.max_batch // cfg.group_size, 1) * cfg.group_size
+        model = self.critic_model if critic else self.model
+        out = [g for i, part in enumerate(chunks(contexts, size))
+               for g in generate(model, part, max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 stop_ids=self.stop_ids, seed=mix_seed(self.seed, *phase, i))]
+        self.times["sample"] += time.perf_counter() - t
+        return out
+
+    def text(self, generation):
+        # The stop id excluded and special tokens dropped: model text can never forge a chat turn when it
+        # is placed into the next role's prompt or sent to an environment.
+        ids = generation.tokens[:-1] if generation.finished else generation.tokens
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def env_call(self, env, method, *args):
+        t = time.perf_counter()
+        try:
+            return checked_env_reply(env, method, getattr(env, method)(*args))
+        finally:
+            self.times["env"] += time.perf_counter() - t
 
 
-def _score(task, examples, responses):
-    # SPEC §1: a response cut off by max_new_tokens scores 0.
-    for example, response in zip(examples, responses):
-        response.reward = float(task.reward(example, response.text)) if response.finished else 0.0
+def checked_env_reply(env, method, reply):
+    """Bad environment replies stop the run with one line naming the environment and the call."""
+    name = type(env).__name__
+    if method == "reset":
+        if not (isinstance(reply, tuple) and len(reply) == 2 and all(isinstance(s, str) for s in reply)):
+            raise RuntimeError(f"environment {name}: reset() must return (task text, first observation) strings, "
+                               f"got {type(reply).__name__}")
+        return reply
+    if not (isinstance(reply, tuple) and len(reply) == 3):
+        raise RuntimeError(f"environment {name}: step() must return (observation, reward, done), got {reply!r:.80}")
+    observation, reward, done = reply
+    if not isinstance(observation, str):
+        raise RuntimeError(f"environment {name}: step() returned a {type(observation).__name__} observation, not a string")
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not 0.0 <= reward <= 1.0:
+        raise RuntimeError(f"environment {name}: step() returned reward {reward!r}, outside [0, 1]")
+    return observation, float(reward), bool(done)
+
+
+def run_episodes(sampler, envs, critiques, phase):
+    """SPEC §1: one episode per environment, all sampled together turn by turn (finished episodes drop
+    out). Each environment is reset first; `critiques[i]` (or None) puts the tips section into its context.
+    Returns (episodes, the S(x) context of each reset)."""
+    cfg, tok = sampler.cfg, sampler.tokenizer
+    episodes, free_contexts = [], []
+    for env, critique in zip(envs, critiques):
+        task_text, first_observation = sampler.env_call(env, "reset")
+        free = solver_context(tok, task_text, first_observation, enable_thinking=cfg.enable_thinking)
+        context = free if critique is None else solver_context(tok, task_text, first_observation, critique,
+                                                               enable_thinking=cfg.enable_thinking)
+        episodes.append(Episode(context, task_text, first_observation))
+        free_contexts.append(free)
+    live = list(range(len(episodes)))
+    for turn in range(cfg.max_turns):
+        if not live:
+            break
+        gens = sampler.sample([episodes[i].context + episodes[i].tokens for i in live], cfg.max_new_tokens,
+                              (*phase, turn))
+        still = []
+        for i, g in zip(live, gens):
+            ep = episodes[i]
+            ep.tokens += g.tokens
+            ep.mask += [1] * len(g.tokens)
+            ep.sampler_logprobs += g.logprobs
+            ep.actions.append(sampler.text(g))
+            if not g.finished:  # SPEC §1: cut off by max_new_tokens, never sent to the environment: 0
+                ep.observations.append("")
+                ep.reward, ep.end = 0.0, "cutoff"
+                continue
+            observation, ep.reward, done = sampler.env_call(envs[i], "step", ep.actions[-1])
+            ep.observations.append(observation)
+            obs_ids = sampler.before_obs + encode_observation(tok, observation) + sampler.after_obs
+            if done:
+                ep.end = "done"
+            elif turn + 1 == cfg.max_turns:
+                ep.end = "max_turns"
+            elif len(ep.actions) >= REPEAT_LIMIT and len(set(ep.actions[-REPEAT_LIMIT:])) == 1:
+                ep.end = "repeat"
+            elif len(ep.context) + len(ep.tokens) + len(obs_ids) + cfg.max_new_tokens > sampler.max_context:
+                ep.end = "context"  # truncated: the reward stays the environment's last
+            else:
+                ep.tokens += obs_ids
+                ep.mask += [0] * len(obs_ids)
+                ep.sampler_logprobs += [0.0] * len(obs_ids)
+                still.append(i)
+        live = still
+    for env in envs:
+        env.close()
+    return episodes, free_contexts
 
 
 def rollout(model, tokenizer, task, examples, cfg, seed, critique=True, critic_model=None):
-    """SPEC §2.1-2.3 for a list of queries: G attempts each; with `critique`, one critique per attempt
-    (by `critic_model` when given: the critic swap of SPEC §4) and one refinement per critique.
-    Returns ([QueryRollout], {"sample": seconds, "score": seconds})."""
-    G, times = cfg.group_size, {"sample": 0.0, "score": 0.0}
-    think = cfg.enable_thinking
-    if not examples:  # a rank whose share of a small evaluation is empty
-        return [], times
+    """SPEC §2.1-2.4 for a list of queries: G chains each. Solve; then, round by round up to K = cfg.rounds,
+    the gate picks the chains to continue (failures, or all with critic_gate "always"), the critic writes
+    one critique per chain (by `critic_model` when given: the critic swap of SPEC §4), and each is retried
+    from a fresh reset with the critique's tips. Every phase is one batched sampling pass over all chains.
+    Returns ([QueryRollout], {"sample": seconds, "env": seconds})."""
+    sampler = Sampler(model, tokenizer, cfg, seed, critic_model)
+    G = cfg.group_size
+    chains = [Chain() for _ in examples for _ in range(G)]
+    query_of = [q for q in range(len(examples)) for _ in range(G)]
+    envs = lambda members: [task.env(examples[query_of[c]]) for c in members]
+    # 1. Solve: tau_1 ~ pi(. | S(x)); a context repeated G times is prefilled once by the sampler.
+    everyone = list(range(len(chains)))
+    episodes, free = run_episodes(sampler, envs(everyone), [None] * len(chains), (1,))
+    for chain, ep, f in zip(chains, episodes, free):
+        chain.episodes.append(ep)
+        chain.free_contexts.append(f)
+    for k in range(1, cfg.rounds if critique else 1):
+        # 2. Gate: a chain ends on success (critic_gate failure) or after K rounds.
+        active = [c for c in everyone if len(chains[c].episodes) == k and
+                  (cfg.critic_gate == "always" or chains[c].final_reward < 1.0)]
+        if not active:
+            break
+        # 3. Critique: c_k ~ pi(. | C(x, tau_k)).
+        contexts = [critic_context(tokenizer, ep.task_text, ep.first_observation,
+                                   episode_summary(ep.reward, ep.actions, ep.observations, cfg.obs_chars),
+                                   cfg.enable_thinking, cfg.obs_chars)
+                    for ep in (chains[c].episodes[-1] for c in active)]
+        gens = sampler.sample(contexts, cfg.critic_max_new_tokens, (2, k), critic=True)
+        for c, context, g in zip(active, contexts, gens):
+            chains[c].critiques.append(Critique(context, g.tokens, g.logprobs, g.finished,
+                                                extract_critique(sampler.text(g))))
+        # 4. Retry: tau_{k+1} ~ pi(. | S(x, c_k)) from a fresh reset of the same instance.
+        episodes, free = run_episodes(sampler, envs(active), [chains[c].critiques[-1].text for c in active], (3, k))
+        for c, ep, f in zip(active, episodes, free):
+            chains[c].episodes.append(ep)
+            chains[c].free_contexts.append(f)
+    rollouts = [QueryRollout(ex, chains[q * G:(q + 1) * G]) for q, ex in enumerate(examples)]
+    return rollouts, sampler.times
 
-    def run(contexts, max_new_tokens, phase, by_model):
-        t = time.perf_counter()
-        out = _sample(by_model, tokenizer, contexts, max_new_tokens, cfg, mix_seed(seed, phase))
-        times["sample"] += time.perf_counter() - t
-        return out
 
-    def score(responses, per_response_examples):
-        t = time.perf_counter()
-        _score(task, per_response_examples, responses)
-        times["score"] += time.perf_counter() - t
-
-    rollouts = [QueryRollout(ex, task.solver_context(tokenizer, ex, enable_thinking=think), []) for ex in examples]
-    group_examples = [ro.example for ro in rollouts for _ in range(G)]
-    # 1. Solve: each context repeated G times; the sampler prefills it once.
-    attempts = run([ro.solver_context for ro in rollouts for _ in range(G)], cfg.max_new_tokens, 1, model)
-    score(attempts, group_examples)
-    for q, ro in enumerate(rollouts):
-        ro.attempts = attempts[q * G:(q + 1) * G]
-    if not critique:
-        return rollouts, times
-    # 2. Critique every attempt, right ones included (breaking a right answer must cost, SPEC §2.2).
-    for ro in rollouts:
-        ro.critic_contexts = [task.critic_context(tokenizer, ro.example, a.text, enable_thinking=think)
-                              for a in ro.attempts]
-    critiques = run([c for ro in rollouts for c in ro.critic_contexts], cfg.critic_max_new_tokens, 2,
-                    critic_model or model)
-    # 3. Refine under F(x, y, c).
-    for q, ro in enumerate(rollouts):
-        ro.critiques = critiques[q * G:(q + 1) * G]
-        ro.refiner_contexts = [task.refiner_context(tokenizer, ro.example, a.text, c.text, enable_thinking=think)
-                               for a, c in zip(ro.attempts, ro.critiques)]
-    refinements = run([c for ro in rollouts for c in ro.refiner_contexts], cfg.max_new_tokens, 3, model)
-    score(refinements, group_examples)
-    for q, ro in enumerate(rollouts):
-        ro.refinements = refinements[q * G:(q + 1) * G]
-    return rollouts, times
+def model_positions(model):
+    return unwrap(model).config.max_position_embeddings
 
 
 def sampling_config(args, group_size=None, temperature=None):
     return SamplingConfig(group_size or args.group_size, args.max_new_tokens, args.critic_max_new_tokens,
                           args.temperature if temperature is None else temperature, args.top_p,
-                          args.enable_thinking, args.rollout_batch)
+                          args.enable_thinking, args.rollout_batch, args.rounds, args.critic_gate,
+                          args.max_turns, args.max_context, args.obs_chars)
 
 
 def mix_seed(*parts):
@@ -224,51 +349,62 @@ def mix_seed(*parts):
 
 
 # ==================================================================================================
-# The trained batch (SPEC §2.5 advantages, §2.7 table)
+# The trained batch (SPEC §2.5-2.8)
 # ==================================================================================================
 
 @dataclass
 class TrainSample:
     context: list            # what the loss conditions on
-    response: list
+    response: list           # the tokens after it (an episode: actions and observations; or a critique)
     is_critic: bool
     adv: float
-    calib_context: list = None   # F(x, y, c) of an internalised refinement: where l_cond is taken (§2.6)
+    mask: list = None        # 1 on trained (action) tokens; None: every token
+    calib_context: list = None   # S(x, c) of a retry: where l_cond is taken (§2.7)
     sampler_logprobs: list = None
     old_logp: torch.Tensor = None   # l_old under `context` (set by old_logprobs)
     cond_logp: torch.Tensor = None  # l_cond under `calib_context`
 
+    @property
+    def loss_mask(self):
+        return self.mask if self.mask is not None else [1] * len(self.response)
 
-def build_samples(rollouts, algo="icrl", adv_mode="rolewise", train_critic=True):
-    """SPEC §2.4-2.5 and the §2.7 table: attempts and internalised refinements under S(x) with solver
-    advantages, critiques under C(x, y) with critic advantages. Returns a list per query."""
+    @property
+    def trained_tokens(self):
+        return sum(self.loss_mask)
+
+
+def chain_values(chain):
+    """(solver rewards of every episode, critic rewards g_k of every critique) of one chain (SPEC §2.5)."""
+    rewards = [ep.reward for ep in chain.episodes]
+    gains = critic_gain(rewards[:len(chain.critiques)], rewards[1:len(chain.critiques) + 1]).tolist()
+    return rewards, gains
+
+
+def build_samples(rollouts, adv_mode="rolewise", train_critic=True):
+    """SPEC §2.6 advantages and the §2.8 table. Per query x two groups: the solver group (every episode of
+    x: G first attempts and all retries) and the critic group (every critique of x); `pooled` merges them.
+    First attempts are trained under S(x); retries under S(x) too, the critique removed, with l_cond from
+    S(x, c); critiques under C(x, tau). A GRPO rollout (one round, no critique) gives the solver group
+    {r_1..r_G} alone. Returns one list of samples per query."""
     values, group_ids = [], []
     for q, ro in enumerate(rollouts):
-        r = torch.tensor([a.reward for a in ro.attempts])
-        if algo == "grpo":
-            values.append(r)
-            group_ids.append(torch.full_like(r, 2 * q))
-            continue
-        r_refined = torch.tensor([a.reward for a in ro.refinements])
-        gain = critic_gain(r, r_refined)
         critic_group = 2 * q if adv_mode == "pooled" else 2 * q + 1
-        values += [r, r_refined, gain]
-        group_ids += [torch.full_like(r, 2 * q), torch.full_like(r, 2 * q), torch.full_like(r, critic_group)]
-    adv = group_advantages(torch.cat(values), torch.cat(group_ids).long()).tolist()
-    per_query, k = [], 0
+        for chain in ro.chains:
+            rewards, gains = chain_values(chain)
+            values += rewards + gains
+            group_ids += [2 * q] * len(rewards) + [critic_group] * len(gains)
+    adv = iter(group_advantages(torch.tensor(values, dtype=torch.float64), torch.tensor(group_ids)).tolist())
+    per_query = []
     for ro in rollouts:
-        G = len(ro.attempts)
-        a_attempt, k = adv[k:k + G], k + G
-        samples = [TrainSample(ro.solver_context, a.tokens, False, a_attempt[i], None, a.logprobs)
-                   for i, a in enumerate(ro.attempts)]
-        if algo == "icrl":
-            a_refined, a_critic, k = adv[k:k + G], adv[k + G:k + 2 * G], k + 2 * G
-            # The internalised refinement: y' trained under S(x), the critique removed (§2.7).
-            samples += [TrainSample(ro.solver_context, y.tokens, False, a_refined[i], ro.refiner_contexts[i],
-                                    y.logprobs) for i, y in enumerate(ro.refinements)]
-            if train_critic:
-                samples += [TrainSample(ro.critic_contexts[i], c.tokens, True, a_critic[i], None, c.logprobs)
-                            for i, c in enumerate(ro.critiques)]
+        samples = []
+        for chain in ro.chains:
+            for k, ep in enumerate(chain.episodes):
+                samples.append(TrainSample(chain.free_contexts[k], ep.tokens, False, next(adv), ep.mask,
+                                           ep.context if k > 0 else None, ep.sampler_logprobs))
+            for c in chain.critiques:
+                a = next(adv)
+                if train_critic:
+                    samples.append(TrainSample(c.context, c.tokens, True, a, None, None, c.logprobs))
         per_query.append(samples)
     return per_query
 
@@ -277,26 +413,29 @@ def build_samples(rollouts, algo="icrl", adv_mode="rolewise", train_critic=True)
 # Log-probs of responses under a context, on right-padded batches
 # ==================================================================================================
 
-def pad_batch(contexts, responses, device):
-    """Right-padded (B, L) ids of context + response, the (B, T) response mask and gather positions.
-    Masks come from lengths, never from token ids: the pad id may equal EOS (SPEC §2.7)."""
+def pad_batch(contexts, responses, device, masks=None):
+    """Right-padded (B, L) ids of context + response, the (B, T) loss mask and gather positions. Masks
+    come from lengths and segment boundaries (`masks`: 0 on observation tokens), never from token ids:
+    the pad id may equal EOS (SPEC §2.8)."""
     ctx_len = torch.tensor([len(c) for c in contexts])
     resp_len = torch.tensor([len(r) for r in responses])
     L, T = int((ctx_len + resp_len).max()), max(int(resp_len.max()), 1)
     ids = torch.zeros(len(contexts), L, dtype=torch.long)
     targets = torch.zeros(len(contexts), T, dtype=torch.long)
+    mask = torch.zeros(len(contexts), T)
     for b, (c, r) in enumerate(zip(contexts, responses)):
         ids[b, :len(c) + len(r)] = torch.tensor(c + r, dtype=torch.long)
         targets[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-    mask = (torch.arange(T)[None, :] < resp_len[:, None]).float()
+        mask[b, :len(r)] = torch.tensor(masks[b], dtype=torch.float) if masks is not None and masks[b] is not None else 1.0
     # logits at position p predict token p + 1: response token t is predicted at ctx_len - 1 + t.
     positions = (ctx_len[:, None] - 1 + torch.arange(T)[None, :]).clamp(max=L - 1)
     return ids.to(device), targets.to(device), mask.to(device), positions.to(device)
 
 
-def response_logprobs(model, contexts, responses, temperature, device):
-    """log pi(response_t | context, response_<t) at the sampling temperature: (B, T) and its mask."""
-    ids, targets, mask, positions = pad_batch(contexts, responses, device)
+def response_logprobs(model, contexts, responses, temperature, device, masks=None):
+    """log pi(response_t | context, response_<t) at the sampling temperature, 0 where the mask is: (B, T)
+    and its mask. Observation tokens are context: their positions are computed but masked."""
+    ids, targets, mask, positions = pad_batch(contexts, responses, device, masks)
     logits = model(ids, logits_at=positions)                              # (B, T, V)
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, targets[..., None]).squeeze(-1) * mask, mask
@@ -426,9 +565,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @torch.no_grad()
 def old_logprobs(model, samples, args, ctx):
-    """log pi_old of every response under its training context (l_old), and for internalised
-    refinements also under F(x, y, c) (l_cond, SPEC §2.6). Recomputed by the trainer, so that rho = 1
-    exactly on the first pass; the sampler's own log-probs only feed the logprob_gap metric."""
+    """log pi_old of every sample's tokens under its training context (l_old; for a retry, l_free under
+    S(x)), and for retries also under S(x, c) (l_cond, SPEC §2.7). Recomputed by the trainer, so that
+    rho = 1 exactly on the first pass; the sampler's own log-probs only feed the logprob_gap metric."""
     try:
         _old_logprobs(model, samples, args, ctx)
     finally:
@@ -440,39 +579,39 @@ def old_logprobs(model, samples, args, ctx):
 
 def _old_logprobs(model, samples, args, ctx):
     for micro in micro_batches(samples, args.micro_batch):
-        logp, mask = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
-                                       args.temperature, ctx.device)
-        for s, row, n in zip(micro, logp, mask.sum(-1).long().tolist()):
-            s.old_logp = row[:n].float().cpu()
-    refined = [s for s in samples if s.calib_context is not None]
-    for micro in micro_batches(refined, args.micro_batch, key=lambda s: len(s.calib_context) + len(s.response)):
-        logp, mask = response_logprobs(model, [s.calib_context for s in micro], [s.response for s in micro],
-                                       args.temperature, ctx.device)
-        for s, row, n in zip(micro, logp, mask.sum(-1).long().tolist()):
-            s.cond_logp = row[:n].float().cpu()
+        logp, _ = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
+                                    args.temperature, ctx.device, [s.mask for s in micro])
+        for s, row in zip(micro, logp):
+            s.old_logp = row[:len(s.response)].float().cpu()
+    retries = [s for s in samples if s.calib_context is not None]
+    for micro in micro_batches(retries, args.micro_batch, key=lambda s: len(s.calib_context) + len(s.response)):
+        logp, _ = response_logprobs(model, [s.calib_context for s in micro], [s.response for s in micro],
+                                    args.temperature, ctx.device, [s.mask for s in micro])
+        for s, row in zip(micro, logp):
+            s.cond_logp = row[:len(s.response)].float().cpu()
 
 
 def pad_rows(rows, T):
     out = torch.zeros(len(rows), T)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = r
+        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.float)
     return out
 
 
 def sample_weights(micro, T, args):
-    """Token weights w of SPEC §2.7: 1 for attempts and critiques, §2.6 for internalised refinements."""
-    mask = pad_rows([torch.ones(len(s.response)) for s in micro], T)
+    """Token weights w of SPEC §2.8: 1 for first attempts and critiques, §2.7 for retries; 0 off the mask."""
+    mask = pad_rows([s.loss_mask for s in micro], T)
     weights = mask.clone()
-    refined = [i for i, s in enumerate(micro) if s.calib_context is not None]
-    if refined:
-        free = pad_rows([micro[i].old_logp for i in refined], T)
-        cond = pad_rows([micro[i].cond_logp for i in refined], T)
-        weights[refined] = calibration_weights(free, cond, mask[refined], args.calib, args.calib_clip)
+    retries = [i for i, s in enumerate(micro) if s.calib_context is not None]
+    if retries:
+        free = pad_rows([micro[i].old_logp for i in retries], T)
+        cond = pad_rows([micro[i].cond_logp for i in retries], T)
+        weights[retries] = calibration_weights(free, cond, mask[retries], args.calib, args.calib_clip)
     return weights
 
 
 def update(model, optimizer, samples_by_query, args, ctx, step):
-    """SPEC §2.7-2.8: --ppo_epochs passes over --minibatch slices of the queries; one optimizer step
+    """SPEC §2.8-2.9: --ppo_epochs passes over --minibatch slices of the queries; one optimizer step
     per slice, its loss the role-wise token mean over the slice's global batch. Micro-batches bound
     memory without changing the loss. A non-finite loss or gradient skips the update."""
     local_queries = len(samples_by_query)
@@ -484,14 +623,14 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
         order = torch.randperm(local_queries, generator=gen).tolist() if args.ppo_epochs > 1 else list(range(local_queries))
         for start in range(0, local_queries, per_update):
             minibatch = [s for q in order[start:start + per_update] for s in samples_by_query[q]]
-            n_solver, n_critic = all_reduce([sum(len(s.response) for s in minibatch if not s.is_critic),
-                                             sum(len(s.response) for s in minibatch if s.is_critic)], ctx)
+            n_solver, n_critic = all_reduce([sum(s.trained_tokens for s in minibatch if not s.is_critic),
+                                             sum(s.trained_tokens for s in minibatch if s.is_critic)], ctx)
             micros = micro_batches(minibatch, args.micro_batch)
             finite = True
             for i, micro in enumerate(micros):
                 with no_grad_sync(model, args, sync=i == len(micros) - 1), autocast_for(model, args):
-                    logp, mask = response_logprobs(model, [s.context for s in micro],
-                                                   [s.response for s in micro], args.temperature, ctx.device)
+                    logp, mask = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
+                                                   args.temperature, ctx.device, [s.mask for s in micro])
                     T = mask.shape[1]
                     old = pad_rows([s.old_logp for s in micro], T).to(ctx.device)
                     weight = sample_weights(micro, T, args).to(ctx.device)
@@ -507,7 +646,8 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
                     stats["loss_solver"] += float(per_sample[~is_critic].sum()) / max(n_solver, 1)
                     stats["loss_critic"] += float(per_sample[is_critic].sum()) / max(n_critic, 1)
                     ratio = (logp - old).exp()
-                    clipped = torch.where(adv[:, None] > 0, ratio > 1 + args.clip_high, ratio < 1 - args.clip_low)
+                    a = adv[:, None]  # clipped: the min picked the clipped term, so the token has no gradient
+                    clipped = ((a > 0) & (ratio > 1 + args.clip_high)) | ((a < 0) & (ratio < 1 - args.clip_low))
                     stats["clipped"] += float((clipped.float() * mask).sum())
                     stats["tokens"] += float(mask.sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -538,53 +678,73 @@ def autocast_for(model, args):
 # What a step reports (SPEC §3)
 # ==================================================================================================
 
+def rollout_sums(rollouts, rounds):
+    """Counts and sums behind the SPEC §3 rollout figures, as a dict of floats (summed over ranks)."""
+    chains = [c for ro in rollouts for c in ro.chains]
+    episodes = [ep for c in chains for ep in c.episodes]
+    critiques = [cr for c in chains for cr in c.critiques]
+    s = dict(chains=len(chains), first_reward=sum(c.episodes[0].reward for c in chains),
+             critiqued=sum(1 for c in chains if c.critiques), final_reward=sum(c.final_reward for c in chains),
+             critiques=len(critiques), critique_tokens=sum(len(cr.tokens) for cr in critiques),
+             critic_reward=sum(g for c in chains for g in chain_values(c)[1]),
+             episodes=len(episodes), action_tokens=sum(ep.action_tokens for ep in episodes),
+             obs_tokens=sum(len(ep.tokens) - ep.action_tokens for ep in episodes),
+             turns=sum(len(ep.actions) for ep in episodes),
+             truncated=sum(ep.end in ("context", "max_turns", "cutoff") for ep in episodes),
+             repeats=sum(ep.end == "repeat" for ep in episodes))
+    for k in range(2, rounds + 1):  # retries of round k: P(r_k = 1 | critiqued)
+        retries = [c.episodes[k - 1] for c in chains if len(c.episodes) >= k]
+        s[f"retries_r{k}"], s[f"retry_wins_r{k}"] = len(retries), sum(ep.reward == 1.0 for ep in retries)
+    return s
+
+
+def ratio(a, b):
+    """A rate, or None (null in metrics.jsonl) where it has no denominator."""
+    return a / b if b else None
+
+
 def step_metrics(rollouts, samples, stats, times, args, ctx):
     """SPEC §3 figures over the global batch, each all-reduced with an explicit op."""
     SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
-    attempts = [a for ro in rollouts for a in ro.attempts]
-    refinements = [y for ro in rollouts for y in ro.refinements]
-    critiques = [c for ro in rollouts for c in ro.critiques]
-    pairs = [(a.reward == 1.0, y.reward == 1.0) for ro in rollouts for a, y in zip(ro.attempts, ro.refinements)]
-    refined = [s for s in samples if s.calib_context is not None]
+    rounds = args.rounds if args.algo == "icrl" else 1
+    local = rollout_sums(rollouts, rounds)
+    local.update({k: stats[k] for k in ("loss_solver", "loss_critic", "clipped", "tokens", "grad_norm")})
+    s = dict(zip(local, all_reduce(list(local.values()), ctx, SUM)))
     gap = 0.0
-    for s in samples:
-        reference = s.cond_logp if s.calib_context is not None else s.old_logp
-        if len(s.response):
-            gap = max(gap, float((torch.tensor(s.sampler_logprobs) - reference).abs().max()))
-    sums = all_reduce([
-        sum(a.reward for a in attempts), len(attempts),
-        sum(y.reward for y in refinements), len(refinements),
-        sum(1 for r, r2 in pairs if not r and r2), sum(1 for r, _ in pairs if not r),
-        sum(1 for r, r2 in pairs if r and not r2), sum(1 for r, _ in pairs if r),
-        sum(y.reward - a.reward for ro in rollouts for a, y in zip(ro.attempts, ro.refinements)),
-        sum(len(a.tokens) for a in attempts + refinements), len(attempts) + len(refinements),
-        sum(len(c.tokens) for c in critiques), len(critiques),
-        stats["loss_solver"], stats["loss_critic"], stats["clipped"], stats["tokens"], stats["grad_norm"],
-    ], ctx, SUM)
-    (r_sum, n_att, r2_sum, n_ref, fixed, wrong, broken, right, gain_sum, solver_tok, n_solver,
-     critic_tok, n_critic, loss_s, loss_c, clipped, tokens, grad_norm) = sums
-    gap, t_sample, t_score, t_train = all_reduce([gap, times["sample"], times["score"], times["train"]], ctx, MAX)
+    for x in samples:  # the sampler's log-probs against the trainer's, on trained tokens (SPEC §3)
+        reference = x.cond_logp if x.calib_context is not None else x.old_logp
+        if x.trained_tokens:
+            diff = (torch.tensor(x.sampler_logprobs) - reference).abs() * torch.tensor(x.loss_mask)
+            gap = max(gap, float(diff.max()))
+    gap, t_sample, t_env, t_train = all_reduce([gap, times["sample"], times["env"], times["train"]], ctx, MAX)
     n_updates = max(stats["updates"] + stats["skipped"], 1)
-    div = lambda a, b: a / b if b else 0.0
     metrics = dict(
-        acc=div(r_sum, n_att), refined_acc=div(r2_sum, n_ref), fix_rate=div(fixed, wrong),
-        break_rate=div(broken, right), gain=div(gain_sum, n_ref),
-        len_solver=div(solver_tok, n_solver), len_critic=div(critic_tok, n_critic),
-        loss_solver=loss_s / n_updates, loss_critic=loss_c / n_updates, clip_frac=div(clipped, tokens),
-        grad_norm=grad_norm / ctx.world / max(stats["updates"], 1), logprob_gap=gap,
-        tok_per_s=div(solver_tok + critic_tok, t_sample + t_score + t_train),
-        t_sample=t_sample, t_score=t_score, t_train=t_train, skipped_updates=stats["skipped"])
-    if args.algo == "icrl":
-        metrics.update(calibration_summary(refined, args, ctx))
-    else:  # GRPO samples no critique: report no critique figures rather than zeros
-        for key in ("refined_acc", "fix_rate", "break_rate", "gain", "len_critic", "loss_critic"):
-            del metrics[key]
+        acc=ratio(s["first_reward"], s["chains"]),
+        len_solver=ratio(s["action_tokens"], s["episodes"]), len_obs=ratio(s["obs_tokens"], s["episodes"]),
+        turns=ratio(s["turns"], s["episodes"]), trunc_frac=ratio(s["truncated"], s["episodes"]),
+        repeat_frac=ratio(s["repeats"], s["episodes"]),
+        loss_solver=s["loss_solver"] / n_updates, clip_frac=ratio(s["clipped"], s["tokens"]),
+        grad_norm=s["grad_norm"] / ctx.world / max(stats["updates"], 1), logprob_gap=gap,
+        tok_per_s=ratio(s["action_tokens"] + s["critique_tokens"], t_sample + t_env + t_train),
+        t_sample=t_sample, t_env=t_env, t_train=t_train, skipped_updates=stats["skipped"])
+    if args.algo == "icrl":  # GRPO samples no critique: it reports no critique figures rather than zeros
+        retries = sum(s[f"retries_r{k}"] for k in range(2, rounds + 1))
+        metrics.update(
+            critiqued_frac=ratio(s["critiqued"], s["chains"]),
+            retry_acc=ratio(sum(s[f"retry_wins_r{k}"] for k in range(2, rounds + 1)), retries),
+            final_acc=ratio(s["final_reward"], s["chains"]), critic_reward=ratio(s["critic_reward"], s["critiques"]),
+            len_critic=ratio(s["critique_tokens"], s["critiques"]), loss_critic=s["loss_critic"] / n_updates,
+            **calibration_summary([x for x in samples if x.calib_context is not None], args, ctx))
+        if rounds > 2:
+            metrics.update({f"retry_acc_r{k}": ratio(s[f"retry_wins_r{k}"], s[f"retries_r{k}"])
+                            for k in range(2, rounds + 1)})
     return metrics
 
 
-def calibration_summary(refined, args, ctx):
-    """Mean, 10th percentile and share below 0.5 of the §2.6 weights over all refinement tokens."""
-    local = [sample_weights([s], len(s.response), args)[0] for s in refined if len(s.response)]
+def calibration_summary(retries, args, ctx):
+    """Mean, 10th percentile and share below 0.5 of the §2.7 weights over all retry action tokens."""
+    local = [sample_weights([s], len(s.response), args)[0][torch.tensor(s.loss_mask, dtype=torch.bool)]
+             for s in retries if s.trained_tokens]
     local = torch.cat(local) if local else torch.zeros(0)
     gathered = [local]
     if ctx.world > 1:
@@ -592,7 +752,7 @@ def calibration_summary(refined, args, ctx):
         dist.all_gather_object(gathered, local)
     w = torch.cat(gathered)
     if not w.numel():
-        return dict(calib_w_mean=0.0, calib_w_p10=0.0, calib_w_low_frac=0.0)
+        return dict(calib_w_mean=None, calib_w_p10=None, calib_w_low_frac=None)
     return dict(calib_w_mean=float(w.mean()), calib_w_p10=float(torch.quantile(w, 0.1)),
                 calib_w_low_frac=float((w < 0.5).float().mean()))
 
@@ -600,15 +760,15 @@ def calibration_summary(refined, args, ctx):
 @torch.no_grad()
 def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=0):
     """Held-out critique-free accuracy: greedy, and with `samples` > 0 also SPEC §4's pass@1, the mean
-    reward of that many attempts per example at the training temperature (the quantity RL maximises;
-    eval.py's pass@1). Each rank scores its share; the sums are all-reduced. Returns (greedy, pass@1)."""
+    reward of that many first attempts per example at the training temperature (the quantity RL
+    maximises; eval.py's pass@1). Each rank scores its share; the sums are all-reduced. Returns (greedy, pass@1)."""
     mine = examples[ctx.rank::ctx.world]
     with full_weights(model, args) as m:
         greedy, _ = rollout(m, tokenizer, task, mine, sampling_config(args, 1, 0.0), seed=0, critique=False)
         sampled, _ = rollout(m, tokenizer, task, mine, sampling_config(args, samples), seed=mix_seed(args.seed, 7),
                              critique=False) if samples else ([], None)
-    greedy_correct, sampled_correct, n = all_reduce([sum(ro.attempts[0].reward for ro in greedy),
-                                                     sum(a.reward for ro in sampled for a in ro.attempts), len(mine)], ctx)
+    first = lambda rollouts: sum(c.episodes[0].reward for ro in rollouts for c in ro.chains)
+    greedy_correct, sampled_correct, n = all_reduce([first(greedy), first(sampled), len(mine)], ctx)
     return greedy_correct / max(n, 1), sampled_correct / max(n * samples, 1)
 
 
@@ -616,30 +776,37 @@ def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=
 # Supervised warm start for the randomly initialised default model
 # ==================================================================================================
 
-def warm_start_pairs(task, tokenizer, example, rng, think, with_critique):
-    """(context, response text) pairs that teach the three SPEC §1 formats: the solver answers in
-    \\boxed{}; with `with_critique`, the critic judges an attempt (right, or off by a little) and
-    gives its own answer, and the refiner answers again. Critique pairs need integer answers."""
+def warm_start_pairs(task, tokenizer, example, rng, think, with_critique, gate="failure"):
+    """(context, response text) pairs that teach the SPEC §1 formats of a one-turn task: the solver
+    answers in \\boxed{}; with `with_critique`, the critic reads a failed attempt (a near miss, reward 0)
+    and answers `Wrong, it is not N.` (N: the attempt's answer), and the retry answers right with that tip. Under critic_gate "always" the critic
+    also reads successes (reward 1) and answers `Correct.`; under "failure" it never sees one, so it is
+    never taught that verdict. Critique pairs need integer answers."""
     answer = example.answer
     boxed = f"\\boxed{{{answer}}}"
-    pairs = [(task.solver_context(tokenizer, example, enable_thinking=think), boxed)]
+    task_text, first_observation = task.env(example).reset()
+    solver = solver_context(tokenizer, task_text, first_observation, enable_thinking=think)
+    pairs = [(solver, boxed)]
     if not with_critique or not answer.lstrip("-").isdigit():
         return pairs
-    attempt = f"\\boxed{{{int(answer) + rng.choice([-10, -1, 1, 10])}}}" if rng.random() < 0.5 else boxed
-    critique = CRITIQUE_RIGHT if attempt == boxed else CRITIQUE_WRONG.format(answer=answer)
-    pairs.append((task.critic_context(tokenizer, example, attempt, enable_thinking=think), critique))
-    pairs.append((task.refiner_context(tokenizer, example, attempt, critique, enable_thinking=think), boxed))
+    right = gate == "always" and rng.random() < 0.5
+    wrong = str(int(answer) + rng.choice([-10, -1, 1, 10]))   # a near miss, as the solver's own mistakes are
+    attempt = boxed if right else f"\\boxed{{{wrong}}}"
+    critique = CRITIQUE_RIGHT if right else CRITIQUE_WRONG.format(attempt=wrong)
+    summary = episode_summary(float(right), [attempt], [""])
+    pairs.append((critic_context(tokenizer, task_text, first_observation, summary, think), critique))
+    pairs.append((solver_context(tokenizer, task_text, first_observation, critique, think), boxed))
     return pairs
 
 
 def warm_start(model, tokenizer, task, args, ctx):
     """Supervised warm start of a randomly initialised model, so that RL starts with some reward and a
-    critic and refiner that know their formats: token-mean cross-entropy on warm_start_pairs, the stop
+    critic and retry that know their formats: token-mean cross-entropy on warm_start_pairs, the stop
     token included so the model learns to end.
 
     Solver pairs alone until greedy accuracy on training examples reaches --warm_start_target (checked
     every 50 steps; when a small model "gets" arithmetic varies by hundreds of steps with the data
-    order), then --warm_start_role_steps more steps that add the critic and refiner pairs on every other
+    order), then --warm_start_role_steps more steps that add the critic and retry pairs on every
     example. Returns (steps, accuracy)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.warm_start_lr)
     rng = random.Random(mix_seed(args.seed, ctx.rank, 5))
@@ -655,7 +822,7 @@ def warm_start(model, tokenizer, task, args, ctx):
                 roles_until = step + args.warm_start_role_steps
         with_roles = roles_until is not None
         pairs = [p for i in range(per_rank) for p in warm_start_pairs(
-            task, tokenizer, rng.choice(task.examples), rng, args.enable_thinking, with_roles and i % 2 == 0)]
+            task, tokenizer, rng.choice(task.examples), rng, args.enable_thinking, with_roles, args.critic_gate)]
         contexts = [c for c, _ in pairs]
         responses = [tokenizer.encode(text, add_special_tokens=False) + [stop] for _, text in pairs]
         with autocast_for(model, args):
@@ -740,32 +907,44 @@ def parse_args(argv=None):
     # model and task
     p.add_argument("--model", default="tiny", help="a Hugging Face Qwen3 folder, or `tiny`: a random 4-layer "
                    "Qwen3 with a character tokenizer (the embedded default)")
-    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math (data.py)")
+    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math (one turn); gridworld | guess "
+                   "(multi-turn); agentgym:<alfworld|webshop|sciworld|searchqa> with --env_url (data.py)")
+    p.add_argument("--env_url", default=None, help="agentgym tasks: comma-separated AgentGym server URLs, one "
+                   "episode at a time each (../shared/AGENTGYM.md)")
     p.add_argument("--train_file", default=None, help="JSONL training split (gsm8k, math)")
     p.add_argument("--eval_file", default=None, help="JSONL held-out split (gsm8k, math)")
     p.add_argument("--task_knob", action="append", default=[], metavar="KEY=VALUE", help="a task option, "
                    "repeatable, e.g. --task_knob digits=3 --task_knob ops=+-* (data.py lists each task's)")
     p.add_argument("--enable_thinking", action="store_true", help="passed to the chat template (SPEC §1)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype; weights stay float32")
-    # sampling (SPEC §2.1-2.3)
+    # sampling and episodes (SPEC §1, §2.1-2.4)
     p.add_argument("--group_size", type=int, default=8, help="G: attempts per query")
     p.add_argument("--batch_prompts", type=int, default=16, help="queries per step, global (split over ranks)")
-    p.add_argument("--max_new_tokens", type=int, default=16, help="solver attempts and refinements")
+    p.add_argument("--max_new_tokens", type=int, default=16, help="tokens per action turn (solver and retry)")
     p.add_argument("--critic_max_new_tokens", type=int, default=24, help="critiques")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0); log-probs use it too")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--rollout_batch", type=int, default=0, help="sequences per sampling call on each rank, "
                    "to bound the KV cache (0: a phase's whole batch at once)")
-    # method (SPEC §2.4-2.7) and its ablations
-    p.add_argument("--algo", default="icrl", choices=["icrl", "grpo"], help="grpo: the baseline, no critique")
-    p.add_argument("--calib", default="token", choices=["token", "seq", "none"], help="§2.6 weight granularity")
-    p.add_argument("--calib_clip", type=float, default=1.0, help="W: upper clip of the §2.6 weight")
-    p.add_argument("--adv", default="rolewise", choices=["rolewise", "pooled"], help="§2.5 advantage groups")
+    p.add_argument("--max_turns", type=int, default=0, help="most action turns per episode (SPEC §1; 0: the "
+                   "task's own, 1 for one-turn tasks)")
+    p.add_argument("--max_context", type=int, default=0, help="most tokens of context + episode; an episode that "
+                   "would pass it is truncated (SPEC §1; 0: the model's max_position_embeddings)")
+    p.add_argument("--obs_chars", type=int, default=800, help="each observation in the critic's summary is cut "
+                   "to this many characters (SPEC §1)")
+    # method (SPEC §2) and its ablations
+    p.add_argument("--algo", default="icrl", choices=["icrl", "grpo"], help="grpo: the baseline, one round, no critique")
+    p.add_argument("--rounds", type=int, default=2, help="K: most episodes per chain (solve + K-1 critique/retry rounds)")
+    p.add_argument("--critic_gate", default="failure", choices=["failure", "always"], help="§2.2: critique failures "
+                   "only (the paper), or successes too (ablation: breaking a success then costs)")
+    p.add_argument("--calib", default="token", choices=["token", "seq", "none"], help="§2.7 weight granularity")
+    p.add_argument("--calib_clip", type=float, default=2.0, help="W: upper clip of the §2.7 weight")
+    p.add_argument("--adv", default="rolewise", choices=["rolewise", "pooled"], help="§2.6 advantage groups")
     p.add_argument("--no_critic_train", action="store_true", help="sample critiques, drop them from the loss")
-    p.add_argument("--critic_coef", type=float, default=1.0, help="lambda_c of §2.7")
-    p.add_argument("--clip_low", type=float, default=0.2, help="eps_low of §2.7")
-    p.add_argument("--clip_high", type=float, default=0.28, help="eps_high of §2.7")
-    # optimisation (SPEC §2.8)
+    p.add_argument("--critic_coef", type=float, default=1.0, help="lambda_c of §2.8")
+    p.add_argument("--clip_low", type=float, default=0.2, help="eps_low of §2.8")
+    p.add_argument("--clip_high", type=float, default=0.28, help="eps_high of §2.8")
+    # optimisation (SPEC §2.9)
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (the defaults suit the tiny "
                    "model; Qwen3-4B/8B want ~1e-6)")
     p.add_argument("--lr_warmup", type=int, default=10, help="RL steps of linear learning-rate warmup: "
@@ -781,7 +960,7 @@ def parse_args(argv=None):
     p.add_argument("--warm_start_target", type=float, default=0.25, help="leave the solver-only warm start "
                    "once greedy accuracy on 128 training examples reaches this")
     p.add_argument("--warm_start_role_steps", type=int, default=100, help="then this many steps that add "
-                   "the critic and refiner formats")
+                   "the critic and retry formats")
     p.add_argument("--warm_start_lr", type=float, default=3e-3, help="warm-start learning rate")
     p.add_argument("--warm_start_batch", type=int, default=64, help="warm-start examples per step, global")
     # systems
@@ -862,9 +1041,10 @@ def train(args, ctx):
         args.resume = resolve_checkpoint(args.resume)
         start_step = torch.load(os.path.join(args.resume, TRAINER_STATE), weights_only=False)["step"]
     model, tokenizer = load_model_and_tokenizer(args, ctx)
-    knobs = parse_knobs(args.task_knob)
+    knobs = parse_knobs(args.task_knob, args.env_url)
     train_task = load_task(args.task, path=args.train_file, split="train", seed=args.seed, **knobs)
     eval_task = load_task(args.task, path=args.eval_file, split="test", seed=args.seed, **knobs)
+    args.max_turns = args.max_turns or train_task.max_turns
     eval_examples = eval_task.examples[:args.eval_examples]
     print0(ctx, "config:", json.dumps(vars(args), indent=1))
     print0(ctx, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -874,7 +1054,7 @@ def train(args, ctx):
         t = time.perf_counter()
         steps, acc = warm_start(model, tokenizer, train_task, args, ctx)
         print0(ctx, f"warm start: {steps} supervised steps in {time.perf_counter() - t:.0f}s (greedy accuracy "
-                    f"{acc:.3f} on training examples when the critic and refiner formats were added)")
+                    f"{acc:.3f} on training examples when the critic and retry formats were added)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     os.makedirs(args.out, exist_ok=True)
     if args.warm_start_steps and not args.resume:  # RL's starting point, for --model or --resume
@@ -907,7 +1087,7 @@ def train(args, ctx):
         if ctx.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": done, **metrics}) + "\n")
-            shown = {k: f"{metrics[k]:.2f}" for k in ("acc", "refined_acc", "gain") if k in metrics}
+            shown = {k: f"{metrics[k]:.2f}" for k in ("acc", "retry_acc") if metrics.get(k) is not None}
             bar.set_postfix(**shown, eval=f"{last['eval_acc']:.2f}", refresh=False)
         if args.save_every and done % args.save_every == 0 and done != args.steps:
             save_checkpoint(model, optimizer, tokenizer, args, ctx, done, f"step_{done}")
@@ -927,7 +1107,7 @@ def train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step):
                                   critique=args.algo == "icrl")
     t = time.perf_counter()
     model.train()
-    samples_by_query = build_samples(rollouts, args.algo, args.adv, train_critic=not args.no_critic_train)
+    samples_by_query = build_samples(rollouts, args.adv, train_critic=not args.no_critic_train)
     samples = [s for qs in samples_by_query for s in qs]
     with autocast_for(model, args):
         old_logprobs(unwrap(model), samples, args, ctx)

@@ -1,5 +1,6 @@
 """icrl.py beyond the equations: the built batch, masks, distributed gradients, NaN safety, resume."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,49 +14,169 @@ import icrl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def response(tokens, reward, finished=True):
-    return icrl.Response(tokens, [-0.5] * len(tokens), finished, "", reward)
+@pytest.fixture(scope="module")
+def char_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+    from data import build_char_tokenizer
+    path = str(tmp_path_factory.mktemp("tok"))
+    build_char_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
-def fake_rollout(q):
-    """Query q: S(x) = [q]*3, two attempts, critic contexts C_i, refiner contexts F_i."""
-    return icrl.QueryRollout(
-        example=None, solver_context=[q] * 3,
-        attempts=[response([10, 11], 0.0), response([12], 1.0)],
-        critic_contexts=[[20, q], [21, q]], critiques=[response([30, 31, 32], 0.0), response([33], 0.0)],
-        refiner_contexts=[[40, q, 41], [42, q, 43]], refinements=[response([50, 51], 1.0), response([52], 0.0)])
+def tiny_model(vocab_size, seed=0):
+    from model import Qwen3, Qwen3Config
+    torch.manual_seed(seed)
+    return Qwen3(Qwen3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                             rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True))
 
 
-def test_built_batch_trains_refinements_under_the_solver_context():
-    per_query = icrl.build_samples([fake_rollout(1), fake_rollout(2)])
-    for q, samples in zip([1, 2], per_query):
-        attempts, refinements, critiques = samples[:2], samples[2:4], samples[4:]
-        # SPEC §2.7 table, token by token: the refinement y' is trained under S(x), its l_cond under F.
-        assert [s.context for s in refinements] == [[q] * 3, [q] * 3]
-        assert [s.response for s in refinements] == [[50, 51], [52]]
-        assert [s.calib_context for s in refinements] == [[40, q, 41], [42, q, 43]]
-        assert [s.context for s in attempts] == [[q] * 3, [q] * 3] and not any(s.is_critic for s in attempts)
-        assert [s.context for s in critiques] == [[20, q], [21, q]] and all(s.is_critic for s in critiques)
-        assert [s.response for s in critiques] == [[30, 31, 32], [33]]
-        # solver group {r} + {r'} = {0, 1, 1, 0}: mean 1/2, std sqrt(1/3) -> A = -/+ 0.866
-        a = 0.5 / (3 ** -0.5 + 1e-6)
-        assert [s.adv for s in attempts + refinements] == pytest.approx([-a, a, a, -a], abs=1e-5)
-        # critic group: gains {1 - 0, 0 - 1} = {1, -1}: std sqrt(2) -> A = +/- 0.7071
-        assert [s.adv for s in critiques] == pytest.approx([2 ** -0.5, -(2 ** -0.5)], abs=1e-5)
+class ScriptedSampler:
+    """Stands in for model.generate: solver turns answer from `answers[(round, chain)]`, critics write
+    `Wrong, it is 5.`; each reply ends with <|im_end|>. Records every prompt it was given."""
+
+    def __init__(self, tokenizer, answers):
+        self.tok, self.answers, self.calls = tokenizer, answers, []
+        self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def __call__(self, model, prompts, max_new_tokens, **kwargs):
+        from model import Generation
+        texts = [self.tok.decode(p) for p in prompts]
+        self.calls.append(texts)
+        out = []
+        for i, text in enumerate(texts):
+            if "Critique the attempt" in text:
+                reply = "Wrong, it is 5."
+            else:
+                round_ = 1 + text.count("Tips from the previous critique")
+                chain = self.retry_chains[i] if round_ > 1 else i
+                reply = self.answers[(len(self.calls), chain)]
+            ids = self.tok.encode(reply, add_special_tokens=False) + [self.im_end]
+            out.append(Generation(ids, [-0.25] * len(ids), True))
+        return out
 
 
-def test_built_batch_ablations():
-    grpo = icrl.build_samples([fake_rollout(1)], algo="grpo")[0]
-    assert len(grpo) == 2 and [s.adv for s in grpo] == pytest.approx([-2 ** -0.5, 2 ** -0.5], abs=1e-5)
-    frozen = icrl.build_samples([fake_rollout(1)], train_critic=False)[0]
-    assert len(frozen) == 4 and not any(s.is_critic for s in frozen)
-    # pooled: one group {0, 1, 1, 0, 1, -1}: mean 1/3, Bessel var = (4 * 1/9 * ... ) worked below
-    pooled = icrl.build_samples([fake_rollout(1)], adv_mode="pooled")[0]
-    values = [0, 1, 1, 0, 1, -1]
-    mean = 1 / 3
-    std = (sum((v - mean) ** 2 for v in values) / 5) ** 0.5  # = sqrt(10/3 / 5) = 0.8165
-    assert std == pytest.approx(0.816497, abs=1e-6)
-    assert [s.adv for s in pooled] == pytest.approx([(v - mean) / (std + 1e-6) for v in values], abs=1e-5)
+def scripted_rollout(monkeypatch, tokenizer, answers, retry_chains, rounds, gate, G=3):
+    from data import load_task
+    task = load_task("arithmetic", n=1)
+    example = task.examples[0]
+    example = type(example)("arithmetic:2+3", "2+3", "5")
+    script = ScriptedSampler(tokenizer, answers)
+    script.retry_chains = retry_chains
+    monkeypatch.setattr(icrl, "generate", script)
+    cfg = icrl.SamplingConfig(group_size=G, rounds=rounds, critic_gate=gate)
+    rollouts, _ = icrl.rollout(tiny_model(len(tokenizer)), tokenizer, task, [example], cfg, seed=0)
+    return rollouts[0], script
+
+
+# Sampling calls in order: 1 solve, 2 critique round 1, 3 retry round 2, 4 critique round 2, 5 retry round 3.
+K3_ANSWERS = {(1, 0): "\\boxed{5}", (1, 1): "\\boxed{4}", (1, 2): "\\boxed{4}",   # chain 0 succeeds at once
+              (3, 1): "\\boxed{6}", (3, 2): "\\boxed{5}",                         # chain 2 fixed in round 2
+              (5, 1): "\\boxed{5}"}                                               # chain 1 fixed in round 3
+
+
+def test_failure_gate_and_three_rounds(monkeypatch, char_tokenizer):
+    """SPEC §2.1-2.4 with K = 3: a success is never critiqued; a failure is critiqued and retried until it
+    succeeds or K episodes; each phase is one batched sampling call over the active chains."""
+    ro, script = scripted_rollout(monkeypatch, char_tokenizer, K3_ANSWERS, retry_chains=[1, 2], rounds=3,
+                                  gate="failure")
+    # retry_chains maps row -> chain in each retry call: call 3 has chains [1, 2]; call 5 has chain [1] only
+    assert [[ep.reward for ep in c.episodes] for c in ro.chains] == [[1.0], [0.0, 0.0, 1.0], [0.0, 1.0]]
+    assert [len(c.critiques) for c in ro.chains] == [0, 2, 1]
+    assert [len(call) for call in script.calls] == [3, 2, 2, 1, 1]
+    # the critic read the failed episode's summary, its reward included (SPEC §1)
+    assert "Reward of the attempt: 0\nAction: \\boxed{4}" in script.calls[1][0]
+    assert "Reward of the attempt: 0\nAction: \\boxed{6}" in script.calls[3][0]
+    # the retry sees the tips, never the failed attempt
+    retry_prompt = script.calls[2][0]
+    assert "Tips from the previous critique: Wrong, it is 5." in retry_prompt and "\\boxed{4}" not in retry_prompt
+    chain = ro.chains[1]
+    assert chain.critiques[0].text == "Wrong, it is 5."
+    assert chain.free_contexts[0] == chain.free_contexts[1] == chain.free_contexts[2] == chain.episodes[0].context
+
+    # SPEC §2.5-2.6 on this batch. Solver group: every episode {1 | 0, 0, 1 | 0, 1}: mean 1/2,
+    # Bessel var = 6 * 1/4 / 5 = 0.3. Critic group: g = {0 (0 -> 0), 1 (retry wins), 1}: mean 2/3, var 1/3.
+    samples = icrl.build_samples([ro])[0]
+    solver = [s for s in samples if not s.is_critic]
+    critics = [s for s in samples if s.is_critic]
+    a = 0.5 / (0.3 ** 0.5 + 1e-6)
+    assert [s.adv for s in solver] == pytest.approx([a, -a, -a, a, -a, a], abs=1e-5)
+    b = 1 / (3 ** 0.5)
+    assert [s.adv for s in critics] == pytest.approx([(-2 / 3) / (b + 1e-6), (1 / 3) / (b + 1e-6), (1 / 3) / (b + 1e-6)], abs=1e-5)
+    # §2.8 table: retries are trained under S(x) (critique removed) with l_cond taken under S(x, c)
+    first, retries = solver[0], [s for s in solver if s.calib_context is not None]
+    assert len(retries) == 3 and all(s.context == first.context for s in solver)
+    assert all("Tips from the previous critique" in char_tokenizer.decode(s.calib_context) for s in retries)
+    assert [s.response for s in retries] == [ep.tokens for c in ro.chains for ep in c.episodes[1:]]
+    assert [s.context for s in critics] == [c.context for ch in ro.chains for c in ch.critiques]
+    assert all("Critique the attempt" in char_tokenizer.decode(s.context) for s in critics)
+    # pooled (ablation): one group over the 6 rewards and 3 gains {1,0,0,1,0,1, 0,1,1}: mean 5/9
+    pooled = icrl.build_samples([ro], adv_mode="pooled")[0]
+    values = [1, 0, 0, 1, 0, 1, 0, 1, 1]
+    std = (sum((v - 5 / 9) ** 2 for v in values) / 8) ** 0.5
+    assert std == pytest.approx(0.527046, abs=1e-6)
+    # in sample order: chain 0 (1); chain 1 episodes (0, 0, 1), critiques (0, 1); chain 2 (0, 1), critique (1)
+    assert [s.adv for s in pooled] == pytest.approx([(v - 5 / 9) / (std + 1e-6) for v in values], abs=1e-5)
+    frozen = icrl.build_samples([ro], train_critic=False)[0]
+    assert [s.adv for s in frozen] == [s.adv for s in solver] and not any(s.is_critic for s in frozen)
+
+
+def test_always_gate_critiques_successes(monkeypatch, char_tokenizer):
+    answers = {(1, 0): "\\boxed{5}", (1, 1): "\\boxed{4}", (1, 2): "\\boxed{5}",
+               (3, 0): "\\boxed{3}", (3, 1): "\\boxed{5}", (3, 2): "\\boxed{5}"}
+    ro, script = scripted_rollout(monkeypatch, char_tokenizer, answers, retry_chains=[0, 1, 2], rounds=2,
+                                  gate="always")
+    assert [len(c.critiques) for c in ro.chains] == [1, 1, 1]
+    assert "Reward of the attempt: 1\nAction: \\boxed{5}" in script.calls[1][0]
+    # a broken success costs the critic: g = 0 - 1 = -1; the fixed one earns 1; the kept success 1
+    assert [icrl.chain_values(c)[1] for c in ro.chains] == [[-1.0], [1.0], [1.0]]
+    # with the failure gate and K = 2, only chain 1 is critiqued
+    ro, _ = scripted_rollout(monkeypatch, char_tokenizer, answers, retry_chains=[1], rounds=2, gate="failure")
+    assert [len(c.critiques) for c in ro.chains] == [0, 1, 0]
+
+
+def test_retry_trained_under_solver_context_with_calibration_weights(monkeypatch, char_tokenizer):
+    """A retry's l_old is l_free (under S(x)), its weights min(exp(l_free - l_cond), W) with l_cond under
+    S(x, c); a first attempt and a critique have weight 1 on every token."""
+    ro, _ = scripted_rollout(monkeypatch, char_tokenizer, K3_ANSWERS, retry_chains=[1, 2], rounds=2, gate="failure")
+    model = tiny_model(len(char_tokenizer), seed=1)
+    samples = icrl.build_samples([ro])[0]
+    args = icrl.parse_args(["--temperature", "0.8"])
+    icrl.old_logprobs(model, samples, args, icrl.Dist())
+    retry = next(s for s in samples if s.calib_context is not None)
+    free, _ = icrl.response_logprobs(model, [retry.context], [retry.response], 0.8, "cpu")
+    cond, _ = icrl.response_logprobs(model, [retry.calib_context], [retry.response], 0.8, "cpu")
+    torch.testing.assert_close(retry.old_logp, free[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(retry.cond_logp, cond[0], rtol=0, atol=1e-6)
+    assert not torch.equal(free, cond)  # the critique changes the context
+    T = len(retry.response)
+    w = icrl.sample_weights([retry], T, args)[0]
+    torch.testing.assert_close(w, (free[0] - cond[0]).exp().clamp(max=2.0), rtol=0, atol=1e-6)
+    for s in samples:
+        if s.calib_context is None:
+            assert icrl.sample_weights([s], len(s.response), args)[0].tolist() == [1.0] * len(s.response)
+
+
+def test_loss_table_by_hand():
+    """SPEC §2.8 for one query: first attempt (A = 1, w = 1), retry (A = -1, w from §2.7), critique
+    (A = 0.5, w = 1), one token each at rho = 1.1 (first), 0.7 (retry), 1.5 (critique).
+    first: -1 * min(1.1, 1.1) = -1.1; retry: w = min(e^(ln 3), 2) = 2, -2 * min(-0.7, -0.8) = 1.6;
+    critique: -min(0.75, 1.28 * 0.5 = 0.64) = -0.64. L = (-1.1 + 1.6) / 2 + 1 * (-0.64) / 1 = -0.39."""
+    args = icrl.parse_args([])
+    first = icrl.TrainSample([1], [5], False, 1.0)
+    retry = icrl.TrainSample([1], [6], False, -1.0, None, [2])
+    critique = icrl.TrainSample([3], [7], True, 0.5)
+    first.old_logp, retry.old_logp, critique.old_logp = (torch.tensor([-1.0]),) * 3
+    retry.cond_logp = torch.tensor([-1.0 - math.log(3)])   # l_free - l_cond = ln 3
+    micro = [first, retry, critique]
+    weight = icrl.sample_weights(micro, 1, args)
+    assert weight.flatten().tolist() == pytest.approx([1.0, 2.0, 1.0])
+    old = icrl.pad_rows([s.old_logp for s in micro], 1)
+    logp = old + torch.log(torch.tensor([[1.1], [0.7], [1.5]]))
+    token_loss = icrl.clipped_token_loss(logp, old, torch.tensor([1.0, -1.0, 0.5]), weight, torch.ones(3, 1))
+    assert token_loss.flatten().tolist() == pytest.approx([-1.1, 1.6, -0.64], abs=1e-6)
+    loss = icrl.rolewise_token_mean(token_loss, torch.ones(3, 1), torch.tensor([False, False, True]), 2, 1)
+    assert float(loss) == pytest.approx(-0.39, abs=1e-6)
 
 
 def test_masks_come_from_lengths_when_pad_equals_eos():
@@ -147,9 +268,9 @@ def test_resume_ends_with_the_same_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
     steps = [json.loads(line)["step"] for line in open(os.path.join(first, "metrics.jsonl"))]
     assert steps == [1, 2, 3]
-    for key in ("acc", "refined_acc", "fix_rate", "break_rate", "gain", "calib_w_mean", "calib_w_p10",
+    for key in ("acc", "critiqued_frac", "retry_acc", "final_acc", "critic_reward", "calib_w_mean", "calib_w_p10",
                 "calib_w_low_frac", "len_solver", "len_critic", "loss_solver", "loss_critic", "clip_frac",
-                "grad_norm", "logprob_gap", "tok_per_s", "t_sample", "t_score", "t_train", "eval_acc", "eval_acc_greedy"):
+                "grad_norm", "logprob_gap", "tok_per_s", "t_sample", "t_env", "t_train", "eval_acc", "eval_acc_greedy"):
         assert key in json.loads(open(os.path.join(first, "metrics.jsonl")).readlines()[-1]), key
 
 
@@ -204,3 +325,140 @@ def test_fsdp_run_samples_with_the_trained_weights(tmp_path):
     assert [m["step"] for m in lines] == [1, 2]
     assert all(m["logprob_gap"] < 1e-4 for m in lines)
     assert icrl.Qwen3.from_pretrained(os.path.join(out, "final")).config.num_hidden_layers == 4
+
+
+# ==================================================================================================
+# Multi-turn episodes (SPEC §1)
+# ==================================================================================================
+
+class EchoEnv:
+    """A scripted environment: observation `seen <action>` (or `invalid` for anything but a single
+    lower-case word), never done unless the action is `stop`; reward 0.5 after `half`, 1 after `stop`."""
+
+    def __init__(self):
+        self.turns = 0
+
+    def reset(self):
+        self.turns = 0
+        return "Say words.", "Go."
+
+    def step(self, action):
+        self.turns += 1
+        word = action.strip()
+        if word == "stop":
+            return "bye", 1.0, True
+        if not word.isalpha() or not word.islower():
+            return "invalid, say one word", 0.0, False
+        return f"seen {word}", 0.5 if word == "half" else 0.0, False
+
+    def close(self):
+        pass
+
+
+class EchoTask:
+    examples = ["x"]
+
+    def env(self, example):
+        return EchoEnv()
+
+
+class ScriptedActions:
+    """model.generate stand-in: row i of call n answers actions[n][i % len] and ends with <|im_end|>."""
+
+    def __init__(self, tokenizer, actions):
+        self.tok, self.actions, self.calls = tokenizer, actions, []
+        self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def __call__(self, model, prompts, max_new_tokens, **kwargs):
+        from model import Generation
+        self.calls.append([self.tok.decode(p) for p in prompts])
+        row = self.actions[len(self.calls) - 1]
+        out = []
+        for i in range(len(prompts)):
+            ids = self.tok.encode(row[i % len(row)], add_special_tokens=False) + [self.im_end]
+            out.append(Generation(ids, [-0.1] * len(ids), True))
+        return out
+
+
+def echo_rollout(monkeypatch, tokenizer, actions, **cfg):
+    script = ScriptedActions(tokenizer, actions)
+    monkeypatch.setattr(icrl, "generate", script)
+    config = icrl.SamplingConfig(**{"group_size": 1, "max_new_tokens": 8, **cfg})
+    rollouts, _ = icrl.rollout(tiny_model(len(tokenizer)), tokenizer, EchoTask(), ["x"], config, seed=0, critique=False)
+    return rollouts[0].chains[0].episodes[0], script
+
+
+def test_episode_end_conditions(monkeypatch, char_tokenizer):
+    # done: the environment ends it, with its reward
+    ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["half"], ["stop"]], max_turns=5)
+    assert (ep.end, ep.reward, ep.actions, ep.observations) == ("done", 1.0, ["half", "stop"], ["seen half", "bye"])
+    # max_turns: the reward is the environment's last
+    ep, script = echo_rollout(monkeypatch, char_tokenizer, [["a"], ["half"]], max_turns=2)
+    assert (ep.end, ep.reward, len(ep.actions), len(script.calls)) == ("max_turns", 0.5, 2, 2)
+    # the same action 3 times in a row
+    ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["go"], ["go"], ["go"], ["go"]], max_turns=9)
+    assert (ep.end, len(ep.actions)) == ("repeat", 3)
+    # an invalid action gets the environment's answer and counts as a turn
+    ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["Go Go"], ["stop"]], max_turns=9)
+    assert (ep.end, ep.observations, len(ep.actions)) == ("done", ["invalid, say one word", "bye"], 2)
+    # the context budget: the next turn would not fit, so the episode is truncated after this one
+    context_len = len(icrl.solver_context(char_tokenizer, "Say words.", "Go."))
+    ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["half"], ["b"]], max_turns=9,
+                         max_context=context_len + 2 + 8)
+    assert (ep.end, ep.reward, len(ep.actions)) == ("context", 0.5, 1)
+
+
+def test_multi_turn_masks_cover_model_output_only(monkeypatch, char_tokenizer):
+    ep, script = echo_rollout(monkeypatch, char_tokenizer, [["half"], ["Big"], ["stop"]], max_turns=5)
+    (sample,) = icrl.build_samples([icrl.QueryRollout("x", [icrl.Chain([ep], [], [ep.context])])])[0]
+    spans, current = [], []
+    for token, m in zip(sample.response, sample.loss_mask):
+        if m:
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    spans.append(current)
+    assert [char_tokenizer.decode(s) for s in spans] == ["half<|im_end|>", "Big<|im_end|>", "stop<|im_end|>"]
+    untrained = char_tokenizer.decode([t for t, m in zip(sample.response, sample.loss_mask) if not m])
+    assert "seen half" in untrained and "invalid" in untrained and "<|im_start|>user" in untrained
+    # the prompt of turn 2 is turn 1's prompt + action + the template's user turn + generation prompt
+    assert script.calls[1][0] == (script.calls[0][0] + "half<|im_end|>\n<|im_start|>user\nseen half<|im_end|>\n"
+                                  "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert sample.trained_tokens == ep.action_tokens == 5 + 4 + 5  # each word, one token per character, and its stop
+
+
+def test_trainer_logprobs_equal_the_samplers_on_a_three_turn_episode(monkeypatch, char_tokenizer):
+    """The real sampler on a random model (most tokens made stop tokens, so turns end early): the
+    trainer's log-probs of every action token, observations in context, equal the sampler's."""
+    monkeypatch.setattr(icrl, "stop_token_ids", lambda tok: list(range(8, 100)))
+    model = tiny_model(len(char_tokenizer), seed=3)
+    cfg = icrl.SamplingConfig(group_size=3, max_new_tokens=6, max_turns=3, temperature=0.9)
+    rollouts, _ = icrl.rollout(model, char_tokenizer, EchoTask(), ["x"], cfg, seed=5, critique=False)
+    episodes = [c.episodes[0] for c in rollouts[0].chains]
+    assert max(len(ep.actions) for ep in episodes) == 3
+    samples = icrl.build_samples(rollouts)[0]
+    icrl.old_logprobs(model, samples, icrl.parse_args(["--temperature", "0.9"]), icrl.Dist())
+    for s in samples:
+        mask = torch.tensor(s.loss_mask, dtype=torch.bool)
+        torch.testing.assert_close(s.old_logp[mask], torch.tensor(s.sampler_logprobs)[mask], rtol=0, atol=2e-5)
+        assert (s.old_logp[~mask] == 0).all()
+
+
+def test_bad_environment_replies_stop_with_a_message(monkeypatch, char_tokenizer):
+    class Bad(EchoEnv):
+        def __init__(self, reply):
+            super().__init__()
+            self.reply = reply
+
+        def step(self, action):
+            return self.reply
+
+    for reply, message in [((5, 0.0, False), "observation, not a string"), (("o", 1.5, True), "reward 1.5"),
+                           (("o", float("nan"), True), "reward nan"), ("o", "must return")]:
+        task = EchoTask()
+        task.env = lambda example, reply=reply: Bad(reply)
+        monkeypatch.setattr(icrl, "generate", ScriptedActions(char_tokenizer, [["a"]]))
+        with pytest.raises(RuntimeError, match=message):
+            icrl.rollout(tiny_model(len(char_tokenizer)), char_tokenizer, task, ["x"],
+                         icrl.SamplingConfig(group_size=1), seed=0, critique=False)

@@ -1,4 +1,4 @@
-"""SPEC §2.4–2.7 equations against numbers worked out by hand (not the code against itself)."""
+"""SPEC §2.5–2.8 equations against numbers worked out by hand (not the code against itself)."""
 import math
 
 import pytest
@@ -15,15 +15,17 @@ def close(actual, expected, tol=1e-5):
                                torch.as_tensor(expected, dtype=torch.float64), rtol=0, atol=tol)
 
 
-# --- §2.4 critic reward = solver gain -------------------------------------------------------------
+# --- §2.5 critic reward: 1 if the retry succeeds, else r_{k+1} - r_k --------------------------------
 
-def test_critic_gain_is_refined_minus_initial():
-    r_init = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.5])
-    r_refined = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.25])
-    close(critic_gain(r_init, r_refined), [1.0, -1.0, 0.0, 0.0, -0.25])
+def test_critic_gain_two_branches_by_hand():
+    r_before = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.2, 0.0])
+    r_after = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.25, 0.7, 0.4])
+    # success branch: 1 whatever came before (rows 0, 2, 4); otherwise the difference:
+    # 0 - 0 = 0, 0 - 1 = -1 (a broken success, under --critic_gate always), 0.25 - 0.5, 0.7 - 0.2, 0.4 - 0
+    close(critic_gain(r_before, r_after), [1.0, 0.0, 1.0, -1.0, 1.0, -0.25, 0.5, 0.4])
 
 
-# --- §2.5 group advantages ------------------------------------------------------------------------
+# --- §2.6 group advantages ------------------------------------------------------------------------
 
 def test_group_advantages_bessel_std_by_hand():
     # group 0: {1,0,0,0}: mean 1/4, Bessel var = (9/16 + 3/16)/3 = 1/4, std 1/2 -> A = (v - 1/4)/(1/2 + eps)
@@ -37,6 +39,19 @@ def test_group_advantages_bessel_std_by_hand():
                 1 / (1 + EPS), 0.0, -1 / (1 + EPS)]
     close(group_advantages(values, groups), expected)
     close(expected[:4], [1.5, -0.5, -0.5, -0.5], tol=1e-5)  # the familiar rounded values
+
+
+def test_group_advantages_sizes_one_two_and_five_in_one_batch():
+    # SPEC §2.6: group sizes vary with the gate. size 1 {0.7} -> 0; size 2 {1, 0}: std sqrt(1/2) -> +/-0.7071;
+    # size 5 {1, 0, 0, 0, 0}: mean 0.2, Bessel var (0.64 + 4 * 0.04) / 4 = 0.2 -> (1 - 0.2)/sqrt(0.2) = 1.78885,
+    # (0 - 0.2)/sqrt(0.2) = -0.44721
+    values = torch.tensor([0.0, 1.0, 0.7, 0.0, 1.0, 0.0, 0.0, 0.0])
+    groups = torch.tensor([5, 5, 9, 7, 7, 5, 5, 5])  # 5: {0, 1, 0, 0, 0}, 9: {0.7}, 7: {0, 1}
+    s5, s2 = math.sqrt(0.2), math.sqrt(0.5)
+    close(group_advantages(values, groups),
+          [-0.2 / (s5 + EPS), 0.8 / (s5 + EPS), 0.0, -0.5 / (s2 + EPS), 0.5 / (s2 + EPS),
+           -0.2 / (s5 + EPS), -0.2 / (s5 + EPS), -0.2 / (s5 + EPS)])
+    close(0.8 / s5, 1.78885, tol=1e-5)
 
 
 def test_group_advantages_interleaved_and_unsorted_ids():
@@ -55,27 +70,38 @@ def test_group_advantages_constant_and_singleton_groups_are_zero():
     assert torch.isfinite(out).all()
 
 
-# --- §2.6 distribution-calibration weights --------------------------------------------------------
+# --- §2.7 distribution-calibration weights --------------------------------------------------------
 
-def test_calibration_weights_token_mode_clipped_at_one():
-    # free - cond = [0, -ln 2, ln 3, (pad)] -> exp = [1, 1/2, 3] -> min(., 1) = [1, 1/2, 1]; pad -> 0
-    cond = torch.tensor([[-1.0, -0.5, -2.0, -7.0]])
-    free = cond + torch.tensor([[0.0, -math.log(2), math.log(3), 5.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    close(calibration_weights(free, cond, mask), [[1.0, 0.5, 1.0, 0.0]])
-    close(calibration_weights(free, cond, mask, clip=2.0), [[1.0, 0.5, 2.0, 0.0]])
+def test_calibration_weights_token_mode_default_clip_is_two():
+    # free - cond = [0, -ln 2, ln 3, ln 1.5, (pad)] -> exp = [1, 1/2, 3, 1.5] -> min(., W = 2) = [1, 1/2, 2, 1.5]:
+    # W binds on token 2 and not on token 3; pad -> 0
+    cond = torch.tensor([[-1.0, -0.5, -2.0, -0.3, -7.0]])
+    free = cond + torch.tensor([[0.0, -math.log(2), math.log(3), math.log(1.5), 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    close(calibration_weights(free, cond, mask), [[1.0, 0.5, 2.0, 1.5, 0.0]])
+    close(calibration_weights(free, cond, mask, clip=1.0), [[1.0, 0.5, 1.0, 1.0, 0.0]])
+
+
+def test_calibration_weights_skip_observation_tokens():
+    # a 2-turn retry: action (2 tokens), observation (2 tokens, mask 0), action (1 token).
+    # l_free - l_cond on actions = [ln 0.25, 0, ln 4] -> w = [0.25, 1, 2 (clipped from 4)]; observations 0.
+    cond = torch.tensor([[-1.0, -2.0, -9.0, -9.0, -0.5]])
+    free = cond + torch.tensor([[math.log(0.25), 0.0, 3.0, -3.0, math.log(4)]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]])
+    close(calibration_weights(free, cond, mask), [[0.25, 1.0, 0.0, 0.0, 2.0]])
+    # seq: mean over the 3 action tokens of [ln 1/4, 0, ln 4] = 0 -> w = 1 on actions only
+    close(calibration_weights(free, cond, mask, mode="seq"), [[1.0, 1.0, 0.0, 0.0, 1.0]])
 
 
 def test_calibration_weights_seq_mode_geometric_mean():
     # row 0: diffs [-ln 2, -ln 2, 0] -> mean -2 ln2 / 3 -> w = 2^(-2/3) = 0.6299605 on its 3 tokens
-    # row 1: diffs [ln 3, 0, pad]     -> mean ln3 / 2  -> 3^(1/2) = 1.7320508, clipped to 1 (or kept at clip 2)
+    # row 1: diffs [ln 3, 0, pad]     -> mean ln3 / 2  -> 3^(1/2) = 1.7320508, kept under W = 2 (clipped at 1)
     cond = torch.zeros(2, 3)
     free = torch.tensor([[-math.log(2), -math.log(2), 0.0], [math.log(3), 0.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     w = 2 ** (-2 / 3)
-    close(calibration_weights(free, cond, mask, mode="seq"), [[w, w, w], [1.0, 1.0, 0.0]])
-    close(calibration_weights(free, cond, mask, mode="seq", clip=2.0),
-          [[w, w, w], [math.sqrt(3), math.sqrt(3), 0.0]])
+    close(calibration_weights(free, cond, mask, mode="seq", clip=1.0), [[w, w, w], [1.0, 1.0, 0.0]])
+    close(calibration_weights(free, cond, mask, mode="seq"), [[w, w, w], [math.sqrt(3), math.sqrt(3), 0.0]])
 
 
 def test_calibration_weights_seq_mode_does_not_explode_with_length():
@@ -98,7 +124,7 @@ def test_calibration_weights_none_mode_and_stopgrad():
         calibration_weights(free, cond, mask, mode="product")
 
 
-# --- §2.7 clipped token loss ----------------------------------------------------------------------
+# --- §2.8 clipped token loss ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("adv, ratio, weight, expected", [
     (1.0, 1.5, 1.0, -1.28),   # A > 0, rho above 1 + eps_high: clipped to 1.28
@@ -134,7 +160,7 @@ def test_clipped_token_loss_gradient_is_zero_when_clipped():
     close(logp.grad, [[0.0, -1.1]])
 
 
-# --- §2.7 role-wise token-mean aggregation --------------------------------------------------------
+# --- §2.8 role-wise token-mean aggregation --------------------------------------------------------
 
 def test_rolewise_token_mean_by_hand():
     # solver rows 0 and 1 (2 and 3 tokens), critic row 2 (1 token).
