@@ -60,7 +60,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import load_task, parse_knobs
-from icrl import (DTYPES, SamplingConfig, chunks, init_distributed, mix_seed, print0, rollout, shutdown,
+from icrl import (DTYPES, SamplingConfig, add_episode_args, chunks, init_distributed, mix_seed, print0, rollout, shutdown,
                   write_atomic)
 from model import Qwen3
 
@@ -317,16 +317,7 @@ def parse_args(argv=None):
                    "--samples under torchrun")
     p.add_argument("--k", type=int, action="append", default=None, help="report pass@k; repeat the flag "
                    "for several (pass@1 is always reported; default: 1 and n)")
-    p.add_argument("--rounds", type=int, default=2, help="K: most episodes per chain (solve + K-1 "
-                   "critique/retry rounds; 1: critique-free only)")
-    p.add_argument("--critic_gate", default="failure", choices=["failure", "always"], help="critique and "
-                   "retry failures only (as in training), or successes too")
-    p.add_argument("--max_turns", type=int, default=0, help="most action turns per episode (SPEC §1; 0: the "
-                   "task's own, 1 for one-turn tasks)")
-    p.add_argument("--max_context", type=int, default=0, help="most tokens of context + episode; an episode "
-                   "that would pass it is truncated (0: the model's max_position_embeddings)")
-    p.add_argument("--obs_chars", type=int, default=800, help="each observation in the critic's summary is "
-                   "cut to this many characters")
+    add_episode_args(p)
     # sampling
     p.add_argument("--max_new_tokens", type=int, default=16, help="each action turn (attempts and retries)")
     p.add_argument("--critic_max_new_tokens", type=int, default=24, help="critiques")

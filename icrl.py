@@ -902,6 +902,20 @@ def load_optimizer_state(model, optimizer, optim_state, ctx):
 # Command line
 # ==================================================================================================
 
+def add_episode_args(p):
+    """Episode and chain flags, the same in training and in eval.py (SPEC §1, §2.1-2.4)."""
+    p.add_argument("--max_turns", type=int, default=0, help="most action turns per episode (SPEC §1; 0: the "
+                   "task's own, 1 for one-turn tasks)")
+    p.add_argument("--max_context", type=int, default=0, help="most tokens of context + episode; an episode that "
+                   "would pass it is truncated (SPEC §1; 0: the model's max_position_embeddings)")
+    p.add_argument("--obs_chars", type=int, default=800, help="each observation in the critic's summary is cut "
+                   "to this many characters (SPEC §1)")
+    p.add_argument("--rounds", type=int, default=2, help="K: most episodes per chain (solve + K-1 critique/retry "
+                   "rounds; 1: critique-free only)")
+    p.add_argument("--critic_gate", default="failure", choices=["failure", "always"], help="§2.2: critique failures "
+                   "only (the paper), or successes too (ablation: breaking a success then costs)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model and task
@@ -926,17 +940,9 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--rollout_batch", type=int, default=0, help="sequences per sampling call on each rank, "
                    "to bound the KV cache (0: a phase's whole batch at once)")
-    p.add_argument("--max_turns", type=int, default=0, help="most action turns per episode (SPEC §1; 0: the "
-                   "task's own, 1 for one-turn tasks)")
-    p.add_argument("--max_context", type=int, default=0, help="most tokens of context + episode; an episode that "
-                   "would pass it is truncated (SPEC §1; 0: the model's max_position_embeddings)")
-    p.add_argument("--obs_chars", type=int, default=800, help="each observation in the critic's summary is cut "
-                   "to this many characters (SPEC §1)")
+    add_episode_args(p)
     # method (SPEC §2) and its ablations
     p.add_argument("--algo", default="icrl", choices=["icrl", "grpo"], help="grpo: the baseline, one round, no critique")
-    p.add_argument("--rounds", type=int, default=2, help="K: most episodes per chain (solve + K-1 critique/retry rounds)")
-    p.add_argument("--critic_gate", default="failure", choices=["failure", "always"], help="§2.2: critique failures "
-                   "only (the paper), or successes too (ablation: breaking a success then costs)")
     p.add_argument("--calib", default="token", choices=["token", "seq", "none"], help="§2.7 weight granularity")
     p.add_argument("--calib_clip", type=float, default=2.0, help="W: upper clip of the §2.7 weight")
     p.add_argument("--adv", default="rolewise", choices=["rolewise", "pooled"], help="§2.6 advantage groups")
