@@ -1,22 +1,30 @@
-"""Tasks, verifiers and role prompts for ICRL (../shared/SPEC.md §1).
+"""Environments, verifiers and role contexts for ICRL (../shared/SPEC.md §1, §5).
 
-A task is a list of `Example`s, a verifier R(x, y) in [0, 1] and the three role contexts, built with
-the tokenizer's own chat template so the same code serves real Qwen3 and the tiny character model:
-    S(x)       solver:   user turn with the task text + the answer-format instruction
-    C(x, y)    critic:   user turn with the task text + the attempt, asking for a critique
-    F(x, y, c) refiner:  S(x) -> assistant turn y -> user turn "feedback: c, solve again"
+Every task is an environment: `task.env(example)` gives `reset()` -> (task text, first observation) and
+`step(action_text)` -> (observation, reward in [0, 1], done). A single-turn task is an environment of one
+turn. The role contexts are built with the tokenizer's own chat template, so the same code serves real
+Qwen3 and the tiny character model:
+    S(x)      solver:  one user turn: the task text, then the first observation
+    S(x, c)   retry:   S(x) with "Tips from the previous critique: c" between the task and the observation
+    C(x, tau) critic:  one user turn: the task, its first observation, the episode's summary (reward, each
+                       action with its observation, cut to obs_chars) and the instruction
+Observations after an action are appended as the template's own user turn (`observation_turn`).
 
 Built-in tasks (all offline):
     arithmetic  synthetic, seeded ("47+38"); the embedded default the tiny model trains on
     countdown   synthetic, seeded: reach a target from given numbers with + - * / and parentheses
     gsm8k       JSONL rows {"question", "answer": "... #### 42"}
     math        JSONL rows {"problem", "answer"} or {"problem", "solution"} (its last \\boxed{})
+    gridworld   multi-turn: reach the goal on a small map, avoiding walls and holes
+    guess       multi-turn: find a hidden number with higher/lower hints
+    agentgym:<alfworld|webshop|sciworld|searchqa>   multi-turn, through AgentGym servers (env_url=)
 
 Use:
-    from data import load_task
+    from data import load_task, solver_context
     task = load_task("arithmetic", split="train", seed=0, digits=2)       # or ("math", path="train.jsonl")
-    ids = task.solver_context(tokenizer, task.examples[0])                  # list[int], generation prompt included
-    r = task.reward(task.examples[0], completion_text)                      # 1.0 or 0.0, never raises
+    env = task.env(task.examples[0]); task_text, first_observation = env.reset()
+    ids = solver_context(tokenizer, task_text, first_observation)         # list[int], generation prompt included
+    observation, reward, done = env.step(completion_text)                 # never raises on model text
 
     python data.py --task countdown --split test --show 3                  # print examples and prompts
     python data.py --char_tokenizer out/char_tokenizer                      # write the tiny model's tokenizer
@@ -87,7 +95,7 @@ class Example:
 
 
 def visible_response(text: str) -> str:
-    """The response without its <think> reasoning: what the critic, the refiner turn and the verifier see.
+    """The response without its <think> reasoning: what the critic's summary, the retry's tips and the verifier see.
 
     After the last </think> when there is one (leading newlines dropped, exactly as Qwen3's chat template
     renders a past assistant turn); nothing of an unclosed <think> block (it was all reasoning)."""
@@ -1663,7 +1671,7 @@ def build_char_tokenizer(path: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Inspect a task, or write the character tokenizer.")
-    parser.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math")
+    parser.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math | gridworld | guess")
     parser.add_argument("--path", default=None, help="JSONL file (gsm8k, math)")
     parser.add_argument("--split", default="train", help="train | test")
     parser.add_argument("--seed", type=int, default=0, help="seed of synthetic tasks")
@@ -1677,6 +1685,5 @@ if __name__ == "__main__":
         task = load_task(args.task, path=args.path, split=args.split, seed=args.seed)
         print(f"{task.name} ({args.split}): {len(task.examples)} examples")
         for example in task.examples[:args.show]:
-            boxed_reference = "\\boxed{" + example.answer + "}"
-            print(f"--- {example.id}\n{task.solver_messages(example)[0]['content']}\n"
-                  f"reference: {example.answer} (reward of its boxed form: {task.reward(example, boxed_reference)})")
+            task_text, first_observation = task.env(example).reset()
+            print(f"--- {example.id}\n{solver_message(task_text, first_observation)}\nreference: {example.answer}")

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import icrl  # noqa: E402
 
 STEPS = 3
-FLAGS = ["--max_new_tokens", "16", "--critic_max_new_tokens", "16"]
+FLAGS = ["--max_new_tokens", "16", "--critic_max_new_tokens", "16", "--max_turns", "1"]
 
 
 def bench(model, tokenizer, task, algo):
