@@ -413,6 +413,16 @@ class Task:
     def env(self, example: Example) -> Environment:
         return OneTurnEnv(self, example)
 
+    def expert_actions(self, example: Example) -> list[str]:
+        """Action texts that succeed from a reset (a supervised warm start's solver targets)."""
+        return [f"\\boxed{{{example.answer}}}"]
+
+    def warm_start_critique(self, example: Example, actions: list[str], observations: list[str]) -> str | None:
+        """What a warm start teaches the critic to say about a failed episode, from what it could see; None:
+        no critique pair. A one-turn task names the failed answer (CRITIQUE_WRONG)."""
+        named = final_answer(actions[-1]) if actions else None
+        return None if named is None else CRITIQUE_WRONG.format(attempt=named)
+
     def is_correct(self, example: Example, answer: str) -> bool:
         """Is `answer` (a final \\boxed{} content of at most MAX_ANSWER_CHARS) right for `example`?"""
         raise NotImplementedError
@@ -964,6 +974,11 @@ class GridworldTask(Task):
         """The shortest successful action texts from reset: one move word per turn."""
         return list(example.meta["moves"])
 
+    def warm_start_critique(self, example, actions, observations):
+        """A failed episode that fell into a hole: name it, as its last observation did."""
+        hole = re.search(r"fell into the hole at (row [0-9]+, column [0-9]+)", observations[-1] if observations else "")
+        return f"Avoid the hole at {hole.group(1)}." if hole else None
+
 
 # --- guess ----------------------------------------------------------------------------------------
 
@@ -1080,6 +1095,11 @@ class GuessTask(Task):
         """The binary search's guesses as action texts, the hit last."""
         meta = example.meta
         return [str(g) for g in _binary_search(meta["low"], meta["high"], meta["secret"])]
+
+    def warm_start_critique(self, example, actions, observations):
+        """A failed episode: the narrowest range its hints reached, so a retry can start from there."""
+        ranges = [m for o in observations for m in re.findall(r"It is from [0-9]+ to [0-9]+\.", o)]
+        return ranges[-1] if ranges else None
 
 
 # ==================================================================================================

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (CRITIQUE_RIGHT, CRITIQUE_WRONG, build_char_tokenizer, critic_context, encode_observation,
-                  episode_summary, extract_critique, load_task, observation_turn, parse_knobs, solver_context)
+from data import (CRITIQUE_RIGHT, build_char_tokenizer, critic_context, encode_observation,
+                  end_of_turn_id, episode_summary, extract_critique, load_task, observation_turn, parse_knobs, solver_context)
 from model import Qwen3, Qwen3Config, generate
 
 # ==================================================================================================
@@ -776,26 +776,48 @@ def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=
 # Supervised warm start for the randomly initialised default model
 # ==================================================================================================
 
-def warm_start_pairs(task, tokenizer, example, rng, think, with_critique, gate="failure"):
-    """(context, response text) pairs that teach the SPEC §1 formats of a one-turn task: the solver
-    answers in \\boxed{}; with `with_critique`, the critic reads a failed attempt (a near miss, reward 0)
-    and answers `Wrong, it is not N.` (N: the attempt's answer), and the retry answers right with that tip. Under critic_gate "always" the critic
-    also reads successes (reward 1) and answers `Correct.`; under "failure" it never sees one, so it is
-    never taught that verdict. Critique pairs need integer answers."""
-    answer = example.answer
-    boxed = f"\\boxed{{{answer}}}"
+def expert_episode(task, tokenizer, example, observation_markers):
+    """(tokens, loss mask) of the task's expert episode from a reset: each expert action and its
+    end-of-turn (trained), then the observation in the template's user-turn form (context), as a sampled
+    episode would read (SPEC §1)."""
+    stop, (before, after) = end_of_turn_id(tokenizer), observation_markers
+    env = task.env(example)
+    env.reset()
+    tokens, mask = [], []
+    for action in task.expert_actions(example):
+        ids = tokenizer.encode(action, add_special_tokens=False) + [stop]
+        tokens, mask = tokens + ids, mask + [1] * len(ids)
+        observation, _, done = env.step(action)
+        if done:
+            break
+        ids = before + encode_observation(tokenizer, observation) + after
+        tokens, mask = tokens + ids, mask + [0] * len(ids)
+    env.close()
+    return tokens, mask
+
+
+def warm_start_pairs(task, tokenizer, example, think, observation_markers, attempt=None, gate="failure"):
+    """(context, tokens, loss mask) triples that teach the SPEC §1 roles: the solver's expert episode
+    under S(x); given the model's own sampled `attempt` (an Episode) that failed, the critique the task
+    teaches for it (`task.warm_start_critique`: a one-turn task names the failed answer, `Wrong, it is not
+    A.`) under C(x, tau), and the expert episode again under S(x, c). The attempt is the model's own, so
+    a named answer is a real mistake and says nothing else about the right one (a made-up near miss would
+    teach the retry to answer "the tip's number plus or minus a little"). Under critic_gate "failure" the
+    critic never sees a success, so successes add no pair; under "always" the critic answers `Correct.`."""
+    tokens, mask = expert_episode(task, tokenizer, example, observation_markers)
     task_text, first_observation = task.env(example).reset()
-    solver = solver_context(tokenizer, task_text, first_observation, enable_thinking=think)
-    pairs = [(solver, boxed)]
-    if not with_critique or not answer.lstrip("-").isdigit():
+    pairs = [(solver_context(tokenizer, task_text, first_observation, enable_thinking=think), tokens, mask)]
+    if attempt is None or (attempt.reward == 1.0 and gate == "failure"):
         return pairs
-    right = gate == "always" and rng.random() < 0.5
-    wrong = str(int(answer) + rng.choice([-10, -1, 1, 10]))   # a near miss, as the solver's own mistakes are
-    attempt = boxed if right else f"\\boxed{{{wrong}}}"
-    critique = CRITIQUE_RIGHT if right else CRITIQUE_WRONG.format(attempt=wrong)
-    summary = episode_summary(float(right), [attempt], [""])
-    pairs.append((critic_context(tokenizer, task_text, first_observation, summary, think), critique))
-    pairs.append((solver_context(tokenizer, task_text, first_observation, critique, think), boxed))
+    critique = CRITIQUE_RIGHT if attempt.reward == 1.0 else task.warm_start_critique(
+        example, attempt.actions, attempt.observations)
+    if critique is None:
+        return pairs
+    summary = episode_summary(attempt.reward, attempt.actions, attempt.observations)
+    critique_ids = tokenizer.encode(critique, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
+    pairs.append((critic_context(tokenizer, task_text, first_observation, summary, think), critique_ids,
+                  [1] * len(critique_ids)))
+    pairs.append((solver_context(tokenizer, task_text, first_observation, critique, think), tokens, mask))
     return pairs
 
 
@@ -806,11 +828,11 @@ def warm_start(model, tokenizer, task, args, ctx):
 
     Solver pairs alone until greedy accuracy on training examples reaches --warm_start_target (checked
     every 50 steps; when a small model "gets" arithmetic varies by hundreds of steps with the data
-    order), then --warm_start_role_steps more steps that add the critic and retry pairs on every
-    example. Returns (steps, accuracy)."""
+    order), then --warm_start_role_steps more steps that also sample one attempt per example and add
+    the critic and retry pairs of its failures. Returns (steps, accuracy)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.warm_start_lr)
     rng = random.Random(mix_seed(args.seed, ctx.rank, 5))
-    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    markers = observation_turn(tokenizer, args.enable_thinking)
     per_rank = args.warm_start_batch // ctx.world
     probe = task.examples[:128]  # training examples: the held-out split stays unseen until RL begins
     step, acc, roles_until = 0, 0.0, None
@@ -820,13 +842,18 @@ def warm_start(model, tokenizer, task, args, ctx):
             print0(ctx, f"warm start step {step}: greedy accuracy {acc:.3f} on {len(probe)} training examples")
             if acc >= args.warm_start_target or step >= args.warm_start_steps:
                 roles_until = step + args.warm_start_role_steps
-        with_roles = roles_until is not None
-        pairs = [p for i in range(per_rank) for p in warm_start_pairs(
-            task, tokenizer, rng.choice(task.examples), rng, args.enable_thinking, with_roles, args.critic_gate)]
-        contexts = [c for c, _ in pairs]
-        responses = [tokenizer.encode(text, add_special_tokens=False) + [stop] for _, text in pairs]
+        examples = [rng.choice(task.examples) for _ in range(per_rank)]
+        attempts = [None] * per_rank
+        if roles_until is not None:  # the model's own attempts, to critique and retry
+            with torch.no_grad(), full_weights(model, args) as m:
+                rollouts, _ = rollout(m, tokenizer, task, examples, sampling_config(args, 1),
+                                      seed=mix_seed(args.seed, step, ctx.rank, 8), critique=False)
+            attempts = [ro.chains[0].episodes[0] for ro in rollouts]
+        pairs = [p for example, attempt in zip(examples, attempts) for p in warm_start_pairs(
+            task, tokenizer, example, args.enable_thinking, markers, attempt, args.critic_gate)]
+        contexts, responses, masks = zip(*pairs)
         with autocast_for(model, args):
-            logp, mask = response_logprobs(model, contexts, responses, 1.0, ctx.device)
+            logp, mask = response_logprobs(model, contexts, responses, 1.0, ctx.device, masks)
             loss = -(logp * mask).sum() / mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

@@ -462,3 +462,32 @@ def test_bad_environment_replies_stop_with_a_message(monkeypatch, char_tokenizer
         with pytest.raises(RuntimeError, match=message):
             icrl.rollout(tiny_model(len(char_tokenizer)), char_tokenizer, task, ["x"],
                          icrl.SamplingConfig(group_size=1), seed=0, critique=False)
+
+
+def test_warm_start_pairs_expert_episode_and_own_failure(char_tokenizer):
+    """The warm start's solver target is the expert's whole episode (actions trained, observations
+    context); a failed attempt of the model's own gets the task's critique, and the retry the expert
+    episode under S(x, c). A success adds no pair under the failure gate."""
+    from data import load_task, observation_turn
+    task = load_task("guess", split="test", n=3)
+    example = task.examples[0]
+    markers = observation_turn(char_tokenizer, False)
+    failed = icrl.Episode([], actions=["1", "2"], observations=["1 is too low. It is from 2 to 9.",
+                                                              "2 is too low. It is from 3 to 9."], reward=0.0)
+    (s_ctx, tokens, mask), (c_ctx, critique, c_mask), (r_ctx, r_tokens, r_mask) = icrl.warm_start_pairs(
+        task, char_tokenizer, example, False, markers, failed)
+    actions = task.expert_actions(example)
+    trained = char_tokenizer.decode([t for t, m in zip(tokens, mask) if m])
+    assert trained == "".join(a + "<|im_end|>" for a in actions)
+    assert "It is from" in char_tokenizer.decode([t for t, m in zip(tokens, mask) if not m]) or len(actions) == 1
+    assert char_tokenizer.decode(critique) == "It is from 3 to 9.<|im_end|>" and all(c_mask)
+    assert "Reward of the attempt: 0\nAction: 1\nObservation: 1 is too low" in char_tokenizer.decode(c_ctx)
+    assert "Tips from the previous critique: It is from 3 to 9." in char_tokenizer.decode(r_ctx)
+    assert (r_tokens, r_mask) == (tokens, mask) and "Tips" not in char_tokenizer.decode(s_ctx)
+    won = icrl.Episode([], actions=actions, observations=[""], reward=1.0)
+    assert len(icrl.warm_start_pairs(task, char_tokenizer, example, False, markers, won)) == 1
+    # a one-turn task names the failed answer
+    arithmetic = load_task("arithmetic", n=1)
+    wrong = icrl.Episode([], actions=["\\boxed{12}"], observations=[""], reward=0.0)
+    pairs = icrl.warm_start_pairs(arithmetic, char_tokenizer, arithmetic.examples[0], False, markers, wrong)
+    assert char_tokenizer.decode(pairs[1][1]) == "Wrong, it is not 12.<|im_end|>"
