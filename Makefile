@@ -4,7 +4,12 @@ TORCHRUN:= .venv/bin/torchrun
 STAMP   := .venv/.installed
 NPROC   ?= 2
 ALGO    ?= icrl
+TASK    ?= arithmetic
+ifeq ($(TASK),arithmetic)
 OUT     ?= runs/$(ALGO)
+else
+OUT     ?= runs/$(TASK)-$(ALGO)
+endif
 
 .PHONY: test train eval bench clean
 
@@ -16,12 +21,13 @@ $(STAMP): requirements.txt requirements-test.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The embedded default: tiny Qwen3 on `arithmetic`, 2 CPU processes with gloo (README, "Training").
+# The embedded default: tiny Qwen3 on `arithmetic` (TASK=guess or gridworld: multi-turn), 2 CPU processes
+# with gloo (README, "Training").
 train: $(STAMP)
-	OMP_NUM_THREADS=1 $(TORCHRUN) --standalone --nproc_per_node $(NPROC) icrl.py --algo $(ALGO) --out $(OUT)
+	OMP_NUM_THREADS=1 $(TORCHRUN) --standalone --nproc_per_node $(NPROC) icrl.py --task $(TASK) --algo $(ALGO) --out $(OUT)
 
 eval: $(STAMP)
-	$(PY) eval.py --model $(OUT)/final --task arithmetic --out $(OUT)/eval
+	$(PY) eval.py --model $(OUT)/final --task $(TASK) --out $(OUT)/eval
 
 # Speed as ratios against a peer run in the same process on the same inputs (README, "Benchmarks").
 bench: $(STAMP)

