@@ -18,7 +18,9 @@ the warm start and on every final checkpoint, all with the same held-out set and
 A run is complete when its folder has final/ and its metrics.jsonl has the last step; complete runs are
 skipped, so an interrupted comparison continues where it stopped. An incomplete run resumes from its
 latest step checkpoint when it has one (`--resume`, only with --save_every in --icrl_args), otherwise
-its folder is removed and the run redone. Wall time is measured here, per run, and kept in the run's
+its folder is removed and the run redone. A complete run whose compare_run.json records other icrl.py
+flags or another process count is redone, and so is every run of a seed whose warm start was redone;
+an evaluation is redone when its flags changed. Wall time is measured here, per run, and kept in the run's
 compare_run.json. The summary covers every complete run under OUT (with --steps RL steps), not only
 the seeds and variants of this invocation, so SEEDS=3 after a 3-seed comparison gives a 4-seed table.
 """
@@ -165,58 +167,60 @@ class Runner:
         self.failed = []
         self.ran = []
 
-    def train(self, run, flags, steps):
-        """One icrl.py run into `run` (skipped when complete). Returns True when the run is complete."""
-        cmd = base = torchrun(self.args.nproc) + flags
+    def train(self, run, flags, steps, force=False):
+        """One icrl.py run into `run`. Skipped when complete and run with the same flags and process count;
+        redone when `force` (its warm start was just redone). Returns "skipped", "ran", or None on failure."""
+        cmd = torchrun(self.args.nproc) + flags
+        setting = {"flags": flags, "nproc": self.args.nproc}
         record_path = os.path.join(run, "compare_run.json")
-        if is_complete(run, steps):
-            record = read_json(record_path, {})
-            if record.get("cmd") and record["cmd"][1:] != cmd[1:]:
-                print(f"  {run}: complete, skipped (note: it was run with other flags: {shlex.join(record['cmd'])})")
-            else:
+        record = read_json(record_path, {})
+        if is_complete(run, steps) and not force:
+            if all(record.get(k, v) == v for k, v in setting.items()):  # no record: made by hand, trusted
                 print(f"  {run}: complete, skipped")
-            return True
-        checkpoint = resumable_checkpoint(run, steps) if steps else None
+                return "skipped"
+            print(f"  {run}: complete, but run with other flags or process count ({record.get('nproc')} x "
+                  f"{shlex.join(record.get('flags', []))}): removed and redone")
+            shutil.rmtree(run)
+        checkpoint = None if force or not steps else resumable_checkpoint(run, steps)
+        if checkpoint and any(record.get(k, v) != v for k, v in setting.items()):
+            checkpoint = None
         if checkpoint:
             cmd = cmd + ["--resume", run]
             print(f"  {run}: incomplete, resuming from {checkpoint}")
         elif os.path.exists(run):
-            print(f"  {run}: incomplete, removed and redone")
+            print(f"  {run}: " + ("its warm start was redone" if force else "incomplete") + ": removed and redone")
             shutil.rmtree(run)
         os.makedirs(run, exist_ok=True)
-        record = read_json(record_path, {}) if checkpoint else {}
-        attempts = record.get("attempts", [])
+        attempts = record.get("attempts", []) if checkpoint else []
         print(f"  {run}: {shlex.join(cmd)}", flush=True)
         t, rc = time.perf_counter(), None
         try:
             rc = self._run(cmd, os.path.join(run, "train.log"))
         finally:
             attempts.append(round(time.perf_counter() - t, 3))
-            write_json(record_path, {"cmd": base, "resumed": bool(checkpoint or record.get("resumed")),
-                                     "attempts": attempts, "wall_s": sum(attempts),
-                                     "returncode": rc, "complete": rc == 0 and is_complete(run, steps),
-                                     "eval_wall_s": record.get("eval_wall_s")})
+            write_json(record_path, dict(setting, cmd=cmd, resumed=bool(checkpoint),
+                                         attempts=attempts, wall_s=sum(attempts), returncode=rc,
+                                         complete=rc == 0 and is_complete(run, steps)))
         if rc != 0 or not is_complete(run, steps):
             self.fail(f"{run}: icrl.py exited with {rc}" + ("" if rc else " but the run is not complete")
                       + f" (log: {os.path.join(run, 'train.log')})")
-            return False
+            return None
         print(f"  {run}: done in {attempts[-1]:.0f}s", flush=True)
-        return True
+        return "ran"
 
     def evaluate(self, run, checkpoint, task):
-        """eval.py on run/checkpoint into run/eval (skipped when its summary.json exists)."""
-        if eval_complete(run):
+        """eval.py on run/checkpoint into run/eval; skipped when its summary.json exists from the same flags."""
+        flags = ["--model", os.path.join(run, checkpoint), "--task", task, "--task_seed", "0", "--seed", "0"] + \
+            shared_eval_flags(self.args.icrl_flags) + self.args.eval_flags + ["--out", os.path.join(run, "eval")]
+        record_path = os.path.join(run, "compare_run.json")
+        if eval_complete(run) and read_json(record_path, {}).get("eval_flags", flags) == flags:
             return True
-        cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", os.path.join(run, checkpoint),
-               "--task", task, "--task_seed", "0", "--seed", "0"] + shared_eval_flags(self.args.icrl_flags) + \
-              self.args.eval_flags + \
-              ["--out", os.path.join(run, "eval")]
+        cmd = [sys.executable, os.path.join(ROOT, "eval.py")] + flags
         print(f"  {run}: {shlex.join(cmd)}", flush=True)
         t = time.perf_counter()
         rc = self._run(cmd, os.path.join(run, "eval.log"))
-        record_path = os.path.join(run, "compare_run.json")
         record = read_json(record_path, {})
-        record["eval_wall_s"] = round(time.perf_counter() - t, 3)
+        record.update(eval_flags=flags, eval_wall_s=round(time.perf_counter() - t, 3))
         write_json(record_path, record)
         if rc != 0 or not eval_complete(run):
             self.fail(f"{run}: eval.py exited with {rc} (log: {os.path.join(run, 'eval.log')})")
@@ -243,14 +247,16 @@ def run_comparison(args):
             print(f"{task}, seed {seed}:", flush=True)
             common = ["--task", task, "--seed", str(seed)] + args.icrl_flags
             warm = os.path.join(args.out, task, WARM, f"seed{seed}")
-            if not runner.train(warm, common + ["--steps", "0", "--out", warm], steps=0):
+            status = runner.train(warm, common + ["--steps", "0", "--out", warm], steps=0)
+            if status is None:
                 continue  # no starting point: this seed's variants cannot run
             runner.evaluate(warm, WARM, task)
             for variant in variants:
                 run = os.path.join(args.out, task, variant, f"seed{seed}")
                 flags = common + ["--model", os.path.join(warm, WARM), "--warm_start_steps", "0",
                                   "--steps", str(args.steps), "--out", run] + VARIANTS[variant]
-                if runner.train(run, flags, args.steps):
+                # a warm start (re)made now makes every earlier run of this seed stale
+                if runner.train(run, flags, args.steps, force=status == "ran"):
                     runner.evaluate(run, "final", task)
     return runner
 

@@ -165,6 +165,23 @@ def test_complete_runs_are_skipped(tmp_path, monkeypatch):
     assert compare.main(argv) == 0 and calls == []
 
 
+def test_runs_with_other_flags_and_runs_of_a_redone_warm_start_are_redone(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS),
+            "--out", str(tmp_path / "c"), "--no_plot", "--icrl_args", "--group_size 2"]
+    assert compare.main(argv) == 0 and len(calls) == 4  # warm start, its eval, icrl, its eval
+    calls.clear()
+    assert compare.main(argv) == 0 and calls == []
+    # other icrl.py flags: the warm start is redone, and with it the variant and both evaluations
+    assert compare.main(argv[:-1] + ["--group_size 4"]) == 0 and len(calls) == 4
+    assert all("4" == c[c.index("--group_size") + 1] for c in calls if "--group_size" in c)
+    calls.clear()
+    # only the evaluation flags changed: only the evaluations are redone
+    assert compare.main(argv[:-1] + ["--group_size 4", "--eval_args", "--n 2"]) == 0
+    assert [c[1].endswith("eval.py") for c in calls] == [True, True]
+
+
 def test_interrupted_run_with_a_checkpoint_resumes(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(compare, "run_command", fake_runner(calls))
