@@ -1,0 +1,526 @@
+"""ICRL against GRPO and every ablation, over seeds, as a table and curves (`make compare`, issue #12).
+
+    .venv/bin/python tests/compare.py                       # make compare: 3 seeds, every variant, both tasks
+    .venv/bin/python tests/compare.py --seeds 0 --variants icrl grpo --tasks arithmetic
+    .venv/bin/python tests/compare.py --summary_only        # the table and curves from the runs on disk
+
+For each task and seed: one warm start (`icrl.py --steps 0`: the supervised warm start of the tiny
+default model, written to DIR/warm_start), then from those same weights every variant for the same
+number of RL steps (`--model DIR/warm_start --warm_start_steps 0`), each as
+`torchrun --standalone --nproc_per_node NPROC icrl.py ...` with OMP_NUM_THREADS=1; then `eval.py` on
+the warm start and on every final checkpoint, all with the same held-out set and seeds (eval.py's
+`--task_seed 0 --seed 0`, its default 200 examples x 4 chains, K = 2, the failure gate).
+
+    OUT/<task>/warm_start/seed<k>           the warm start (warm_start/, train.log, eval/summary.json)
+    OUT/<task>/<variant>/seed<k>            a variant (final/, metrics.jsonl, train.log, eval/summary.json)
+    OUT/summary.md, OUT/summary.json        the table (also printed); OUT/<task>.png the curves
+
+A run is complete when its folder has final/ and its metrics.jsonl has the last step; complete runs are
+skipped, so an interrupted comparison continues where it stopped. An incomplete run resumes from its
+latest step checkpoint when it has one (`--resume`, only with --save_every in --icrl_args), otherwise
+its folder is removed and the run redone. A complete run whose compare_run.json records other icrl.py
+flags or another process count is redone, and so is every run of a seed whose warm start was redone;
+an evaluation is redone when its flags changed. Wall time is measured here, per run, and kept in the run's
+compare_run.json. The summary covers every complete run under OUT (with --steps RL steps), not only
+the seeds and variants of this invocation, so SEEDS=3 after a 3-seed comparison gives a 4-seed table.
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# variant name -> icrl.py flags (SPEC §2: the baseline and the ablations)
+VARIANTS = {
+    "icrl": [],
+    "grpo": ["--algo", "grpo"],
+    "calib_none": ["--calib", "none"],
+    "adv_pooled": ["--adv", "pooled"],
+    "no_critic_train": ["--no_critic_train"],
+    "gate_always": ["--critic_gate", "always"],
+}
+# the embedded default gets every variant; one built-in multi-turn environment gets ICRL against GRPO
+TASKS = {"arithmetic": list(VARIANTS), "guess": ["icrl", "grpo"]}
+BASELINE = "grpo"
+WARM = "warm_start"
+# flags compare.py sets itself; --icrl_args may not carry them
+MANAGED = ("--steps", "--out", "--seed", "--task", "--model", "--resume", "--algo", "--calib", "--adv",
+           "--no_critic_train", "--critic_gate")
+# icrl.py flags that mean the same in eval.py: passed on to every evaluation (before --eval_args), so a
+# comparison shrunk or changed through --icrl_args is evaluated on the same task and limits
+SHARED_VALUE = ("--task_knob", "--env_url", "--eval_file", "--dtype", "--max_new_tokens", "--critic_max_new_tokens",
+                "--temperature", "--top_p", "--max_turns", "--max_context", "--obs_chars", "--rounds")
+SHARED_SWITCH = ("--enable_thinking",)
+START_RE = re.compile(r"when RL begins \(step 0[^)]*\): pass@1 ([0-9.]+)")
+
+
+# ==================================================================================================
+# Running
+# ==================================================================================================
+
+def run_command(cmd, log_path, env):
+    """Run `cmd` from the repository root with stdout and stderr appended to log_path; returns the exit
+    status. Tests replace this function to record the calls."""
+    with open(log_path, "a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def torchrun(nproc):
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    launcher = [exe] if os.path.exists(exe) else [sys.executable, "-m", "torch.distributed.run"]
+    return launcher + ["--standalone", "--nproc_per_node", str(nproc), os.path.join(ROOT, "icrl.py")]
+
+
+def shared_eval_flags(icrl_flags):
+    """The SHARED_VALUE / SHARED_SWITCH flags among icrl_flags, in order (`--flag value` or `--flag=value`)."""
+    out, i = [], 0
+    while i < len(icrl_flags):
+        name = icrl_flags[i].split("=")[0]
+        if name in SHARED_VALUE:
+            take = 1 if "=" in icrl_flags[i] else 2
+            out += icrl_flags[i:i + take]
+            i += take
+            continue
+        if name in SHARED_SWITCH:
+            out.append(icrl_flags[i])
+        i += 1
+    return out
+
+
+def read_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(run):
+    """metrics.jsonl's rows (a torn last line, from a kill mid-write, is dropped)."""
+    rows = []
+    try:
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    pass
+    except OSError:
+        pass
+    return rows
+
+
+def last_step(run):
+    rows = read_metrics(run)
+    return rows[-1]["step"] if rows else 0
+
+
+def is_complete(run, steps):
+    """final/ is written last and renamed into place whole; metrics.jsonl must reach the last step (a
+    warm-start run has --steps 0 and no metrics lines, but needs its warm_start/)."""
+    if not os.path.isdir(os.path.join(run, "final")):
+        return False
+    if steps == 0:
+        return os.path.isdir(os.path.join(run, WARM))
+    return last_step(run) == steps
+
+
+def eval_complete(run):
+    return os.path.isfile(os.path.join(run, "eval", "summary.json"))
+
+
+def resumable_checkpoint(run, steps):
+    """The latest step_N checkpoint of an incomplete run (0 < N < steps), or None."""
+    try:
+        with open(os.path.join(run, "latest")) as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    match = re.fullmatch(r"step_(\d+)", name)
+    if not match or not 0 < int(match.group(1)) < steps:
+        return None
+    if not os.path.isfile(os.path.join(run, name, "trainer_state.pt")):
+        return None
+    return os.path.join(run, name)
+
+
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.failed = []
+        self.ran = []
+
+    def train(self, run, flags, steps, force=False):
+        """One icrl.py run into `run`. Skipped when complete and run with the same flags and process count;
+        redone when `force` (its warm start was just redone). Returns "skipped", "ran", or None on failure."""
+        cmd = torchrun(self.args.nproc) + flags
+        setting = {"flags": flags, "nproc": self.args.nproc}
+        record_path = os.path.join(run, "compare_run.json")
+        record = read_json(record_path, {})
+        if is_complete(run, steps) and not force:
+            if all(record.get(k, v) == v for k, v in setting.items()):  # no record: made by hand, trusted
+                print(f"  {run}: complete, skipped")
+                return "skipped"
+            print(f"  {run}: complete, but run with other flags or process count ({record.get('nproc')} x "
+                  f"{shlex.join(record.get('flags', []))}): removed and redone")
+            shutil.rmtree(run)
+        checkpoint = None if force or not steps else resumable_checkpoint(run, steps)
+        if checkpoint and any(record.get(k, v) != v for k, v in setting.items()):
+            checkpoint = None
+        if checkpoint:
+            cmd = cmd + ["--resume", run]
+            print(f"  {run}: incomplete, resuming from {checkpoint}")
+        elif os.path.exists(run):
+            print(f"  {run}: " + ("its warm start was redone" if force else "incomplete") + ": removed and redone")
+            shutil.rmtree(run)
+        os.makedirs(run, exist_ok=True)
+        attempts = record.get("attempts", []) if checkpoint else []
+        print(f"  {run}: {shlex.join(cmd)}", flush=True)
+        t, rc = time.perf_counter(), None
+        try:
+            rc = self._run(cmd, os.path.join(run, "train.log"))
+        finally:
+            attempts.append(round(time.perf_counter() - t, 3))
+            write_json(record_path, dict(setting, cmd=cmd, resumed=bool(checkpoint),
+                                         attempts=attempts, wall_s=sum(attempts), returncode=rc,
+                                         complete=rc == 0 and is_complete(run, steps)))
+        if rc != 0 or not is_complete(run, steps):
+            self.fail(f"{run}: icrl.py exited with {rc}" + ("" if rc else " but the run is not complete")
+                      + f" (log: {os.path.join(run, 'train.log')})")
+            return None
+        print(f"  {run}: done in {attempts[-1]:.0f}s", flush=True)
+        return "ran"
+
+    def evaluate(self, run, checkpoint, task):
+        """eval.py on run/checkpoint into run/eval; skipped when its summary.json exists from the same flags."""
+        flags = ["--model", os.path.join(run, checkpoint), "--task", task, "--task_seed", "0", "--seed", "0"] + \
+            shared_eval_flags(self.args.icrl_flags) + self.args.eval_flags + ["--out", os.path.join(run, "eval")]
+        record_path = os.path.join(run, "compare_run.json")
+        if eval_complete(run) and read_json(record_path, {}).get("eval_flags", flags) == flags:
+            return True
+        cmd = [sys.executable, os.path.join(ROOT, "eval.py")] + flags
+        print(f"  {run}: {shlex.join(cmd)}", flush=True)
+        t = time.perf_counter()
+        rc = self._run(cmd, os.path.join(run, "eval.log"))
+        record = read_json(record_path, {})
+        record.update(eval_flags=flags, eval_wall_s=round(time.perf_counter() - t, 3))
+        write_json(record_path, record)
+        if rc != 0 or not eval_complete(run):
+            self.fail(f"{run}: eval.py exited with {rc} (log: {os.path.join(run, 'eval.log')})")
+            return False
+        return True
+
+    def _run(self, cmd, log):
+        self.ran.append(cmd)
+        return run_command(cmd, log, self.env)
+
+    def fail(self, message):
+        print(f"  FAILED {message}", flush=True)
+        self.failed.append(message)
+
+
+def run_comparison(args):
+    runner = Runner(args)
+    for task in args.tasks:
+        variants = [v for v in TASKS[task] if not args.variants or v in args.variants]
+        if not variants:
+            print(f"{task}: none of {args.variants} is compared on {task} ({', '.join(TASKS[task])}); skipped")
+            continue
+        for seed in args.seeds:
+            print(f"{task}, seed {seed}:", flush=True)
+            common = ["--task", task, "--seed", str(seed)] + args.icrl_flags
+            warm = os.path.join(args.out, task, WARM, f"seed{seed}")
+            status = runner.train(warm, common + ["--steps", "0", "--out", warm], steps=0)
+            if status is None:
+                continue  # no starting point: this seed's variants cannot run
+            runner.evaluate(warm, WARM, task)
+            for variant in variants:
+                run = os.path.join(args.out, task, variant, f"seed{seed}")
+                flags = common + ["--model", os.path.join(warm, WARM), "--warm_start_steps", "0",
+                                  "--steps", str(args.steps), "--out", run] + VARIANTS[variant]
+                # a warm start (re)made now makes every earlier run of this seed stale
+                if runner.train(run, flags, args.steps, force=status == "ran"):
+                    runner.evaluate(run, "final", task)
+    return runner
+
+
+# ==================================================================================================
+# Summary
+# ==================================================================================================
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1) of the values that are not None; std is None for
+    fewer than two values, mean None for none."""
+    xs = [float(v) for v in values if v is not None]
+    return {"mean": statistics.fmean(xs) if xs else None, "std": statistics.stdev(xs) if len(xs) > 1 else None,
+            "n": len(xs)}
+
+
+def start_eval_acc(run):
+    """The held-out pass@1 icrl.py printed when RL began (step 0), from the run's train.log."""
+    try:
+        with open(os.path.join(run, "train.log"), errors="replace") as f:
+            found = START_RE.findall(f.read())
+    except OSError:
+        return None
+    return float(found[-1]) if found else None
+
+
+def seed_folders(folder):
+    """{seed: path} of the seed<k> folders under folder."""
+    out = {}
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            match = re.fullmatch(r"seed(\d+)", name)
+            if match:
+                out[int(match.group(1))] = os.path.join(folder, name)
+    return dict(sorted(out.items()))
+
+
+def run_figures(run):
+    """One complete run's figures: eval.py's summary (null where absent), the training log's held-out
+    pass@1 at the start and end, the curve and the wall time."""
+    ev = read_json(os.path.join(run, "eval", "summary.json"), {})
+    rows = read_metrics(run)
+    curve = [(r["step"], r["eval_acc"]) for r in rows if r.get("eval_acc") is not None]
+    start = start_eval_acc(run)
+    if start is not None:
+        curve = [(0, start)] + curve
+    record = read_json(os.path.join(run, "compare_run.json"), {})
+    settings = {k: ev.get(k) for k in ("examples", "n", "rounds", "critic_gate", "task_seed", "seed")}
+    return {"eval": settings, "pass1": ev.get("pass@1"), "critique_value": ev.get("critique_value"),
+            "acc_round_2": ev.get("acc_round_2"), "eval_acc_start": start,
+            "eval_acc_end": rows[-1].get("eval_acc") if rows else None, "curve": curve,
+            "wall_s": record.get("wall_s"), "eval_wall_s": record.get("eval_wall_s")}
+
+
+def summarize(out, steps):
+    """Every complete run under out (tasks and variants known to this script), as summary.json's dict."""
+    summary = {"steps": steps, "tasks": {}}
+    for task, task_variants in TASKS.items():
+        warm = {seed: run_figures(run) for seed, run in seed_folders(os.path.join(out, task, WARM)).items()
+                if is_complete(run, 0)}
+        variants = {}
+        for variant in task_variants:
+            runs = {seed: run_figures(run) for seed, run in seed_folders(os.path.join(out, task, variant)).items()
+                    if is_complete(run, steps)}
+            if runs:
+                variants[variant] = runs
+        if not variants and not warm:
+            continue
+        base = variants.get(BASELINE, {})
+        table = {}
+        if warm:
+            table[WARM] = {"seeds": list(warm), "pass1_end": mean_std(f["pass1"] for f in warm.values()),
+                           "critique_value": mean_std(f["critique_value"] for f in warm.values()),
+                           "acc_round_2": mean_std(f["acc_round_2"] for f in warm.values()),
+                           "eval_acc_end": mean_std(f["eval_acc_start"] for f in warm.values()),
+                           "wall_s": mean_std(f["wall_s"] for f in warm.values()), "per_seed": warm}
+        for variant, runs in variants.items():
+            per_seed = {}
+            for seed, f in runs.items():
+                start = warm.get(seed, {}).get("pass1")
+                f = dict(f, pass1_start=start,
+                         gain=None if start is None or f["pass1"] is None else f["pass1"] - start)
+                b = base.get(seed, {}).get("pass1")
+                f["diff_grpo"] = None if variant == BASELINE or b is None or f["pass1"] is None else f["pass1"] - b
+                per_seed[seed] = f
+            table[variant] = {"seeds": list(per_seed)}
+            for key in ("pass1_start", "pass1_end", "gain", "diff_grpo", "critique_value", "acc_round_2",
+                        "eval_acc_start", "eval_acc_end", "wall_s", "eval_wall_s"):
+                source = "pass1" if key == "pass1_end" else key
+                table[variant][key] = mean_std(f[source] for f in per_seed.values())
+            table[variant]["per_seed"] = per_seed
+        summary["tasks"][task] = {"rows": table, "curves": {v: curve_stats(r) for v, r in variants.items()},
+                                  "total_wall_s": total_wall(table)}
+    return summary
+
+
+def curve_stats(runs):
+    """Mean and sample std over seeds of eval_acc at each logged step."""
+    by_step = {}
+    for f in runs.values():
+        for step, acc in f["curve"]:
+            by_step.setdefault(step, []).append(acc)
+    steps = sorted(by_step)
+    stats = [mean_std(by_step[s]) for s in steps]
+    return {"steps": steps, "mean": [s["mean"] for s in stats], "std": [s["std"] for s in stats],
+            "n": [s["n"] for s in stats]}
+
+
+def total_wall(table):
+    return sum((f.get("wall_s") or 0) + (f.get("eval_wall_s") or 0)
+               for row in table.values() for f in row["per_seed"].values())
+
+
+def fmt(stat, scale=100.0, signed=False, digits=1):
+    if stat["mean"] is None:
+        return "—"
+    sign = "+" if signed else ""
+    text = f"{scale * stat['mean']:{sign}.{digits}f}"
+    return text + (f" ± {scale * stat['std']:.{digits}f}" if stat["std"] is not None else "")
+
+
+def fmt_seconds(stat):
+    if stat["mean"] is None:
+        return "—"
+    return f"{stat['mean']:.0f} s" + (f" ± {stat['std']:.0f}" if stat["std"] is not None else "")
+
+
+def markdown(summary):
+    lines = []
+    for task, t in summary["tasks"].items():
+        lines += [f"### {task} ({summary['steps']} RL steps)", "",
+                  "| variant | seeds | pass@1 when RL began (%) | pass@1 at the end (%) | gain (points) | "
+                  "Δ to GRPO at the end (points) | critique_value (points) | acc_round_2 (%) | "
+                  "training-log eval_acc at the end (%) | wall time per run |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, row in t["rows"].items():
+            seeds = ",".join(str(s) for s in row["seeds"])
+            if name == WARM:
+                lines.append(f"| warm start (RL's starting point) | {seeds} | | {fmt(row['pass1_end'])} | | | "
+                             f"{fmt(row['critique_value'], signed=True)} | {fmt(row['acc_round_2'])} | "
+                             f"{fmt(row['eval_acc_end'])} | {fmt_seconds(row['wall_s'])} |")
+                continue
+            diff = "(baseline)" if name == BASELINE else fmt(row["diff_grpo"], signed=True)
+            lines.append(f"| {name} | {seeds} | {fmt(row['pass1_start'])} | {fmt(row['pass1_end'])} | "
+                         f"{fmt(row['gain'], signed=True)} | {diff} | {fmt(row['critique_value'], signed=True)} | "
+                         f"{fmt(row['acc_round_2'])} | {fmt(row['eval_acc_end'])} | {fmt_seconds(row['wall_s'])} |")
+        lines += ["", f"Runs and evaluations of this table took {t['total_wall_s'] / 60:.1f} min of wall time in all.", ""]
+    lines += ["Mean ± sample standard deviation over seeds (none shown for one seed). pass@1, critique_value and "
+              f"acc_round_2 are eval.py's on the same held-out set for every checkpoint ({eval_settings(summary)}); "
+              "'when RL began' is the seed's warm start. Δ to GRPO: per seed, the "
+              "variant's final pass@1 minus GRPO's on the same seed (the same warm start), then mean ± std of "
+              "those differences. The training-log eval_acc is icrl.py's own held-out pass@1 at the last step "
+              "(its held-out set is drawn with the run's seed). Wall time: the icrl.py run, measured by compare.py."]
+    return "\n".join(lines) + "\n"
+
+
+def eval_settings(summary):
+    """eval.py's settings, as each summary.json recorded them: meant to be the same for every checkpoint."""
+    seen = []
+    for t in summary["tasks"].values():
+        for row in t["rows"].values():
+            for f in row["per_seed"].values():
+                e = f.get("eval") or {}
+                if e.get("n") is not None:
+                    text = (f"{e['examples']} problems × {e['n']} chains, K = {e['rounds']}, gate {e['critic_gate']}, "
+                            f"task seed {e['task_seed']}, sampling seed {e['seed']}")
+                    seen += [text] if text not in seen else []
+    if not seen:
+        return "no evaluation yet"
+    return seen[0] if len(seen) == 1 else "WARNING, not the same for every checkpoint: " + "; ".join(seen)
+
+
+def plot_curves(task, curves, steps, path):
+    """Held-out pass@1 (eval_acc) against RL step, mean over seeds, ±1 std shaded. The plotting package
+    is a test/report requirement only (requirements-test.txt), imported here."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed (requirements-test.txt): no {path}")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, c in curves.items():
+        if not c["steps"]:
+            continue
+        mean = [100 * m for m in c["mean"]]
+        line, = ax.plot(c["steps"], mean, marker="o", ms=3, label=f"{variant} (n={max(c['n'])})")
+        lo = [m - 100 * (s or 0) for m, s in zip(mean, c["std"])]
+        hi = [m + 100 * (s or 0) for m, s in zip(mean, c["std"])]
+        ax.fill_between(c["steps"], lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("held-out critique-free pass@1 (%)")
+    ax.set_title(f"{task}: mean over seeds, ±1 std shaded ({steps} RL steps)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_summary(out, steps, plot=True):
+    summary = summarize(out, steps)
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "summary.json"), summary)
+    text = markdown(summary)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    pngs = []
+    if plot:
+        for task, t in summary["tasks"].items():
+            if t["curves"] and plot_curves(task, t["curves"], steps, os.path.join(out, f"{task}.png")):
+                pngs.append(f"{task}.png")
+    return summary, text, pngs
+
+
+# ==================================================================================================
+# Command line
+# ==================================================================================================
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (make compare SEEDS=)")
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                   help="only these variants (make compare VARIANTS=); default: every variant of each task")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="make compare TASK=")
+    p.add_argument("--steps", type=int, default=60, help="RL steps of every variant (the embedded default's 60)")
+    p.add_argument("--nproc", type=int, default=2, help="torchrun --nproc_per_node (make compare NPROC=)")
+    p.add_argument("--out", default="runs/compare", help="the compare folder")
+    p.add_argument("--icrl_args", default="", help="extra icrl.py flags for every run, warm start included, "
+                   "one shell-quoted string (e.g. to shrink the runs in a test)")
+    p.add_argument("--eval_args", default="", help="extra eval.py flags, one shell-quoted string")
+    p.add_argument("--summary_only", action="store_true", help="run nothing: the table and curves of the "
+                   "complete runs under --out")
+    p.add_argument("--no_plot", action="store_true", help="no PNG")
+    args = p.parse_args(argv)
+    args.icrl_flags, args.eval_flags = shlex.split(args.icrl_args), shlex.split(args.eval_args)
+    managed = [f for f in args.icrl_flags if f.split("=")[0] in MANAGED]
+    if managed:
+        p.error(f"--icrl_args may not set {', '.join(managed)}: compare.py sets it (use --steps, --seeds, --tasks, "
+                "--variants, --out)")
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t = time.perf_counter()
+    runner = None
+    if not args.summary_only:
+        runner = run_comparison(args)
+        print(f"comparison: {(time.perf_counter() - t) / 60:.1f} min in this invocation "
+              f"({len(runner.ran)} command(s) run)")
+    _, text, pngs = write_summary(args.out, args.steps, plot=not args.no_plot)
+    print()
+    print(text)
+    print(f"wrote {os.path.join(args.out, 'summary.md')}, summary.json" + "".join(f", {png}" for png in pngs))
+    if runner and runner.failed:
+        print(f"{len(runner.failed)} failure(s):\n  " + "\n  ".join(runner.failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""tests/compare.py (make compare): the summary's statistics on made-up run folders, worked by hand; the
+skip of complete runs (the subprocess runner replaced by a recorder); a 2-variant x 1-seed comparison of
+a few steps end to end."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare  # noqa: E402
+
+STEPS = 2
+
+
+def write_run(folder, steps=STEPS, curve=None, start=None, eval_summary=None, wall=None, warm=False):
+    """A made-up run folder: final/ (and warm_start/), metrics.jsonl up to `steps` with eval_acc from
+    `curve` ({step: value}), the 'when RL begins' line in train.log, eval/summary.json, compare_run.json."""
+    os.makedirs(os.path.join(folder, "final"), exist_ok=True)
+    if warm:
+        os.makedirs(os.path.join(folder, "warm_start"), exist_ok=True)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for step in range(1, steps + 1):
+            row = {"step": step, "acc": 0.5}
+            if curve and step in curve:
+                row["eval_acc"] = curve[step]
+            f.write(json.dumps(row) + "\n")
+    if start is not None:
+        with open(os.path.join(folder, "train.log"), "w") as f:
+            f.write("warm start: 3 supervised steps in 2s\nheld-out critique-free accuracy when RL begins (step 0"
+                    f", after the warm start): pass@1 {start:.3f} (4 samples each), greedy 0.500\n")
+    if eval_summary is not None:
+        os.makedirs(os.path.join(folder, "eval"), exist_ok=True)
+        with open(os.path.join(folder, "eval", "summary.json"), "w") as f:
+            json.dump(eval_summary, f)
+    if wall is not None:
+        with open(os.path.join(folder, "compare_run.json"), "w") as f:
+            json.dump({"cmd": [], "attempts": [wall], "wall_s": wall, "eval_wall_s": 1.0}, f)
+
+
+def ev(pass1, cv, r2):
+    return {"pass@1": pass1, "critique_value": cv, "acc_round_2": r2}
+
+
+@pytest.fixture
+def made_up(tmp_path):
+    out = tmp_path / "compare"
+    a = out / "arithmetic"
+    for seed, p in zip((0, 1, 2), (0.40, 0.30, 0.35)):
+        write_run(a / "warm_start" / f"seed{seed}", steps=0, start=p + 0.01, eval_summary=ev(p, -0.2, 0.5),
+                  wall=30.0, warm=True)
+    # icrl: pass@1 .60 .50 .70; critique_value -.1, null, -.3; acc_round_2 .65 .55 .75; wall 80 90 100
+    for seed, (p, cv, r2, w, c1) in enumerate([(0.60, -0.1, 0.65, 80.0, 0.4), (0.50, None, 0.55, 90.0, 0.5),
+                                                (0.70, -0.3, 0.75, 100.0, 0.6)]):
+        write_run(a / "icrl" / f"seed{seed}", curve={1: c1, 2: p}, start=0.3, eval_summary=ev(p, cv, r2), wall=w)
+    for seed, p in enumerate((0.55, 0.58, 0.52)):
+        write_run(a / "grpo" / f"seed{seed}", curve={1: 0.5, 2: p}, start=0.3, eval_summary=ev(p, 0.0, p), wall=40.0)
+    # one seed only; and an incomplete icrl seed 3 (metrics stop at step 1), which must not count
+    write_run(a / "calib_none" / "seed0", curve={2: 0.45}, eval_summary=ev(0.45, None, None), wall=70.0)
+    write_run(a / "icrl" / "seed3", steps=1, curve={1: 0.99}, eval_summary=ev(0.99, 0.9, 0.99), wall=1.0)
+    os.rmdir(a / "icrl" / "seed3" / "final")
+    return out
+
+
+def test_mean_std_by_hand():
+    assert compare.mean_std([0.40, 0.30, 0.35]) == {"mean": pytest.approx(0.35), "std": pytest.approx(0.05), "n": 3}
+    assert compare.mean_std([-0.1, None, -0.3]) == {"mean": pytest.approx(-0.2), "std": pytest.approx(2 ** 0.5 / 10),
+                                                    "n": 2}
+    assert compare.mean_std([0.7]) == {"mean": 0.7, "std": None, "n": 1}
+    assert compare.mean_std([None, None]) == {"mean": None, "std": None, "n": 0}
+
+
+def test_summary_statistics_on_made_up_runs(made_up):
+    summary, text, pngs = compare.write_summary(str(made_up), STEPS, plot=False)
+    rows = summary["tasks"]["arithmetic"]["rows"]
+    assert list(rows) == ["warm_start", "icrl", "grpo", "calib_none"]
+    icrl, grpo, calib = rows["icrl"], rows["grpo"], rows["calib_none"]
+    assert icrl["seeds"] == [0, 1, 2]  # the incomplete seed 3 is left out
+    # when RL began: the seed's warm start, eval.py's pass@1 .40 .30 .35 -> 35 ± 5
+    assert icrl["pass1_start"] == {"mean": pytest.approx(0.35), "std": pytest.approx(0.05), "n": 3}
+    # at the end .60 .50 .70: deviations 0 -.1 +.1, variance .02 / 2 -> 60 ± 10
+    assert icrl["pass1_end"] == {"mean": pytest.approx(0.60), "std": pytest.approx(0.10), "n": 3}
+    # gains .20 .20 .35: mean .25, deviations -.05 -.05 +.10, variance .015 / 2 = .0075
+    assert icrl["gain"]["mean"] == pytest.approx(0.25) and icrl["gain"]["std"] == pytest.approx(0.0075 ** 0.5)
+    # GRPO .55 .58 .52 -> 55 ± 3; per-seed differences .05 -.08 .18: mean .05, deviations 0 -.13 .13 -> std .13
+    assert grpo["pass1_end"] == {"mean": pytest.approx(0.55), "std": pytest.approx(0.03), "n": 3}
+    assert icrl["diff_grpo"] == {"mean": pytest.approx(0.05), "std": pytest.approx(0.13), "n": 3}
+    assert grpo["diff_grpo"] == {"mean": None, "std": None, "n": 0}
+    # a null critique_value is left out: (-.1, -.3) -> -.2 ± .1414 over 2
+    assert icrl["critique_value"] == {"mean": pytest.approx(-0.2), "std": pytest.approx(0.02 ** 0.5), "n": 2}
+    assert icrl["acc_round_2"]["mean"] == pytest.approx(0.65) and icrl["acc_round_2"]["std"] == pytest.approx(0.1)
+    assert icrl["wall_s"] == {"mean": pytest.approx(90.0), "std": pytest.approx(10.0), "n": 3}
+    assert icrl["eval_acc_start"]["mean"] == pytest.approx(0.3) and icrl["eval_acc_end"]["mean"] == pytest.approx(0.6)
+    # one seed: no spread; its difference to GRPO is seed 0's alone; null eval figures stay null
+    assert calib["pass1_end"] == {"mean": pytest.approx(0.45), "std": None, "n": 1}
+    assert calib["diff_grpo"] == {"mean": pytest.approx(-0.10), "std": None, "n": 1}
+    assert calib["critique_value"]["mean"] is None and calib["eval_acc_start"]["mean"] is None
+    assert rows["warm_start"]["pass1_end"]["mean"] == pytest.approx(0.35)
+    # curves: step 0 from train.log, then eval_acc; step 1 .4 .5 .6 -> .5 ± .1
+    curve = summary["tasks"]["arithmetic"]["curves"]["icrl"]
+    assert curve["steps"] == [0, 1, 2] and curve["n"] == [3, 3, 3]
+    assert curve["mean"] == pytest.approx([0.3, 0.5, 0.6]) and curve["std"][1] == pytest.approx(0.1)
+    assert summary["tasks"]["arithmetic"]["curves"]["calib_none"]["steps"] == [2]
+    # the table, on stdout and in summary.md, and the JSON written strictly
+    assert ("| icrl | 0,1,2 | 35.0 ± 5.0 | 60.0 ± 10.0 | +25.0 ± 8.7 | +5.0 ± 13.0 | -20.0 ± 14.1 | 65.0 ± 10.0 "
+            "| 60.0 ± 10.0 | 90 s ± 10 |") in text
+    # GRPO's gains .15 .28 .17: mean .20, deviations -.05 +.08 -.03, variance .0098 / 2 -> std .07
+    assert "| grpo | 0,1,2 | 35.0 ± 5.0 | 55.0 ± 3.0 | +20.0 ± 7.0 | (baseline) |" in text
+    assert "| calib_none | 0 | 40.0 | 45.0 | +5.0 | -10.0 | — | — | 45.0 | 70 s |" in text
+    assert (made_up / "summary.md").read_text() == text
+    on_disk = json.loads((made_up / "summary.json").read_text())
+    assert on_disk["tasks"]["arithmetic"]["rows"]["icrl"]["per_seed"]["1"]["critique_value"] is None
+    assert "guess" not in on_disk["tasks"]
+
+
+def test_plot_writes_png(made_up):
+    pytest.importorskip("matplotlib")
+    _, _, pngs = compare.write_summary(str(made_up), STEPS, plot=True)
+    assert pngs == ["arithmetic.png"]
+    assert (made_up / "arithmetic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def fake_runner(calls):
+    """Stands in for the subprocess: records the command and writes what icrl.py / eval.py would."""
+    def run(cmd, log_path, env):
+        calls.append(cmd)
+        assert env["OMP_NUM_THREADS"] == "1"
+        if cmd[1].endswith("eval.py"):
+            out = cmd[cmd.index("--out") + 1]
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "summary.json"), "w") as f:
+                json.dump(ev(0.5, 0.0, 0.5), f)
+            return 0
+        assert "--standalone" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "2"
+        out, steps = cmd[cmd.index("--out") + 1], int(cmd[len(cmd) - cmd[::-1].index("--steps")])
+        write_run(out, steps=steps, curve={steps: 0.5}, start=0.25, warm=steps == 0)
+        return 0
+    return run
+
+
+def test_complete_runs_are_skipped(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "compare" / "arithmetic"
+    write_run(out / "warm_start" / "seed0", steps=0, start=0.3, eval_summary=ev(0.3, 0.0, 0.3), warm=True)
+    write_run(out / "icrl" / "seed0", curve={2: 0.6}, eval_summary=ev(0.6, 0.0, 0.6))   # complete
+    write_run(out / "grpo" / "seed0", steps=1)                                           # interrupted
+    os.rmdir(out / "grpo" / "seed0" / "final")
+    (out / "grpo" / "seed0" / "stale.txt").write_text("from the interrupted run")
+    argv = ["--seeds", "0", "--variants", "icrl", "grpo", "--tasks", "arithmetic", "--steps", str(STEPS),
+            "--out", str(tmp_path / "compare"), "--no_plot"]
+    assert compare.main(argv) == 0
+    # only GRPO ran, from scratch, on the warm start's weights; then its eval
+    assert len(calls) == 2
+    train, evaluation = calls
+    assert train[train.index("--out") + 1] == str(out / "grpo" / "seed0") and "--resume" not in train
+    assert train[train.index("--model") + 1] == str(out / "warm_start" / "seed0" / "warm_start")
+    assert train[train.index("--algo") + 1] == "grpo" and train[train.index("--warm_start_steps") + 1] == "0"
+    assert evaluation[evaluation.index("--model") + 1] == str(out / "grpo" / "seed0" / "final")
+    assert not (out / "grpo" / "seed0" / "stale.txt").exists()
+    record = json.loads((out / "grpo" / "seed0" / "compare_run.json").read_text())
+    assert record["complete"] and len(record["attempts"]) == 1 and record["eval_wall_s"] is not None
+    # a second invocation finds everything complete
+    calls.clear()
+    assert compare.main(argv) == 0 and calls == []
+
+
+def test_runs_with_other_flags_and_runs_of_a_redone_warm_start_are_redone(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS),
+            "--out", str(tmp_path / "c"), "--no_plot", "--icrl_args", "--group_size 2"]
+    assert compare.main(argv) == 0 and len(calls) == 4  # warm start, its eval, icrl, its eval
+    calls.clear()
+    assert compare.main(argv) == 0 and calls == []
+    # other icrl.py flags: the warm start is redone, and with it the variant and both evaluations
+    assert compare.main(argv[:-1] + ["--group_size 4"]) == 0 and len(calls) == 4
+    assert all("4" == c[c.index("--group_size") + 1] for c in calls if "--group_size" in c)
+    calls.clear()
+    # only the evaluation flags changed: only the evaluations are redone
+    assert compare.main(argv[:-1] + ["--group_size 4", "--eval_args", "--n 2"]) == 0
+    assert [c[1].endswith("eval.py") for c in calls] == [True, True]
+
+
+def test_interrupted_run_with_a_checkpoint_resumes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "c" / "guess"
+    write_run(out / "warm_start" / "seed1", steps=0, start=0.3, eval_summary=ev(0.3, 0.0, 0.3), warm=True)
+    run = out / "icrl" / "seed1"
+    write_run(run, steps=1)
+    os.rmdir(run / "final")
+    os.makedirs(run / "step_1")
+    (run / "step_1" / "trainer_state.pt").write_bytes(b"")
+    (run / "latest").write_text("step_1\n")
+    assert compare.main(["--seeds", "1", "--variants", "icrl", "--tasks", "guess", "--steps", str(STEPS),
+                         "--out", str(tmp_path / "c"), "--no_plot", "--icrl_args", "--save_every 1"]) == 0
+    train = calls[0]
+    assert train[-2:] == ["--resume", str(run)] and train[train.index("--task") + 1] == "guess"
+    assert "--save_every" in train
+
+
+def test_shared_flags_reach_eval():
+    flags = ["--group_size", "2", "--max_new_tokens", "6", "--task_knob", "digits=3", "--enable_thinking",
+             "--critic_max_new_tokens=5", "--lr", "1e-3", "--rounds", "3"]
+    assert compare.shared_eval_flags(flags) == ["--max_new_tokens", "6", "--task_knob", "digits=3",
+                                                "--enable_thinking", "--critic_max_new_tokens=5", "--rounds", "3"]
+
+
+def test_flags_compare_sets_are_refused():
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--icrl_args", "--steps 5"])
+    assert compare.parse_args(["--icrl_args", "--group_size 2 --eval_every=1"]).icrl_flags == [
+        "--group_size", "2", "--eval_every=1"]
+
+
+TINY = ("--warm_start_steps 2 --warm_start_role_steps 1 --batch_prompts 2 --group_size 2 --max_new_tokens 6 "
+        "--critic_max_new_tokens 6 --eval_examples 4 --eval_every 1")
+
+
+def test_two_variants_one_seed_end_to_end(tmp_path, capsys):
+    out = tmp_path / "compare"
+    argv = ["--seeds", "0", "--variants", "icrl", "grpo", "--tasks", "arithmetic", "--steps", str(STEPS),
+            "--out", str(out), "--icrl_args", TINY,
+            "--eval_args", "--max_examples 3 --n 2"]
+    assert compare.main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["tasks"]["arithmetic"]["rows"]
+    assert list(rows) == ["warm_start", "icrl", "grpo"]
+    for name in ("icrl", "grpo"):
+        run = out / "arithmetic" / name / "seed0"
+        assert (run / "final").is_dir() and (run / "eval" / "summary.json").is_file()
+        evaluated = json.loads((run / "eval" / "summary.json").read_text())
+        assert (evaluated["max_new_tokens"], evaluated["critic_max_new_tokens"], evaluated["n"]) == (6, 6, 2)
+        seed0 = rows[name]["per_seed"]["0"]
+        assert 0 <= seed0["pass1"] <= 1 and seed0["pass1_start"] is not None and seed0["wall_s"] > 0
+        assert summary["tasks"]["arithmetic"]["curves"][name]["steps"] == [0, 1, 2]
+    assert rows["icrl"]["per_seed"]["0"]["diff_grpo"] == pytest.approx(
+        rows["icrl"]["per_seed"]["0"]["pass1"] - rows["grpo"]["per_seed"]["0"]["pass1"])
+    assert "| icrl | 0 |" in printed and (out / "summary.md").read_text() in printed
+    if _has_matplotlib():
+        assert (out / "arithmetic.png").is_file()
+    # every variant started from the same warm start: their step-0 held-out accuracy is the same
+    starts = {summary["tasks"]["arithmetic"]["curves"][n]["mean"][0] for n in ("icrl", "grpo")}
+    assert len(starts) == 1
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
