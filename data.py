@@ -38,6 +38,7 @@ input, so hostile model output costs microseconds, not a hang.
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -1585,6 +1586,71 @@ def load_task(name: str, path: str | None = None, split: str = "train", seed: in
         return AgentGymTask(name.partition(":")[2], path=path, split=split, **knobs)
     raise ValueError(f"unknown task {name!r}; choose from {sorted(SYNTHETIC_TASKS) + sorted(FILE_TASKS)} "
                      f"or agentgym:{'|'.join(AGENTGYM_ENVS)}")
+
+
+# Knobs whose default is None, by the type the command line converts them to.
+_NONE_DEFAULT_KNOBS = {"n": int, "max_moves": int, "env_url": str, "reward_scale": float, "instruction": str}
+
+
+def task_class(name: str) -> type:
+    """The Task class behind load_task(name, ...); ValueError for an unknown name."""
+    if name in SYNTHETIC_TASKS:
+        return SYNTHETIC_TASKS[name]
+    if name in FILE_TASKS:
+        return FILE_TASKS[name]
+    if name.startswith("agentgym:"):
+        return AgentGymTask
+    raise ValueError(f"unknown task {name!r}; choose from {sorted(SYNTHETIC_TASKS) + sorted(FILE_TASKS)} "
+                     f"or agentgym:{'|'.join(AGENTGYM_ENVS)}")
+
+
+def knob_types(name: str) -> dict:
+    """The knobs load_task(name, ...) takes, read from its task class's __init__ signature: knob -> the
+    type a command-line value is converted to (int, float or str; None: an integer when it parses as one)."""
+    import inspect
+    types = {}
+    for knob, parameter in inspect.signature(task_class(name).__init__).parameters.items():
+        if knob in ("self", "split", "seed", "path", "env_name") or parameter.kind in (parameter.VAR_KEYWORD,
+                                                                                      parameter.VAR_POSITIONAL):
+            continue
+        default = parameter.default
+        kind = type(default) if isinstance(default, (int, float, str)) and not isinstance(default, bool) else None
+        types[knob] = kind or _NONE_DEFAULT_KNOBS.get(knob)
+    return types
+
+
+def typed_knobs(name: str, pairs, env_url: str | None = None) -> dict:
+    """--task_knob KEY=VALUE pairs (and --env_url) for load_task(name, ...), checked against the task's
+    own knobs (knob_types) and converted to their types. ValueError, naming the flag, for a pair that is
+    not KEY=VALUE, a knob the task does not have (listing the ones it has) or a value of the wrong type."""
+    types = knob_types(name)
+    known = ", ".join(sorted(k for k in types if k != "env_url"))
+    knobs = {}
+    if env_url is not None:
+        if "env_url" not in types:
+            raise ValueError(f"--env_url is for agentgym:* tasks; {name} takes no server URLs")
+        knobs["env_url"] = env_url
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--task_knob {pair!r}: expected KEY=VALUE, e.g. digits=3")
+        if key not in types or key == "env_url":
+            raise ValueError(f"--task_knob {pair}: {name} has no knob {key!r}; its knobs are {known}")
+        kind = types[key]
+        if kind is int or (kind is None and re.fullmatch(r"[+-]?[0-9]+", value)):
+            if not re.fullmatch(r"[+-]?[0-9]{1,18}", value.strip()):
+                raise ValueError(f"--task_knob {pair}: knob {key} of {name} takes an integer")
+            knobs[key] = int(value)
+        elif kind is float:
+            try:
+                knobs[key] = float(value)
+            except ValueError:
+                knobs[key] = None
+            if knobs[key] is None or not math.isfinite(knobs[key]):
+                raise ValueError(f"--task_knob {pair}: knob {key} of {name} takes a finite number")
+        else:
+            knobs[key] = value
+    return knobs
 
 
 def parse_knobs(pairs, env_url: str | None = None) -> dict:
