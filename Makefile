@@ -5,6 +5,7 @@ STAMP   := .venv/.installed
 NPROC   ?= 2
 ALGO    ?= icrl
 OUT     ?= runs/$(ALGO)
+ARGS    ?=
 
 .PHONY: test train eval bench clean
 
@@ -18,7 +19,7 @@ test: $(STAMP)
 
 # The embedded default: tiny Qwen3 on `arithmetic`, 2 CPU processes with gloo (README, "Training").
 train: $(STAMP)
-	OMP_NUM_THREADS=1 $(TORCHRUN) --standalone --nproc_per_node $(NPROC) icrl.py --algo $(ALGO) --out $(OUT)
+	OMP_NUM_THREADS=1 $(TORCHRUN) --standalone --nproc_per_node $(NPROC) icrl.py --algo $(ALGO) --out $(OUT) $(ARGS)
 
 eval: $(STAMP)
 	$(PY) eval.py --model $(OUT)/final --task arithmetic --out $(OUT)/eval
