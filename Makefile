@@ -10,6 +10,7 @@ OUT     ?= runs/$(ALGO)
 else
 OUT     ?= runs/$(TASK)-$(ALGO)
 endif
+ARGS    ?=
 
 .PHONY: test train eval bench compare clean
 
@@ -24,7 +25,7 @@ test: $(STAMP)
 # The embedded default: tiny Qwen3 on `arithmetic` (TASK=guess or gridworld: multi-turn), 2 CPU processes
 # with gloo (README, "Training").
 train: $(STAMP)
-	OMP_NUM_THREADS=1 $(TORCHRUN) --standalone --nproc_per_node $(NPROC) icrl.py --task $(TASK) --algo $(ALGO) --out $(OUT)
+	OMP_NUM_THREADS=1 $(TORCHRUN) --standalone --nproc_per_node $(NPROC) icrl.py --task $(TASK) --algo $(ALGO) --out $(OUT) $(ARGS)
 
 eval: $(STAMP)
 	$(PY) eval.py --model $(OUT)/final --task $(TASK) --out $(OUT)/eval

@@ -38,6 +38,7 @@ input, so hostile model output costs microseconds, not a hang.
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -106,15 +107,18 @@ def visible_response(text: str) -> str:
     return text
 
 
-def last_boxed(text: str) -> str | None:
+def last_boxed(text: str, limit: int | None = None) -> str | None:
     """Content of the last \\boxed{...} (nested braces matched), or None when there is none or it never
-    closes. Like Hendrycks et al.'s MATH `last_boxed_only_string`, minus the brace-less `\\boxed 5` form."""
+    closes. Like Hendrycks et al.'s MATH `last_boxed_only_string`, minus the brace-less `\\boxed 5` form.
+    With `limit`, content longer than `limit` characters is None too, found without scanning past it:
+    the time is bounded whatever follows the last \\boxed{ (10 MB of braces)."""
     start = text.rfind("\\boxed{")
     if start == -1:
         return None
     content_start = start + len("\\boxed{")
     depth = 1
-    for brace in re.finditer(r"[{}]", text[content_start:]):
+    scanned = text[content_start:] if limit is None else text[content_start:content_start + limit + 1]
+    for brace in re.finditer(r"[{}]", scanned):
         depth += 1 if brace.group() == "{" else -1
         if depth == 0:
             return text[content_start:content_start + brace.start()]
@@ -123,7 +127,7 @@ def last_boxed(text: str) -> str | None:
 
 def final_answer(response: str) -> str | None:
     """The answer a verifier judges: last \\boxed{} of the visible response, None if absent or too long."""
-    answer = last_boxed(visible_response(response))
+    answer = last_boxed(visible_response(response), limit=MAX_ANSWER_CHARS)
     if answer is None or len(answer) > MAX_ANSWER_CHARS:
         return None
     return answer
@@ -614,16 +618,37 @@ def _first(rows: list, n: int | None, task: str) -> list:
 _TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)\{([^{}]*)\}")
 _ANSWER_LABEL = re.compile(r"^[A-Za-z][A-Za-z ]{0,30}[:=]\s*")          # "x = 18", "Answer: 18"
 _UNIT_SUFFIX = re.compile(r"(?<=[0-9.])\s*[A-Za-z][A-Za-z /.]{0,40}$")   # "18 dollars", "5 km/h"
+# Words after a number that change it: a suffix holding one is no unit, and stays (then the answer is
+# not one number and scores 0): \boxed{12 hundred} is not 12. A lone letter is a unit only when listed
+# (12 m, 12 g); 12 e, 12 i, 12k, 12 M are not 12.
+GSM8K_NUMBER_WORDS = frozenset("""
+    hundred hundreds thousand thousands million millions billion billions trillion trillions bn mn
+    lakh lakhs crore crores grand dozen dozens score scores gross squared cubed sqrt root roots
+    power powers factorial times over plus minus and or point half halves third thirds quarter quarters
+    fourth fourths fifth fifths sixth sixths seventh sevenths eighth eighths ninth ninths tenth tenths
+    hundredth hundredths thousandth thousandths pi exp log ln mod""".split())
+GSM8K_LETTER_UNITS = frozenset("m g s h l L".split())
+
+
+def _is_unit_suffix(suffix: str) -> bool:
+    words = re.findall(r"[A-Za-z]+", suffix)
+    if any(word.lower() in GSM8K_NUMBER_WORDS for word in words):
+        return False
+    return not (len(words) == 1 and len(words[0]) == 1 and words[0] not in GSM8K_LETTER_UNITS)
 
 
 def parse_numeric_answer(text: str) -> Fraction | None:
     """A GSM8K-style final answer as an exact number: tolerates $, \\$, %, thousands separators, \\text{},
-    a leading "x =" / "Answer:" label, trailing unit words and a final period; None if not one number."""
+    a leading "x =" / "Answer:" label, trailing unit words ("18 apples", "5 km/h"; never one of
+    GSM8K_NUMBER_WORDS: "12 hundred" is no 12) and a final period; None if not one number."""
     text = _TEXT_COMMAND.sub(r"\1", text)
     for decoration in ("\\$", "$", "\\%", "%", "\\!", "\\,", "{,}"):
         text = text.replace(decoration, "")
     text = text.replace("\u2212", "-").strip()
-    text = _UNIT_SUFFIX.sub("", _ANSWER_LABEL.sub("", text)).rstrip(".").strip()
+    text = _ANSWER_LABEL.sub("", text)
+    if (unit := _UNIT_SUFFIX.search(text)) and _is_unit_suffix(unit.group()):
+        text = text[:unit.start()]
+    text = text.rstrip(".").strip()
     text = _LATEX_FRACTION.sub(lambda m: f"{m.group(1)}{m.group(2)}/{m.group(3)}", text)
     return parse_exact_number(text)
 
@@ -1581,6 +1606,71 @@ def load_task(name: str, path: str | None = None, split: str = "train", seed: in
         return AgentGymTask(name.partition(":")[2], path=path, split=split, **knobs)
     raise ValueError(f"unknown task {name!r}; choose from {sorted(SYNTHETIC_TASKS) + sorted(FILE_TASKS)} "
                      f"or agentgym:{'|'.join(AGENTGYM_ENVS)}")
+
+
+# Knobs whose default is None, by the type the command line converts them to.
+_NONE_DEFAULT_KNOBS = {"n": int, "max_moves": int, "env_url": str, "reward_scale": float, "instruction": str}
+
+
+def task_class(name: str) -> type:
+    """The Task class behind load_task(name, ...); ValueError for an unknown name."""
+    if name in SYNTHETIC_TASKS:
+        return SYNTHETIC_TASKS[name]
+    if name in FILE_TASKS:
+        return FILE_TASKS[name]
+    if name.startswith("agentgym:"):
+        return AgentGymTask
+    raise ValueError(f"unknown task {name!r}; choose from {sorted(SYNTHETIC_TASKS) + sorted(FILE_TASKS)} "
+                     f"or agentgym:{'|'.join(AGENTGYM_ENVS)}")
+
+
+def knob_types(name: str) -> dict:
+    """The knobs load_task(name, ...) takes, read from its task class's __init__ signature: knob -> the
+    type a command-line value is converted to (int, float or str; None: an integer when it parses as one)."""
+    import inspect
+    types = {}
+    for knob, parameter in inspect.signature(task_class(name).__init__).parameters.items():
+        if knob in ("self", "split", "seed", "path", "env_name") or parameter.kind in (parameter.VAR_KEYWORD,
+                                                                                      parameter.VAR_POSITIONAL):
+            continue
+        default = parameter.default
+        kind = type(default) if isinstance(default, (int, float, str)) and not isinstance(default, bool) else None
+        types[knob] = kind or _NONE_DEFAULT_KNOBS.get(knob)
+    return types
+
+
+def typed_knobs(name: str, pairs, env_url: str | None = None) -> dict:
+    """--task_knob KEY=VALUE pairs (and --env_url) for load_task(name, ...), checked against the task's
+    own knobs (knob_types) and converted to their types. ValueError, naming the flag, for a pair that is
+    not KEY=VALUE, a knob the task does not have (listing the ones it has) or a value of the wrong type."""
+    types = knob_types(name)
+    known = ", ".join(sorted(k for k in types if k != "env_url"))
+    knobs = {}
+    if env_url is not None:
+        if "env_url" not in types:
+            raise ValueError(f"--env_url is for agentgym:* tasks; {name} takes no server URLs")
+        knobs["env_url"] = env_url
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--task_knob {pair!r}: expected KEY=VALUE, e.g. digits=3")
+        if key not in types or key == "env_url":
+            raise ValueError(f"--task_knob {pair}: {name} has no knob {key!r}; its knobs are {known}")
+        kind = types[key]
+        if kind is int or (kind is None and re.fullmatch(r"[+-]?[0-9]+", value)):
+            if not re.fullmatch(r"[+-]?[0-9]{1,18}", value.strip()):
+                raise ValueError(f"--task_knob {pair}: knob {key} of {name} takes an integer")
+            knobs[key] = int(value)
+        elif kind is float:
+            try:
+                knobs[key] = float(value)
+            except ValueError:
+                knobs[key] = None
+            if knobs[key] is None or not math.isfinite(knobs[key]):
+                raise ValueError(f"--task_knob {pair}: knob {key} of {name} takes a finite number")
+        else:
+            knobs[key] = value
+    return knobs
 
 
 def parse_knobs(pairs, env_url: str | None = None) -> dict:

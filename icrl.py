@@ -26,9 +26,21 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (CRITIQUE_RIGHT, build_char_tokenizer, critic_context, encode_observation,
-                  end_of_turn_id, episode_summary, extract_critique, load_task, observation_turn, parse_knobs, solver_context)
-from model import Qwen3, Qwen3Config, generate
+from data import (CRITIQUE_RIGHT, AgentGymTask, build_char_tokenizer, critic_context, encode_observation,
+                  end_of_turn_id, episode_summary, extract_critique, load_task, observation_turn, solver_context,
+                  solver_message, typed_knobs)
+from model import Qwen3, Qwen3Config, check_pretrained, generate
+
+
+class UsageError(SystemExit):
+    """A mistake in the command line, a data file or a checkpoint: main() prints its one line (no
+    traceback: tracebacks are for bugs) and exits with status 2."""
+
+
+def warn(message):
+    """A warning on stderr, from the first rank only (every rank checks the same things)."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(f"warning: {message}", file=sys.stderr)
 
 # ==================================================================================================
 # SPEC §2 equations: one function each, on plain tensors. Per-sample tensors are (N,), per-token
@@ -882,22 +894,106 @@ def full_state(model, optimizer, ctx):
 
 
 def save_checkpoint(model, optimizer, tokenizer, args, ctx, step, name):
-    """Write DIR/name as a Hugging Face folder plus trainer_state.pt. Written under a temporary name and
-    renamed, so a kill during a save leaves every earlier checkpoint whole; DIR/latest names the newest."""
+    """Write a checkpoint into the run folder DIR: a Hugging Face folder (weights, config.json with the
+    stop ids in generation_config.json, the tokenizer) plus trainer_state.pt. `name` is warm_start,
+    step_N or final; final is written as step_N (N = `step`) and DIR/final is then a relative symlink to it.
+
+    Kill-safe at every point: the folder is written under .tmp-NAME, fsynced and renamed; only then is
+    DIR/latest (a file naming the newest folder) replaced, atomically, and then DIR/final. A checkpoint
+    that `latest` names is never removed or rewritten (saving it again only points `final` at it), so
+    `latest` and `final` always name a whole checkpoint."""
     model_state, optim_state = full_state(model, optimizer, ctx)
-    if ctx.main:
-        final, tmp = os.path.join(args.out, name), os.path.join(args.out, f".tmp-{name}")
-        shutil.rmtree(tmp, ignore_errors=True)
+    folder = f"step_{step}" if name == "final" else name
+    if ctx.main and latest_name(args.out) == folder:
+        if name == "final":
+            point_final(args.out, folder)
+    elif ctx.main:
+        path, tmp = os.path.join(args.out, folder), os.path.join(args.out, f".tmp-{folder}")
+        remove_path(tmp)
         unwrap(model).save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
+        write_generation_config(tmp, tokenizer)
         # Every random draw is seeded from (seed, step, rank), so the step is the whole RNG state.
         torch.save({"step": step, "optimizer": optim_state, "args": vars(args)}, os.path.join(tmp, TRAINER_STATE))
-        if os.path.exists(final):  # only `final` is ever rewritten (a run resumed past its end)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_atomic(os.path.join(args.out, "latest"), name + "\n")
+        fsync_tree(tmp)
+        remove_path(path)  # what a kill left between this rename and the `latest` write below
+        os.rename(tmp, path)
+        fsync_dir(args.out)
+        write_atomic(os.path.join(args.out, "latest"), folder + "\n")
+        if name == "final":
+            point_final(args.out, folder)
     if ctx.world > 1:
         dist.barrier()
+
+
+def point_final(out, folder):
+    """DIR/final -> folder, a relative symlink replaced atomically (a `final` folder of an older layout is
+    removed first: `latest` no longer names it)."""
+    final, link = os.path.join(out, "final"), os.path.join(out, ".tmp-final-link")
+    remove_path(link)
+    os.symlink(folder, link)
+    if os.path.isdir(final) and not os.path.islink(final):
+        shutil.rmtree(final)
+    os.replace(link, final)
+    fsync_dir(out)
+
+
+def write_generation_config(folder, tokenizer):
+    """`transformers` generate stops where our sampler does: config.json's eos_token_id (when unset) is
+    the end-of-turn id <|im_end|>, and generation_config.json lists every stop id (stop_token_ids:
+    <|im_end|>, <|endoftext|>), greedy by default."""
+    stops = stop_token_ids(tokenizer)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if not isinstance(end_of_turn, int) or end_of_turn == tokenizer.unk_token_id:
+        end_of_turn = tokenizer.eos_token_id
+    config_file = os.path.join(folder, "config.json")
+    with open(config_file) as f:
+        config = json.load(f)
+    if config.get("eos_token_id") is None:
+        config["eos_token_id"] = end_of_turn if end_of_turn is not None else stops
+        with open(config_file, "w") as f:
+            f.write(json.dumps(config, indent=2) + "\n")
+    pad = tokenizer.pad_token_id
+    generation = {"eos_token_id": stops, "do_sample": False,
+                  "pad_token_id": pad if pad is not None else (stops[0] if stops else None)}
+    if config.get("bos_token_id") is not None:
+        generation["bos_token_id"] = config["bos_token_id"]
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        f.write(json.dumps(generation, indent=2) + "\n")
+
+
+def remove_path(path):
+    """Remove a file, a symlink or a folder tree, if there."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def fsync_dir(path):
+    """Make a rename or a new entry in `path` durable (where the file system allows a directory fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path):
+    """fsync every file under `path`, then its folders: the data is on disk before the rename publishes it."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
 
 
 def write_atomic(path, text):
@@ -907,16 +1003,57 @@ def write_atomic(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def latest_name(run_dir):
+    """The folder DIR/latest names, or None."""
+    try:
+        with open(os.path.join(run_dir, "latest")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def resolve_resume(path):
+    """--resume PATH: a checkpoint folder (its run folder is its parent) or a run folder (then the
+    checkpoint its `latest` names). Returns (checkpoint, run folder)."""
+    if not os.path.isdir(path):
+        raise UsageError(f"--resume {path}: no such folder")
+    if os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        return path, os.path.dirname(os.path.normpath(path)) or "."
+    name = latest_name(path)
+    if name is not None:
+        checkpoint = os.path.join(path, name)
+        if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)):
+            raise UsageError(f"--resume {path}: its latest names {name}, which holds no {TRAINER_STATE}")
+        return checkpoint, path
+    raise UsageError(f"--resume {path}: no {TRAINER_STATE} there and no `latest` file: neither an icrl.py "
+                     f"checkpoint nor a run folder")
 
 
 def resolve_checkpoint(path):
     """--resume takes a checkpoint folder or a run folder (then its `latest`)."""
-    if os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest")) as f:
-            path = os.path.join(path, f.read().strip())
-    if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
-        raise FileNotFoundError(f"--resume {path}: no {TRAINER_STATE} there (not an icrl.py checkpoint)")
-    return path
+    return resolve_resume(path)[0]
+
+
+def read_trainer_state(checkpoint, mmap=True):
+    """trainer_state.pt of a checkpoint, as a dict with `step`; a damaged file is a UsageError naming it.
+    mmap: tensors stay on disk until touched (reading the step and settings costs nothing)."""
+    file = os.path.join(checkpoint, TRAINER_STATE)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as e:
+        raise UsageError(f"{file}: cannot be read, truncated or damaged ({type(e).__name__}: {one_line(e)}); "
+                         f"resume from another checkpoint") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UsageError(f"{file}: not an icrl.py trainer state (no step)")
+    return state
+
+
+def one_line(error, limit=300):
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def load_optimizer_state(model, optimizer, optim_state, ctx):
@@ -943,8 +1080,19 @@ def add_episode_args(p):
                    "only (the paper), or successes too (ablation: breaking a success then costs)")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# Settings a resume may change; every other saved setting defines the run and must be given equal or not
+# at all (then the saved value is taken). --steps may only grow.
+RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "micro_batch", "rollout_batch", "grad_ckpt", "fsdp", "env_url")
+NOT_SETTINGS = ("resume", "out", "overwrite")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own mistakes (a bad int, an unknown flag): one line as well
+        raise UsageError(message)
+
+
+def build_parser():
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model and task
     p.add_argument("--model", default="tiny", help="a Hugging Face Qwen3 folder, or `tiny`: a random 4-layer "
                    "Qwen3 with a character tokenizer (the embedded default)")
@@ -1007,24 +1155,131 @@ def parse_args(argv=None):
     p.add_argument("--eval_samples", type=int, default=4, help="attempts per held-out example for pass@1 "
                    "(eval_acc); greedy accuracy (eval_acc_greedy) is reported beside it")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only the final one)")
-    p.add_argument("--out", default="runs/icrl", help="run folder: checkpoints and metrics.jsonl")
-    p.add_argument("--resume", default=None, help="a checkpoint folder or a run folder (its latest checkpoint)")
-    args = p.parse_args(argv)
+    p.add_argument("--max_prompt_tokens", type=int, default=0, help="longest S(x) kept, in tokens: longer "
+                   "training and held-out examples are dropped, with a count, before the model loads (0: the "
+                   "model's max_position_embeddings, or --max_context, minus what a step generates after S(x): "
+                   "the action, and for ICRL a critique with its instructions)")
+    p.add_argument("--out", default="runs/icrl", help="run folder: checkpoints, `latest`, `final` and "
+                   "metrics.jsonl. A new run refuses a non-empty folder unless --overwrite; a resumed run "
+                   "writes into its own folder (the default then)")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --out: the old "
+                   "run's metrics.jsonl, latest, final and checkpoint folders are deleted when the new run "
+                   "first writes (other files stay)")
+    may_change = ", ".join(f"--{k}" + (" (upward)" if k == "steps" else "") for k in RESUME_MAY_CHANGE)
+    p.add_argument("--resume", default=None, help="continue a run: a checkpoint folder (the run folder is its "
+                   "parent) or a run folder (its latest checkpoint); it continues in that run folder with the "
+                   f"run's saved settings. A flag given again must equal the saved value, except these, which "
+                   f"may change on resume: {may_change}")
+    return p
+
+
+def given_flags(argv):
+    """The dests of the flags written on the command line (not left at their defaults)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def parse_args(argv=None):
+    """The command line, checked (UsageError: one line naming the flag). With --resume, the run's saved
+    settings fill every flag not given, and a given one must equal the saved value (RESUME_MAY_CHANGE
+    excepted); --out becomes the run's own folder and --resume its checkpoint."""
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        continue_run(args, given_flags(argv))
     if args.warm_start_steps is None:
         args.warm_start_steps = 1200 if args.model == "tiny" else 0
     if args.minibatch is None:
         args.minibatch = args.batch_prompts
-    if args.temperature <= 0:
-        p.error("--temperature must be > 0: the trainer's log-probs are taken at the sampling temperature")
+    check_flags(args)
     return args
+
+
+def continue_run(args, given):
+    """--resume: the checkpoint, its run folder as --out, the saved settings (see parse_args)."""
+    if args.overwrite:
+        raise UsageError("--overwrite starts a new run and --resume continues one: give one of them")
+    checkpoint, run_dir = resolve_resume(args.resume)
+    if "out" in given and os.path.realpath(args.out) != os.path.realpath(run_dir):
+        raise UsageError(f"--out {args.out}: --resume {args.resume} continues its own run folder {run_dir}; "
+                         f"leave --out out")
+    state = read_trainer_state(checkpoint)
+    start = state["step"]
+    newest = latest_name(run_dir)
+    if newest is not None and os.path.realpath(os.path.join(run_dir, newest)) != os.path.realpath(checkpoint):
+        try:
+            newest_step = read_trainer_state(os.path.join(run_dir, newest))["step"]
+        except UsageError:
+            newest_step = None
+        if newest_step is not None and newest_step > start:
+            raise UsageError(f"--resume {args.resume} is at step {start}, but its run {run_dir} went on to step "
+                             f"{newest_step} ({newest}); continuing from here would overwrite that: resume {run_dir}, "
+                             f"or copy {checkpoint} into a new folder and resume that copy")
+    saved = state.get("args") if isinstance(state.get("args"), dict) else {}
+    for key, old in saved.items():
+        if key in NOT_SETTINGS or not hasattr(args, key):
+            continue
+        if key not in given:
+            setattr(args, key, old)
+        elif key not in RESUME_MAY_CHANGE and not same_setting(key, getattr(args, key), old):
+            raise UsageError(f"--{key} {show(getattr(args, key))} differs from this run's {show(old)} (saved in "
+                             f"{os.path.join(checkpoint, TRAINER_STATE)}): a resume keeps the settings that define "
+                             f"the run; those that may change: {', '.join('--' + k for k in RESUME_MAY_CHANGE)}")
+    if args.steps < start:
+        raise UsageError(f"--steps {args.steps} is below step {start} of --resume {checkpoint}: a resume continues "
+                         f"a run, never rewinds it; pass --steps {start} or more")
+    args.out, args.resume = run_dir, checkpoint
+
+
+def same_setting(key, new, old):
+    if key == "task_knob":
+        return sorted(new or []) == sorted(old or [])
+    if key == "max_turns" and new == 0:  # 0: the task's own, which is what was saved
+        return True
+    return new == old
+
+
+def show(value):
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def check_flags(args):
+    """Every flag's range, before anything is loaded: a UsageError naming the flag and why."""
+    def need(ok, flag, why):
+        if not ok:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: {why}")
+
+    for flag, positive in (("lr", True), ("warm_start_lr", True), ("temperature", True), ("calib_clip", True),
+                           ("grad_clip", True), ("critic_coef", False), ("clip_high", False),
+                           ("weight_decay", False)):
+        value = getattr(args, flag)
+        need(math.isfinite(value) and (value > 0 if positive else value >= 0), flag,
+             f"must be a finite number {'> 0' if positive else '>= 0'}" +
+             (" (the trainer's log-probs are taken at the sampling temperature)" if flag == "temperature" else ""))
+    need(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(0 <= args.clip_low < 1, "clip_low", "must be in [0, 1)")
+    need(0 <= args.warm_start_target <= 1, "warm_start_target", "must be in [0, 1]")
+    for flag in ("group_size", "batch_prompts", "minibatch", "micro_batch", "rounds", "ppo_epochs", "max_new_tokens",
+                 "critic_max_new_tokens", "eval_examples", "eval_samples", "warm_start_batch"):
+        need(getattr(args, flag) >= 1, flag, "must be at least 1")
+    for flag in ("steps", "save_every", "eval_every", "warm_start_steps", "warm_start_role_steps", "lr_warmup",
+                 "rollout_batch", "max_turns", "max_context", "obs_chars", "max_prompt_tokens"):
+        need(getattr(args, flag) >= 0, flag, "must be 0 or more")
+    one_round = args.algo == "grpo" or args.rounds == 1
+    need(args.group_size > 1 or not one_round, "group_size", "every advantage would be 0 (a group of one "
+         "attempt has no relative signal), so nothing is learned; use 2 or more")
+    if args.group_size == 1:
+        warn("--group_size 1: a query has one chain, so its groups hold that chain alone: a first attempt that "
+             "succeeds gets advantage 0, and with --rounds 2 so does every critique (the critic learns nothing)")
 
 
 def check_divisibility(args, ctx):
     """No silent truncation: every rank gets the same number of queries and of updates."""
     if args.batch_prompts % ctx.world:
-        raise SystemExit(f"--batch_prompts {args.batch_prompts} is not divisible by {ctx.world} ranks")
+        raise UsageError(f"--batch_prompts {args.batch_prompts} is not divisible by {ctx.world} ranks")
     if args.batch_prompts % args.minibatch or args.minibatch % ctx.world:
-        raise SystemExit(f"--minibatch {args.minibatch} must divide --batch_prompts {args.batch_prompts} "
+        raise UsageError(f"--minibatch {args.minibatch} must divide --batch_prompts {args.batch_prompts} "
                          f"and be divisible by {ctx.world} ranks")
 
 
@@ -1040,19 +1295,148 @@ TINY_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, 
 def load_model_and_tokenizer(args, ctx):
     """`tiny`: random init seeded by --seed (identical on every rank) with the character tokenizer;
     otherwise a Hugging Face Qwen3 folder. A resumed run loads the checkpoint's weights."""
+    tokenizer, _ = load_tokenizer(args)
+    return load_model(args, ctx, tokenizer), tokenizer
+
+
+def load_tokenizer(args):
+    """(tokenizer, the model's max_position_embeddings), every folder checked and no weight read: --model
+    (and --resume's checkpoint) have a readable config.json and safetensors headers, the tokenizer loads,
+    has a chat template and fits the vocabulary. Each mistake is a UsageError naming the folder or file."""
     from transformers import AutoTokenizer
     if args.model == "tiny":
         folder = tempfile.mkdtemp(prefix="icrl-char-tokenizer-")
         build_char_tokenizer(folder, args.task)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        config = Qwen3Config(vocab_size=len(tokenizer), **TINY_CONFIG)
+    else:  # a resumed run takes its weights from the checkpoint, and its tokenizer from --model, as at the start
+        config = checked_folder("--resume" if args.resume else "--model", args.resume or args.model)
+        tokenizer = checked_tokenizer("--model", args.model)
+    if args.resume and args.model == "tiny":
+        config = checked_folder("--resume", args.resume)
+    if len(tokenizer) > config.vocab_size:
+        raise UsageError(f"--model {args.model}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
+                         f"vocab_size {config.vocab_size}")
+    return tokenizer, config.max_position_embeddings
+
+
+def checked_folder(flag, path):
+    """The Qwen3Config of a checkpoint folder whose config.json and safetensors headers are sound."""
+    if not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: no such folder")
+    try:
+        return check_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {path}: {one_line(e)}") from None
+
+
+def checked_tokenizer(flag, path):
+    """The folder's tokenizer, which the role prompts need with its chat template."""
+    from transformers import AutoTokenizer
+    if not any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise UsageError(f"{flag} {path}: no tokenizer files there (tokenizer.json, or vocab.json and merges.txt, "
+                         f"with tokenizer_config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers' many ways to fail on a broken folder
+        raise UsageError(f"{flag} {path}: its tokenizer does not load ({type(e).__name__}: {one_line(e)})") from None
+    if not tokenizer.chat_template:
+        raise UsageError(f"{flag} {path}: its tokenizer has no chat template (chat_template.jinja, or chat_template "
+                         f"in tokenizer_config.json); the role prompts are built with it")
+    return tokenizer
+
+
+def load_model(args, ctx, tokenizer):
+    if args.model == "tiny":
         torch.manual_seed(args.seed)
         model = Qwen3(Qwen3Config(vocab_size=len(tokenizer), **TINY_CONFIG))
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = Qwen3.from_pretrained(args.model, dtype=torch.float32, device="cpu")
+    elif not args.resume:
+        model = pretrained("--model", args.model)
     if args.resume:
-        model = Qwen3.from_pretrained(args.resume, dtype=torch.float32, device="cpu")
-    return model.to(ctx.device), tokenizer
+        model = pretrained("--resume", args.resume)
+    return model.to(ctx.device)
+
+
+def pretrained(flag, path):
+    try:
+        return Qwen3.from_pretrained(path, dtype=torch.float32, device="cpu")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {path}: {one_line(e)}") from None
+
+
+def load_tasks(args):
+    """(train task, held-out task) from --task, --task_knob, --env_url and the data files; each mistake a
+    UsageError naming the flag or the file and line."""
+    try:
+        knobs = typed_knobs(args.task, args.task_knob, args.env_url)
+        train_task = load_task(args.task, path=args.train_file, split="train", seed=args.seed, **knobs)
+        eval_task = load_task(args.task, path=args.eval_file, split="test", seed=args.seed, **knobs)
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(one_line(e)) from None
+    return train_task, eval_task
+
+
+MAX_CHARS_PER_TOKEN = 32  # a text longer than this many characters per token of room is over-long untokenized
+
+
+def prompt_limit(args, tokenizer, positions):
+    """The longest S(x), in tokens: --max_prompt_tokens, or what the model's positions (or --max_context)
+    leave after the most a step generates after S(x) in one context: an action (a solve or retry turn);
+    for ICRL also a critique, with the critic's instructions (it reads the action) or the retry's tips."""
+    think = args.enable_thinking
+    budget = args.max_new_tokens
+    if args.algo == "icrl" and args.rounds > 1:
+        base = len(solver_context(tokenizer, "", "", enable_thinking=think))
+        tips = len(solver_context(tokenizer, "", "", "", think)) - base
+        critic = len(critic_context(tokenizer, "", "", episode_summary(0.0, [""], [""], args.obs_chars), think,
+                                    args.obs_chars)) - base
+        budget += args.critic_max_new_tokens + max(tips, critic)
+    context = min(positions, args.max_context or positions)
+    room = context - budget
+    where = f"the model has {positions} positions" + (f" (--max_context {context})" if context < positions else "")
+    if room < 1:
+        raise UsageError(f"--max_new_tokens {args.max_new_tokens}: {where}, and a step generates up to {budget} "
+                         f"tokens after the prompt: no room is left for one")
+    if args.max_prompt_tokens > room:
+        raise UsageError(f"--max_prompt_tokens {args.max_prompt_tokens}: {where}, and a step generates up to "
+                         f"{budget} tokens after the prompt, so a prompt may have at most {room}")
+    return args.max_prompt_tokens or room
+
+
+def drop_long_prompts(task, examples, tokenizer, limit, args, what):
+    """The examples whose S(x) has at most `limit` tokens; the others are dropped with a warning (a count
+    and the first few lines or ids); none left is a UsageError. The work is bounded: a text over
+    MAX_CHARS_PER_TOKEN characters per token of the limit is over-long without tokenizing it, and one
+    whose UTF-8 bytes with the template's fit is short (a token is at least a byte); only the rest is
+    tokenized. AgentGym tasks are not checked: their first observation comes from the servers."""
+    if isinstance(task, AgentGymTask) or not examples:
+        return examples
+    think = args.enable_thinking
+    template = tokenizer.apply_chat_template([{"role": "user", "content": solver_message("", "")}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=think)
+    template_bytes = len(template.encode())
+    kept, dropped = [], []
+    for example in examples:
+        env = task.env(example)
+        task_text, first_observation = env.reset()
+        env.close()
+        chars = len(task_text) + len(first_observation)
+        if chars > limit * MAX_CHARS_PER_TOKEN:
+            fits = False
+        elif template_bytes + len(task_text.encode()) + len(first_observation.encode()) + 1 <= limit:
+            fits = True
+        else:
+            fits = len(solver_context(tokenizer, task_text, first_observation, enable_thinking=think)) <= limit
+        (kept if fits else dropped).append(example)
+    if dropped:
+        shown = ", ".join(str(e.meta.get("source") or e.id)[:80] for e in dropped[:5])
+        more = ", ..." if len(dropped) > 5 else ""
+        if not kept:
+            raise UsageError(f"{what}: every example's prompt S(x) is longer than {limit} tokens "
+                             f"(--max_prompt_tokens): {shown}{more}")
+        warn(f"{what}: dropped {len(dropped)} of {len(examples)} examples whose prompt S(x) is longer than {limit} "
+             f"tokens (--max_prompt_tokens): {shown}{more}")
+    return kept
 
 
 def step_queries(examples, step, args, ctx):
@@ -1068,17 +1452,30 @@ def step_queries(examples, step, args, ctx):
 
 
 def train(args, ctx):
+    """Everything is checked before the weights load: flags (parse_args), data files and knobs, the
+    tokenizer and checkpoint folders, prompt lengths."""
     check_divisibility(args, ctx)
     start_step = 0
     if args.resume:
         args.resume = resolve_checkpoint(args.resume)
-        start_step = torch.load(os.path.join(args.resume, TRAINER_STATE), weights_only=False)["step"]
-    model, tokenizer = load_model_and_tokenizer(args, ctx)
-    knobs = parse_knobs(args.task_knob, args.env_url)
-    train_task = load_task(args.task, path=args.train_file, split="train", seed=args.seed, **knobs)
-    eval_task = load_task(args.task, path=args.eval_file, split="test", seed=args.seed, **knobs)
+        start_step = read_trainer_state(args.resume)["step"]
+        if start_step == args.steps:
+            final = os.path.join(args.out, "final")
+            if ctx.main and os.path.realpath(final) != os.path.realpath(args.resume):
+                point_final(args.out, os.path.basename(os.path.normpath(args.resume)))  # a kill came before it
+            print0(ctx, f"{args.resume} is already at step {args.steps} (--steps): nothing to train; pass a larger "
+                        f"--steps to continue the run")
+            return None
+    train_task, eval_task = load_tasks(args)
+    tokenizer, positions = load_tokenizer(args)
+    limit = prompt_limit(args, tokenizer, positions)
+    train_task.examples = drop_long_prompts(train_task, train_task.examples, tokenizer, limit, args,
+                                            f"--train_file {args.train_file}" if args.train_file else f"{args.task} train")
+    eval_examples = drop_long_prompts(eval_task, eval_task.examples, tokenizer, limit, args,
+                                      f"--eval_file {args.eval_file}" if args.eval_file else f"{args.task} test")
+    eval_examples = eval_examples[:args.eval_examples]
     args.max_turns = args.max_turns or train_task.max_turns
-    eval_examples = eval_task.examples[:args.eval_examples]
+    model = load_model(args, ctx, tokenizer)
     print0(ctx, "config:", json.dumps(vars(args), indent=1))
     print0(ctx, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                 f"{len(train_task.examples)} train / {len(eval_examples)} held-out examples, {ctx.world} rank(s)")
@@ -1089,11 +1486,13 @@ def train(args, ctx):
         print0(ctx, f"warm start: {steps} supervised steps in {time.perf_counter() - t:.0f}s (greedy accuracy "
                     f"{acc:.3f} on training examples when the critic and retry formats were added)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if ctx.main and args.overwrite and not args.resume:
+        clear_run_folder(args.out)
     os.makedirs(args.out, exist_ok=True)
     if args.warm_start_steps and not args.resume:  # RL's starting point, for --model or --resume
         save_checkpoint(model, optimizer, tokenizer, args, ctx, 0, "warm_start")
     if args.resume:
-        state = torch.load(os.path.join(args.resume, TRAINER_STATE), weights_only=False) if ctx.main else {}
+        state = read_trainer_state(args.resume, mmap=False) if ctx.main else {}
         load_optimizer_state(model, optimizer, state.get("optimizer", {}), ctx)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if ctx.main:
@@ -1119,7 +1518,9 @@ def train(args, ctx):
             metrics.update(last := evaluate())
         if ctx.main:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": done, **metrics}) + "\n")
+                f.write(metrics_line({"step": done, **metrics}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             shown = {k: f"{metrics[k]:.2f}" for k in ("acc", "retry_acc") if metrics.get(k) is not None}
             bar.set_postfix(**shown, eval=f"{last['eval_acc']:.2f}", refresh=False)
         if args.save_every and done % args.save_every == 0 and done != args.steps:
@@ -1149,23 +1550,107 @@ def train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step):
     return step_metrics(rollouts, samples, stats, times, args, ctx)
 
 
+def metrics_line(record):
+    """One line of metrics.jsonl, strict JSON: NaN and infinities (a skipped update's loss) become null."""
+    return json.dumps(finite_or_none(record), allow_nan=False)
+
+
+def finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def read_metrics(path, quiet=False):
+    """[(line, record)] of metrics.jsonl. A torn last line (a kill during its write) is dropped with a
+    warning naming the file; a bad line elsewhere is a UsageError naming file and line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and isinstance(record.get("step"), int)
+        except json.JSONDecodeError:
+            ok = False
+        if ok:
+            out.append((line + "\n", record))
+        elif number == len(lines):
+            if not quiet:
+                warn(f"{path}: dropped its torn last line {number} ({line[:40]!r}), a kill during its write")
+        else:
+            raise UsageError(f"{path}:{number}: not a metrics line ({line[:40]!r}); only the last line may be "
+                             f"torn by a kill: mend or remove it")
+    return out
+
+
 def keep_metrics_until(path, step):
-    """A resumed run rewrites metrics.jsonl without the lines past its checkpoint."""
+    """A resumed run rewrites metrics.jsonl without the lines past its checkpoint (and a torn last line)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    write_atomic(path, "".join(lines))
+    write_atomic(path, "".join(line for line, record in read_metrics(path) if record["step"] <= step))
+
+
+def check_run_folder(args):
+    """Before anything loads: a new run refuses a non-empty --out unless --overwrite; a resumed run's
+    metrics.jsonl must be readable (a torn last line is fine: it is dropped when the run starts)."""
+    if args.resume:
+        read_metrics(os.path.join(args.out, "metrics.jsonl"), quiet=True)
+        return
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: a file, not a folder")
+    entries = sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []
+    if entries and not args.overwrite:
+        listed = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise UsageError(f"--out {args.out} is not empty ({listed}): pass --overwrite to replace the run there, "
+                         f"or --resume {args.out} to continue it")
+
+
+def clear_run_folder(out):
+    """--overwrite: remove an old run's files from `out` (metrics, latest, final, every checkpoint folder,
+    leftovers of killed saves); anything else stays."""
+    if not os.path.isdir(out):
+        return
+    removed, kept = [], []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        ours = (name in ("metrics.jsonl", "metrics.jsonl.tmp", "latest", "latest.tmp", "final") or name.startswith(".tmp-")
+                or os.path.isfile(os.path.join(path, TRAINER_STATE)))
+        (removed if ours else kept).append(name)
+        if ours:
+            remove_path(path)
+    print(f"--overwrite: removed the old run from {out} ({len(removed)} entries)"
+          + (f"; kept {', '.join(kept)}" if kept else ""))
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """A user's mistake (UsageError) prints one line and exits with status 2, before the model loads."""
+    try:
+        args = parse_args(argv)
+        check_run_folder(args)
+    except UsageError as e:
+        usage_exit(e)
     ctx = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     try:
         train(args, ctx)
+    except UsageError as e:
+        usage_exit(e)
     finally:
         shutdown(ctx, args.fsdp)
+
+
+def usage_exit(error):
+    print(f"error: {one_line(error, limit=2000)}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 
 def shutdown(ctx, fsdp):

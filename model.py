@@ -17,6 +17,7 @@ Tests: .venv/bin/python -m pytest -q tests/test_model.py     Benchmark: .venv/bi
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,24 +234,8 @@ class Qwen3(nn.Module):
         """Load a Hugging Face Qwen3 folder; any missing, unexpected or misshapen tensor stops the load.
         Tied models: an `lm_head.weight` in the file must equal the embedding (it is then ignored)."""
         path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: not a Hugging Face checkpoint folder")
-        config = Qwen3Config.from_dict(json.loads(config_file.read_text()))
-        found = _tensor_shapes(path)                                  # name -> (file, shape)
-        with torch.device("meta"):
-            model = cls(config)
-        params = dict(model.named_parameters())          # a tied lm_head is listed once, as the embedding
+        config, found, model = _checked_folder(cls, path)
         tied_head = config.tie_word_embeddings and "lm_head.weight" in found
-        expected = {**params, "lm_head.weight": model.lm_head.weight} if tied_head else params
-        if missing := set(params) - set(found):
-            raise ValueError(f"{path}: missing tensor(s) {_few(missing)}")
-        if unexpected := set(found) - set(expected):
-            raise ValueError(f"{path}: unexpected tensor(s) {_few(unexpected)} (not in this dense Qwen3)")
-        for name, (file, shape) in found.items():
-            if shape != tuple(expected[name].shape):
-                raise ValueError(f"{file.name}: tensor {name} has shape {shape}, config.json implies "
-                                 f"{tuple(expected[name].shape)}")
         model.to(dtype).to_empty(device=device)
         model.tie_weights()                                                       # to_empty made new tensors
         params = dict(model.named_parameters())
@@ -282,8 +267,51 @@ class Qwen3(nn.Module):
                              f"{_few(expected - set(tensors))}, unexpected {_few(set(tensors) - expected)}")
         path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path / "model.safetensors", 0o666 & ~umask)   # safetensors writes 0600; 0644 like the rest
         dtype = tensors["model.embed_tokens.weight"].dtype
         (path / "config.json").write_text(json.dumps(self.config.to_dict(dtype), indent=2) + "\n")
+
+
+def read_config(path) -> Qwen3Config:
+    """The Qwen3Config of a Hugging Face folder's config.json; errors name the file."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: not a Hugging Face checkpoint folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
+    return Qwen3Config.from_dict(config)
+
+
+def check_pretrained(path) -> Qwen3Config:
+    """Everything Qwen3.from_pretrained checks, without reading a weight: config.json, the safetensors
+    headers (a truncated or damaged file fails here), every tensor's name and shape. Returns the config."""
+    return _checked_folder(Qwen3, Path(path))[0]
+
+
+def _checked_folder(cls, path: Path):
+    """(config, name -> (file, shape), the model on the meta device) of a checked checkpoint folder."""
+    config = read_config(path)
+    found = _tensor_shapes(path)                                  # name -> (file, shape)
+    with torch.device("meta"):
+        model = cls(config)
+    params = dict(model.named_parameters())          # a tied lm_head is listed once, as the embedding
+    tied_head = config.tie_word_embeddings and "lm_head.weight" in found
+    expected = {**params, "lm_head.weight": model.lm_head.weight} if tied_head else params
+    if missing := set(params) - set(found):
+        raise ValueError(f"{path}: missing tensor(s) {_few(missing)}")
+    if unexpected := set(found) - set(expected):
+        raise ValueError(f"{path}: unexpected tensor(s) {_few(unexpected)} (not in this dense Qwen3)")
+    for name, (file, shape) in found.items():
+        if shape != tuple(expected[name].shape):
+            raise ValueError(f"{file.name}: tensor {name} has shape {shape}, config.json implies "
+                             f"{tuple(expected[name].shape)}")
+    return config, found, model
 
 
 def _few(names) -> str:
@@ -295,7 +323,10 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """tensor name -> (the safetensors file holding it, its shape), from a single file or a sharded index."""
     index, single = path / "model.safetensors.index.json", path / "model.safetensors"
     if index.is_file():
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        try:
+            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
     elif single.is_file():
         files = [single]
     else:
@@ -304,11 +335,15 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{index}: shard {file.name} not found")
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name in found:
-                    raise ValueError(f"tensor {name} is in both {found[name][0].name} and {file.name}")
-                found[name] = (file, tuple(f.get_slice(name).get_shape()))
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except Exception as e:  # safetensors' SafetensorError: a truncated or damaged file
+            raise ValueError(f"{file}: not a readable safetensors file, truncated or damaged ({e})") from None
+        for name, shape in shapes.items():
+            if name in found:
+                raise ValueError(f"tensor {name} is in both {found[name][0].name} and {file.name}")
+            found[name] = (file, shape)
     return found
 
 

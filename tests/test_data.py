@@ -86,6 +86,7 @@ COUNTDOWN_CASES = [
 ]
 
 EIGHTEEN, THOUSANDS, NEGATIVE = TASKS["gsm8k"].examples  # answers 18, 1234, -7 (tests/data/gsm8k_sample.jsonl)
+TWELVE = Example("gsm8k:12", "(question)", "12")
 GSM8K_CASES = [
     (EIGHTEEN, "\\boxed{18}", 1), (EIGHTEEN, "So Tom has \\boxed{18} apples.", 1), (EIGHTEEN, "\\boxed{18.00}", 1),
     (EIGHTEEN, "\\boxed{\\$18}", 1), (EIGHTEEN, "\\boxed{$18.00}", 1), (EIGHTEEN, "\\boxed{18 apples}", 1),
@@ -103,6 +104,15 @@ GSM8K_CASES = [
     (EIGHTEEN, "\\boxed{18/0}", 0), (EIGHTEEN, "\\boxed{\uff11\uff18}", 0), (EIGHTEEN, "\\boxed{\u0661\u0668}", 0),
     (EIGHTEEN, "\\boxed{3*6}", 0), (NEGATIVE, "\\boxed{7}", 0), (THOUSANDS, "\\boxed{12,34}", 0),
     (THOUSANDS, "\\boxed{1,2345}", 0), (THOUSANDS, "\\boxed{1.234}", 0),
+    # a trailing word that changes the number is no unit (issue 13); real unit words are still dropped
+    (TWELVE, "\\boxed{12 hundred}", 0), (TWELVE, "\\boxed{12 thousand}", 0), (TWELVE, "\\boxed{12 million}", 0),
+    (TWELVE, "\\boxed{12 squared}", 0), (TWELVE, "\\boxed{12 e}", 0), (TWELVE, "\\boxed{12 i}", 0),
+    (TWELVE, "\\boxed{12 billion dollars}", 0), (TWELVE, "\\boxed{12\\text{ thousand}}", 0),
+    (TWELVE, "\\boxed{12 dozen}", 0), (TWELVE, "\\boxed{12k}", 0), (TWELVE, "\\boxed{12 cubed}", 0),
+    (TWELVE, "\\boxed{12 and a half}", 0), (TWELVE, "\\boxed{12 times 2}", 0), (TWELVE, "\\boxed{12 E}", 0),
+    (TWELVE, "\\boxed{12 dollars}", 1), (TWELVE, "\\boxed{12 km/h}", 1), (TWELVE, "\\boxed{12 apples}", 1),
+    (TWELVE, "\\boxed{12 square feet}", 1), (TWELVE, "\\boxed{12 m}", 1), (TWELVE, "\\boxed{12\\text{ hours}}", 1),
+    (TWELVE, "\\boxed{12 miles per hour}", 1), (TWELVE, "\\boxed{12 percent}", 1),
 ]
 
 HALF, RIGHT_ANGLE, ROOT_TWO, PAIR, SIDE = TASKS["math"].examples  # tests/data/math_sample.jsonl
@@ -198,6 +208,18 @@ def test_hostile_outputs_score_zero_quickly(task_name):
         elapsed = time.perf_counter() - start
         assert reward == 0.0, (task_name, response[:60])
         assert elapsed < 1.0, (task_name, response[:60], elapsed)
+
+
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+def test_ten_megabytes_of_braces_score_zero_in_well_under_a_second(task_name):
+    """The input is bounded before any scan: an unclosed \\boxed{ before 10 MB of braces is not scanned to the end."""
+    task = TASKS[task_name]
+    for response in ("\\boxed{" + "{" * 10_000_000, "\\boxed{" + "{" * 10_000_000 + "5" + "}" * 10_000_001,
+                     "\\boxed{5}" + "{" * 10_000_000, "<think>" + "{" * 10_000_000 + "</think>\\boxed{" + "{" * 10_000_000):
+        start = time.perf_counter()
+        reward = task.reward(task.examples[0], response)
+        elapsed = time.perf_counter() - start
+        assert reward == 0.0 and elapsed < 0.25, (task_name, response[:20], elapsed)
 
 
 @pytest.mark.parametrize("task_name", sorted(TASKS))

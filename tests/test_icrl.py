@@ -285,8 +285,10 @@ def test_checkpoint_is_a_transformers_folder(tmp_path):
     ids = torch.tensor([tokenizer.encode("12+34")])
     torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-5)
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
-    # RL's starting point is kept, so another algorithm can start from the same weights (--model).
-    assert sorted(os.listdir(out)) == ["final", "latest", "metrics.jsonl", "warm_start"]
+    # RL's starting point is kept, so another algorithm can start from the same weights (--model); `final`
+    # names the last step's folder (a symlink swapped atomically), `latest` names it too.
+    assert sorted(os.listdir(out)) == ["final", "latest", "metrics.jsonl", "step_1", "warm_start"]
+    assert os.readlink(os.path.join(out, "final")) == "step_1" == open(os.path.join(out, "latest")).read().strip()
     rl_start = os.path.join(out, "warm_start")
     assert icrl.Qwen3.from_pretrained(rl_start).config.vocab_size == ours.config.vocab_size
     assert AutoTokenizer.from_pretrained(rl_start).vocab == tokenizer.vocab
@@ -305,12 +307,13 @@ def test_kill_during_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         icrl.main(TINY_RUN + ["--steps", "4", "--save_every", "1", "--out", out, "--resume", out])
     monkeypatch.undo()
-    assert open(os.path.join(out, "latest")).read().strip() == "final"   # still the last whole one
+    assert open(os.path.join(out, "latest")).read().strip() == "step_2"   # still the last whole one
+    assert os.readlink(os.path.join(out, "final")) == "step_2"
     assert not os.path.exists(os.path.join(out, "step_3"))
-    assert icrl.resolve_checkpoint(out) == os.path.join(out, "final")
+    assert icrl.resolve_checkpoint(out) == os.path.join(out, "step_2")
     after = load_file(os.path.join(out, "step_1", "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
-    with pytest.raises(FileNotFoundError, match="trainer_state.pt"):
+    with pytest.raises(icrl.UsageError, match="trainer_state.pt"):
         icrl.resolve_checkpoint(os.path.join(out, ".tmp-step_3"))
 
 

@@ -1,0 +1,459 @@
+"""icrl.py's run folder and command line (issue 13): a resume continues the run it names, in its own
+folder, with its own settings; a fresh run never replaces a run without --overwrite; every mistake in a
+flag, a data file or a checkpoint is one line naming it, before the model loads; prompts longer than the
+model's context are dropped before training; checkpoints carry their stop ids for `transformers`; a kill
+at any point of a save leaves a loadable `latest`."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import icrl
+from test_icrl import ROOT, TINY_RUN, tiny_model
+
+# The cheapest end-to-end run: no warm start, one query of G = 2, one held-out example sampled once.
+FAST = TINY_RUN + ["--warm_start_steps", "0", "--batch_prompts", "1", "--max_new_tokens", "4",
+                   "--critic_max_new_tokens", "4", "--eval_examples", "1", "--eval_samples", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A finished 2-step run saved at every step: step_1, step_2 (final), latest, metrics.jsonl."""
+    out = str(tmp_path_factory.mktemp("base") / "run")
+    old_umask = os.umask(0o022)
+    try:
+        icrl.main(FAST + ["--steps", "2", "--save_every", "1", "--out", out])
+    finally:
+        os.umask(old_umask)
+    return out
+
+
+def copy_run(base, dest):
+    shutil.copytree(base, dest, symlinks=True)
+    return str(dest)
+
+
+class ModelLoaded(Exception):
+    pass
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading model weights (or building the tiny model) or starting the warm start fails the test."""
+    class Stub:
+        def __init__(self, *args, **kwargs):
+            raise ModelLoaded("the model was built before the command line was checked")
+
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            raise ModelLoaded("the model weights were loaded before the command line was checked")
+
+    monkeypatch.setattr(icrl, "Qwen3", Stub)
+    monkeypatch.setattr(icrl, "warm_start", Stub.from_pretrained)
+
+
+def usage_error(capsys, argv):
+    """Run icrl.main(argv); it must stop with exit status 2 and one line on stderr; returns that line."""
+    capsys.readouterr()  # what came before (a fixture's progress bars) is not the run's
+    with pytest.raises(SystemExit) as e:
+        icrl.main(argv)
+    assert e.value.code == 2, e.value.code
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# ==================================================================================================
+# 1. The run folder never loses work
+# ==================================================================================================
+
+def test_resume_of_a_checkpoint_continues_its_own_run_folder(base_run, tmp_path, monkeypatch):
+    """`--resume RUN/final` with no --out and no other flag: the run continues in RUN (not in the default
+    runs/icrl), with RUN's saved settings (G = 2, one query per step ...), its metrics appended."""
+    run = copy_run(base_run, tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    icrl.main(["--resume", os.path.join(run, "final"), "--steps", "3", "--eval_every", "0"])
+    assert not os.path.exists(tmp_path / "runs")
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert steps == [1, 2, 3]
+    assert open(os.path.join(run, "latest")).read().strip() == "step_3"
+    assert os.path.realpath(os.path.join(run, "final")) == os.path.realpath(os.path.join(run, "step_3"))
+    saved = torch.load(os.path.join(run, "final", icrl.TRAINER_STATE), weights_only=False)
+    assert saved["step"] == 3
+    assert (saved["args"]["group_size"], saved["args"]["batch_prompts"], saved["args"]["warm_start_steps"]) == (2, 1, 0)
+    assert os.path.realpath(saved["args"]["out"]) == os.path.realpath(run)
+
+
+@pytest.mark.parametrize("extra, names", [
+    (["--out", "elsewhere"], ["--out", "elsewhere"]),
+    (["--steps", "1"], ["--steps", "1", "2"]),
+    (["--lr", "0.001"], ["--lr", "0.001", "0.0005"]),
+    (["--task", "countdown", "--steps", "3"], ["--task", "countdown", "arithmetic"]),
+    (["--group_size", "4", "--steps", "3"], ["--group_size", "4", "2"]),
+    (["--seed", "1", "--steps", "3"], ["--seed", "1", "0"]),
+    (["--overwrite"], ["--overwrite", "--resume"]),
+])
+def test_resume_refuses_settings_that_do_not_continue_the_run(base_run, tmp_path, monkeypatch, capsys, no_model,
+                                                              extra, names):
+    run = copy_run(base_run, tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    before = open(os.path.join(run, "metrics.jsonl")).read()
+    err = usage_error(capsys, ["--resume", run] + extra)
+    assert all(name in err for name in names), err
+    assert open(os.path.join(run, "metrics.jsonl")).read() == before
+
+
+def test_resume_refusals_name_what_is_wrong(base_run, tmp_path, monkeypatch, capsys, no_model):
+    run = copy_run(base_run, tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    # an earlier checkpoint of a run that went further: continuing it would overwrite the later ones
+    err = usage_error(capsys, ["--resume", os.path.join(run, "step_1"), "--steps", "4"])
+    assert "step_1" in err and "step_2" in err
+    err = usage_error(capsys, ["--resume", str(tmp_path / "nowhere")])
+    assert "--resume" in err and "nowhere" in err
+    # a finished run resumed without a larger --steps has nothing to do, and says so
+    icrl.main(["--resume", run])
+    assert "already at step 2" in capsys.readouterr().out
+    # settings that may change on resume are listed in --help
+    with pytest.raises(SystemExit) as e:
+        icrl.main(["--help"])
+    assert e.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "may change on resume" in help_text
+    for flag in ("--steps", "--eval_every", "--save_every", "--micro_batch", "--rollout_batch", "--overwrite"):
+        assert flag in help_text
+
+
+def test_fresh_run_refuses_a_non_empty_out_unless_overwrite(base_run, tmp_path, monkeypatch, capsys):
+    run = copy_run(base_run, tmp_path / "a")
+    (tmp_path / "a" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(run))
+    err = usage_error(capsys, FAST + ["--steps", "1", "--out", run])
+    assert "--overwrite" in err and run in err
+    assert sorted(os.listdir(run)) == before
+    icrl.main(FAST + ["--steps", "0", "--out", run, "--overwrite"])
+    # the old run is gone (its checkpoints and metrics), other files stay
+    assert sorted(os.listdir(run)) == ["final", "latest", "notes.txt", "step_0"]
+
+
+def test_metrics_are_strict_json_and_a_torn_last_line_is_dropped(tmp_path, capsys):
+    line = icrl.metrics_line({"step": 1, "loss": float("nan"), "tok_per_s": float("inf"), "x": [float("-inf"), 1.5]})
+    strict = json.loads(line, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
+    assert strict == {"step": 1, "loss": None, "tok_per_s": None, "x": [None, 1.5]}
+    path = tmp_path / "metrics.jsonl"
+    good = ['{"step": 1, "acc": 0.5}\n', '{"step": 2, "acc": null}\n', '{"step": 3, "acc": 0.25}\n']
+    path.write_text("".join(good) + '{"step": 4, "ac')
+    icrl.keep_metrics_until(str(path), 3)
+    assert path.read_text() == "".join(good)
+    err = capsys.readouterr().err
+    assert "warning" in err and str(path) in err and "torn" in err
+    path.write_text(good[0] + "garbage\n" + good[2])   # damage in the middle is not a torn write
+    with pytest.raises(icrl.UsageError, match=f"{path}:2"):
+        icrl.keep_metrics_until(str(path), 3)
+
+
+def test_metrics_written_by_a_run_are_strict_json(base_run):
+    for line in open(os.path.join(base_run, "metrics.jsonl")):
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
+
+
+# ==================================================================================================
+# 2. Every flag and data file is checked before the model loads
+# ==================================================================================================
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--lr", "-1"], "--lr"),
+    (["--group_size", "0"], "--group_size"), (["--micro_batch", "0"], "--micro_batch"),
+    (["--batch_prompts", "0"], "--batch_prompts"), (["--minibatch", "0"], "--minibatch"),
+    (["--rounds", "0"], "--rounds"), (["--steps", "-1"], "--steps"), (["--save_every", "-2"], "--save_every"),
+    (["--max_new_tokens", "0"], "--max_new_tokens"), (["--eval_samples", "0"], "--eval_samples"),
+    (["--group_size", "1", "--algo", "grpo"], "--group_size"), (["--group_size", "abc"], "--group_size"),
+    (["--calib_clip", "nan"], "--calib_clip"), (["--top_p", "0"], "--top_p"), (["--temperature", "0"], "--temperature"),
+    (["--batch_prompts", "6", "--minibatch", "4"], "--minibatch"),
+    (["--task_knob", "digits=abc"], "digits"), (["--task_knob", "colour=red"], "colour"),
+    (["--task_knob", "nonsense"], "--task_knob"),
+    (["--task", "gsm8k", "--train_file", "missing.jsonl", "--eval_file", "missing.jsonl"], "missing.jsonl"),
+    (["--task", "nosuchtask"], "nosuchtask"),
+])
+def test_bad_flags_fail_in_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, no_model, extra, flag):
+    monkeypatch.chdir(tmp_path)
+    err = usage_error(capsys, FAST + extra)
+    assert flag in err, err
+
+
+def test_unknown_knob_lists_the_valid_ones(tmp_path, monkeypatch, capsys, no_model):
+    monkeypatch.chdir(tmp_path)
+    err = usage_error(capsys, FAST + ["--task_knob", "colour=red"])
+    assert all(knob in err for knob in ("digits", "operands", "ops", "n")), err
+    err = usage_error(capsys, FAST + ["--task", "guess", "--task_knob", "max_guess=3"])
+    assert "max_guesses" in err and "hints" in err, err
+    err = usage_error(capsys, FAST + ["--task_knob", "digits=abc"])
+    assert "integer" in err, err
+
+
+def test_bad_data_file_fails_before_the_model_loads(tmp_path, monkeypatch, capsys, no_model):
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?"\n')
+    err = usage_error(capsys, FAST + ["--task", "gsm8k", "--train_file", str(good), "--eval_file", str(bad)])
+    assert f"{bad}:2" in err, err
+
+
+def test_group_size_one_is_warned_about_for_icrl(tmp_path, monkeypatch, capsys, no_model):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoaded):
+        icrl.main(FAST + ["--group_size", "1"])
+    err = capsys.readouterr().err
+    assert "warning" in err and "--group_size 1" in err
+
+
+def test_a_user_error_on_the_command_line_is_one_line_and_exit_status_2(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "icrl.py"), "--lr", "nan"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--lr" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+# ==================================================================================================
+# 3. Prompts longer than the model's context
+# ==================================================================================================
+
+def gsm8k_file(path, questions):
+    with open(path, "w") as f:
+        for q in questions:
+            f.write(json.dumps({"question": q, "answer": "#### 2"}) + "\n")
+    return str(path)
+
+
+def test_over_long_prompts_are_dropped_before_the_model_loads(tmp_path, monkeypatch, capsys, no_model):
+    """The tiny model has 2048 positions and one token per character: a 3,000-character question cannot
+    fit, and a 50 MB one must be rejected on its length alone, never reaching the tokenizer."""
+    import transformers
+    real = transformers.PreTrainedTokenizerBase.apply_chat_template
+
+    def bounded(self, conversation, *args, **kwargs):
+        assert sum(len(m["content"]) for m in conversation) < 100_000, "a huge prompt reached the tokenizer"
+        return real(self, conversation, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "apply_chat_template", bounded)
+    monkeypatch.chdir(tmp_path)
+    train = gsm8k_file(tmp_path / "train.jsonl", ["What is 1+1?", "x" * 3000, "y" * 50_000_000, "What is 0+2?"])
+    test = gsm8k_file(tmp_path / "test.jsonl", ["What is 2+0?", "z" * 2500])
+    with pytest.raises(ModelLoaded):
+        icrl.main(FAST + ["--task", "gsm8k", "--train_file", train, "--eval_file", test])
+    err = capsys.readouterr().err
+    assert "dropped 2 of 4" in err and f"{train}:2" in err and f"{train}:3" in err, err
+    assert "dropped 1 of 2" in err and f"{test}:2" in err, err
+    # --max_prompt_tokens sets a lower bound (S(x) of "What is 1+1?" is 21 tokens here) ...
+    small = gsm8k_file(tmp_path / "small.jsonl", ["What is 1+1?", "w" * 60, "What is 0+2?"])
+    with pytest.raises(ModelLoaded):
+        icrl.main(FAST + ["--task", "gsm8k", "--train_file", small, "--eval_file", small, "--max_prompt_tokens", "40"])
+    err = capsys.readouterr().err
+    assert "dropped 1 of 3" in err and f"{small}:2" in err, err
+    # ... and is refused beyond what the model holds
+    err = usage_error(capsys, FAST + ["--task", "gsm8k", "--train_file", small, "--eval_file", small,
+                                      "--max_prompt_tokens", "5000"])
+    assert "--max_prompt_tokens" in err and "2048" in err, err
+    # nothing left to train on: refused
+    only_long = gsm8k_file(tmp_path / "long.jsonl", ["x" * 3000])
+    err = usage_error(capsys, FAST + ["--task", "gsm8k", "--train_file", only_long, "--eval_file", small])
+    assert "--max_prompt_tokens" in err and only_long in err, err
+
+
+# ==================================================================================================
+# 4. Bad checkpoints: one line naming the file
+# ==================================================================================================
+
+def checkpoint_folder(tmp_path, name, tokenizer=True):
+    from conftest import make_hf_qwen3
+    from data import build_char_tokenizer
+    folder, _ = make_hf_qwen3(tmp_path / name, vocab_size=116)
+    if tokenizer:
+        build_char_tokenizer(str(folder))
+    return str(folder)
+
+
+def test_bad_model_folders_give_one_line(tmp_path, monkeypatch, capsys, no_model):
+    monkeypatch.chdir(tmp_path)
+    args = FAST + ["--warm_start_steps", "0"]
+    folder = checkpoint_folder(tmp_path, "no_tokenizer", tokenizer=False)
+    err = usage_error(capsys, args + ["--model", folder])
+    assert folder in err and "tokenizer" in err, err
+
+    folder = checkpoint_folder(tmp_path, "no_template")
+    config = json.load(open(os.path.join(folder, "tokenizer_config.json")))
+    del config["chat_template"]
+    json.dump(config, open(os.path.join(folder, "tokenizer_config.json"), "w"))
+    err = usage_error(capsys, args + ["--model", folder])
+    assert folder in err and "chat template" in err, err
+
+    folder = checkpoint_folder(tmp_path, "truncated")
+    weights = os.path.join(folder, "model.safetensors")
+    data = open(weights, "rb").read()
+    open(weights, "wb").write(data[:len(data) // 2])
+    err = usage_error(capsys, args + ["--model", folder])
+    assert weights in err, err
+
+    folder = checkpoint_folder(tmp_path, "bad_config")
+    open(os.path.join(folder, "config.json"), "w").write("{not json")
+    err = usage_error(capsys, args + ["--model", folder])
+    assert os.path.join(folder, "config.json") in err, err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupted_trainer_state_gives_one_line(base_run, tmp_path, monkeypatch, capsys, no_model, damage):
+    run = copy_run(base_run, tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    state = os.path.join(run, "step_2", icrl.TRAINER_STATE)
+    data = open(state, "rb").read()
+    open(state, "wb").write(b"not a torch file" if damage == "garbage" else data[:len(data) // 2])
+    err = usage_error(capsys, ["--resume", run, "--steps", "3"])
+    assert state in err or os.path.join(run, "final", icrl.TRAINER_STATE) in err, err
+
+
+# ==================================================================================================
+# 5. Checkpoints that work everywhere
+# ==================================================================================================
+
+def test_checkpoint_stops_under_transformers_generate_like_ours(tmp_path, char_tokenizer):
+    """config.json and generation_config.json carry <|im_end|> and <|endoftext|>: `generate` with its
+    defaults stops where our greedy sampler does. Files are 0644 (under umask 022), weights included."""
+    from transformers import AutoModelForCausalLM
+    from model import Qwen3, Qwen3Config, generate
+    from data import solver_context
+    stops = icrl.stop_token_ids(char_tokenizer)
+    im_end = char_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(0)
+    model = Qwen3(Qwen3Config(vocab_size=len(char_tokenizer), **{**icrl.TINY_CONFIG, "tie_word_embeddings": False}))
+    prompts = [solver_context(char_tokenizer, f"{a}+{b}\nAnswer in \\boxed{{}}.", "") for a in range(3) for b in range(3)]
+    original = model.lm_head.weight[im_end].clone()
+    found = None
+    # A random model never stops by itself: make <|im_end|>'s output row a copy (x 1.1) of the row of a token
+    # that greedy decoding picks a few tokens in, so that it stops there instead.
+    for prompt in prompts:
+        with torch.no_grad():
+            model.lm_head.weight[im_end] = original
+        free = generate(model, [prompt], 24, temperature=0)[0].tokens
+        for k in range(2, 12):
+            if free[k] in free[:k]:
+                continue
+            with torch.no_grad():
+                model.lm_head.weight[im_end] = model.lm_head.weight[free[k]] * 1.1
+            out = generate(model, [prompt], 24, temperature=0, stop_ids=stops)[0]
+            if out.finished and len(out.tokens) >= 3:
+                found = prompt, out.tokens
+                break
+        if found:
+            break
+    assert found, "no prompt stopped early"
+    prompt, ours = found
+    args = icrl.parse_args(["--out", str(tmp_path / "run")])
+    optimizer = torch.optim.AdamW(model.parameters())
+    old_umask = os.umask(0o022)
+    try:
+        icrl.save_checkpoint(model, optimizer, char_tokenizer, args, icrl.Dist(), 0, "warm_start")
+    finally:
+        os.umask(old_umask)
+    folder = tmp_path / "run" / "warm_start"
+    assert json.load(open(folder / "config.json"))["eos_token_id"] == im_end
+    generation = json.load(open(folder / "generation_config.json"))
+    assert sorted(generation["eos_token_id"]) == stops
+    hf = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24)[0, len(prompt):].tolist()
+    assert theirs == ours
+    for name in os.listdir(folder):
+        assert os.stat(folder / name).st_mode & 0o777 == 0o644, name
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+    from data import build_char_tokenizer
+    path = str(tmp_path_factory.mktemp("tok"))
+    build_char_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+# ==================================================================================================
+# 7. A kill at any point of a save leaves a loadable `latest`
+# ==================================================================================================
+
+class Killed(BaseException):
+    pass
+
+
+def loadable(folder, tokenizer_vocab):
+    from transformers import AutoTokenizer
+    model = icrl.Qwen3.from_pretrained(folder)
+    state = torch.load(os.path.join(folder, icrl.TRAINER_STATE), weights_only=False)
+    assert AutoTokenizer.from_pretrained(folder).get_vocab() == tokenizer_vocab
+    return model, state["step"]
+
+
+@pytest.mark.parametrize("name", ["final", "step_2"])
+def test_a_kill_at_every_point_of_a_save_leaves_a_loadable_latest(tmp_path, monkeypatch, char_tokenizer, name):
+    """A run saved `final` at step 1; the next save (step 2, as `final` or as an intermediate checkpoint)
+    is killed before its k-th file-system operation, for every k: `latest` (and `final`) always name a
+    whole checkpoint, at step 1 or 2, and the next save after the kill succeeds."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability is not what this test is about; speed is
+    model = tiny_model(len(char_tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters())
+    pristine = str(tmp_path / "pristine")
+    args = icrl.parse_args(["--out", pristine])
+    icrl.save_checkpoint(model, optimizer, char_tokenizer, args, icrl.Dist(), 1, "final")
+    vocab = char_tokenizer.get_vocab()
+    operations = ["mkdir", "replace", "rename", "symlink", "unlink", "remove", "rmdir"]  # every change a reader sees
+    real = {op: getattr(os, op) for op in operations}
+    real_rmtree = shutil.rmtree
+    k, outcomes = 0, set()
+    while True:
+        k += 1
+        out = str(tmp_path / f"run{k}")
+        shutil.copytree(pristine, out, symlinks=True)
+        args.out = out
+        calls = [0]
+
+        def counted(fn):
+            def wrapper(*a, **kw):
+                calls[0] += 1
+                if calls[0] == k:
+                    raise Killed
+                return fn(*a, **kw)
+            return wrapper
+
+        for op in operations:
+            monkeypatch.setattr(os, op, counted(real[op]))
+        monkeypatch.setattr(shutil, "rmtree", counted(real_rmtree))
+        try:
+            icrl.save_checkpoint(model, optimizer, char_tokenizer, args, icrl.Dist(), 2, name)
+            finished = True
+        except Killed:
+            finished = False
+        finally:
+            for op in operations:
+                monkeypatch.setattr(os, op, real[op])
+            monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+        _, step = loadable(icrl.resolve_checkpoint(out), vocab)
+        _, final_step = loadable(os.path.join(out, "final"), vocab)
+        outcomes.add((step, final_step))
+        assert step in (1, 2) and final_step in (1, 2)
+        if finished:
+            assert step == 2 and final_step == (2 if name == "final" else 1)
+            break
+        icrl.save_checkpoint(model, optimizer, char_tokenizer, args, icrl.Dist(), 2, name)  # the rerun heals it
+        assert loadable(icrl.resolve_checkpoint(out), vocab)[1] == 2
+        real_rmtree(out)
+    assert k > (6 if name == "final" else 4) and (1, 1) in outcomes, (k, outcomes)
