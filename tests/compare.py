@@ -190,6 +190,8 @@ class Runner:
         elif os.path.exists(run):
             print(f"  {run}: " + ("its warm start was redone" if force else "incomplete") + ": removed and redone")
             shutil.rmtree(run)
+        if not checkpoint:  # the folder already holds this run's train.log: icrl.py refuses a non-empty --out
+            cmd = cmd + ["--overwrite"]
         os.makedirs(run, exist_ok=True)
         attempts = record.get("attempts", []) if checkpoint else []
         print(f"  {run}: {shlex.join(cmd)}", flush=True)
