@@ -539,21 +539,16 @@ def model_device(model):
 
 
 def no_grad_sync(model, args, sync):
-    """Accumulate micro-batch gradients locally; synchronise on the last one only."""
-    if sync:
+    """DDP: accumulate micro-batch gradients locally, all-reduce on the last one only (DDP's gradients are
+    whole on every rank anyway). FSDP2: reduce-scatter after every micro-batch. Its set_requires_gradient_sync
+    (False) would keep an unsharded float32 gradient of every parameter on every rank until the last one
+    (measured: 4.0 bytes per global parameter per rank, +33 GB per GPU for Qwen3-8B); reduce-scattered at
+    once, each rank holds only its shard's float32 gradient (4 / world_size bytes per parameter) and
+    accumulates into it. The summed gradient, so the loss, is unchanged: the reduction is linear.
+    Costs one reduce-scatter per micro-batch instead of one per optimizer step."""
+    if sync or args.fsdp:
         return contextlib.nullcontext()
-    if args.fsdp:
-        model.set_requires_gradient_sync(False)
-        return _restore_gradient_sync(model)
     return model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _restore_gradient_sync(model):
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
