@@ -436,9 +436,9 @@ def response_logprobs(model, contexts, responses, temperature, device, masks=Non
     """log pi(response_t | context, response_<t) at the sampling temperature, 0 where the mask is: (B, T)
     and its mask. Observation tokens are context: their positions are computed but masked."""
     ids, targets, mask, positions = pad_batch(contexts, responses, device, masks)
-    logits = model(ids, logits_at=positions)                              # (B, T, V)
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, targets[..., None]).squeeze(-1) * mask, mask
+    # float32 log-probs (B, T), the head in float32 and in chunks of positions: never (B, T, V) (model.token_logprobs)
+    logp = model(ids, logits_at=positions, targets=targets, temperature=temperature)
+    return logp * mask, mask
 
 
 def chunks(items, size):

@@ -171,6 +171,48 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# Rows of one chunk in token_logprobs: 2**26 float32 logits (256 MB; 441 positions of Qwen3's 151,936 words).
+LOGPROB_CHUNK_ELEMENTS = 1 << 26
+
+
+def _chunk_logprobs(h, weight, targets, temperature: float):
+    """log softmax(h @ weight.T / temperature)[targets] for one chunk, in float32 (float64 for a float64
+    model) whatever the autocast."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    with torch.autocast(h.device.type, enabled=False):
+        logits = torch.mm(h.to(dtype), weight.to(dtype).t())                 # (n, V) float32
+        if temperature != 1.0:
+            logits.div_(temperature)        # in place: mm keeps its inputs for backward, not its output
+        return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)
+
+
+def token_logprobs(h, weight, targets, temperature: float = 1.0, chunk_rows: int | None = None):
+    """Log-probs (N,) float32 of `targets` (N,) under softmax(h @ weight.T / temperature): h (N, C) final
+    hidden states (after the norm), weight (V, C) the lm_head. The chosen token's logit minus logsumexp,
+    `chunk_rows` positions at a time (default: LOGPROB_CHUNK_ELEMENTS / V), the head in float32 (a bfloat16
+    logit of 16-32 has a step of 0.125: noise in rho and in the calibration weight).
+
+    Memory, N positions, vocabulary V, n = chunk_rows. log_softmax(logits.float() / t) over (N, V) held the
+    bfloat16 logits (2NV bytes), float32 copies of them (4NV each: the cast, the division, the log_softmax),
+    and as much again in backward: with --micro_batch 64 of 2k response tokens and V = 151,936, 80 GB per
+    float32 copy. Here a chunk holds about three (n, V) float32 buffers (logits, logsumexp's exponentials, in
+    backward their gradient: 3 x 256 MB at the default n) and, where the head is bfloat16 (FSDP2's
+    param_dtype), its float32 copy (4VC bytes: 2.5 GB for Qwen3-8B, 1.6 GB for 4B) and that copy's gradient,
+    all freed between chunks. With autograd each chunk is checkpointed (its logits recomputed in backward, one
+    more head matmul per chunk), so nothing of size (N, V) is ever kept: what stays is h (N, C) and the
+    output (N,). The head's FLOPs run in float32 (2NVC forward, 6NVC with the backward)."""
+    N, V = targets.shape[0], weight.shape[0]
+    n = chunk_rows or max(1, LOGPROB_CHUNK_ELEMENTS // V)
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if N <= n:  # one chunk: autograd keeps its (N, V) logits, at most one chunk's worth
+        return _chunk_logprobs(h, weight, targets, temperature)
+    parts = []
+    for i in range(0, N, n):
+        args = (h[i:i + n], weight, targets[i:i + n], temperature)
+        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
+    return torch.cat(parts)
+
+
 class Qwen3Model(nn.Module):
     """Container only, so that parameter names read `model.embed_tokens...` as in Hugging Face."""
 
@@ -208,11 +250,16 @@ class Qwen3(nn.Module):
                 m.weight.fill_(1.0)
         self.tie_weights()
 
-    def forward(self, input_ids, logits_at=None):
+    def forward(self, input_ids, logits_at=None, targets=None, temperature: float = 1.0):
         """input_ids (B, T) -> logits (B, T, vocab): causal attention, positions 0..T-1. Right padding is
         exact for the real tokens, since no real token attends to a later one. `logits_at` (B, T'): only
         the logits at those positions, (B, T', vocab); a trainer needs them at response tokens alone, and
-        a 151,936-wide lm_head over whole prompts would dominate its memory."""
+        a 151,936-wide lm_head over whole prompts would dominate its memory.
+
+        `targets` (B, T'), with `logits_at`: instead of logits, float32 log-probs (B, T') of each target
+        token under softmax(logits / temperature), computed by `token_logprobs` in chunks of positions, the
+        head in float32, never holding (B, T', vocab). Inside forward, so FSDP2 has the head gathered and
+        DDP sees every use of it."""
         T = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)                                    # (B, T, C)
         positions = torch.arange(T, device=x.device)
@@ -225,7 +272,12 @@ class Qwen3(nn.Module):
                 x = layer(x, cos, sin)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device)[:, None], logits_at]    # (B, T', C)
-        return self.lm_head(self.model.norm(x))
+        if targets is None:
+            return self.lm_head(self.model.norm(x))
+        if logits_at is None or targets.shape != logits_at.shape:
+            raise ValueError("targets needs logits_at of the same shape (B, T')")
+        h = self.model.norm(x)
+        return token_logprobs(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), temperature).view(targets.shape)
 
     # ------------------------------------------------------------------------- checkpoints
     @classmethod

@@ -36,3 +36,92 @@ def test_fsdp_gradient_memory_per_rank_is_a_shard():
             per_param = [b / n for b in after_each_backward]
             # shards are padded to a multiple of world_size rows: a few bytes over 4 / world at most
             assert all(4 / world <= x < 4 / world * 1.02 for x in per_param), (rank, dtype, per_param)
+
+
+# ------------------------------------------------------------------------------------------- item 5
+def small_model(vocab_size=1000, seed=0, tie=False):
+    from model import Qwen3, Qwen3Config
+    torch.manual_seed(seed)
+    return Qwen3(Qwen3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                             rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie))
+
+
+class LargestLogits(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most elements of any tensor an aten op returns while active (forward and backward) that has a
+    vocabulary-sized dimension and no hidden-sized one: logits and their kin, not the head's weight."""
+
+    def __init__(self, vocab_size, hidden_size):
+        super().__init__()
+        self.vocab_size, self.hidden_size, self.numel = vocab_size, hidden_size, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and self.vocab_size in t.shape and self.hidden_size not in t.shape:
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def batch(vocab_size, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(1, vocab_size, (n,), generator=gen).tolist()
+    contexts = [ids(n) for n in (5, 9, 3, 7)]
+    responses = [ids(n) for n in (6, 2, 11, 4)]
+    masks = [[1] * 6, [1, 0], [1] * 5 + [0] * 3 + [1] * 3, None]
+    return contexts, responses, masks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_chunked_logprobs_equal_unchunked(monkeypatch, tie, dtype):
+    """response_logprobs in chunks of 3 positions (8 chunks of a 23-position batch) equals the (B, T, V)
+    log_softmax of model(ids, logits_at=...): to 1e-6 in float32, and so do the gradients of every parameter
+    relative to their scale (float32 sums in another order); to 1e-12 both in float64. No op returns a tensor
+    with a vocabulary-sized dimension larger than a chunk's (3, V) logits (the (B, T, V) path: 4 x 11 x V)."""
+    import model as model_module
+    vocab, temperature = 1000, 0.7
+    model = small_model(vocab, tie=tie).to(dtype)
+    contexts, responses, masks = batch(vocab)
+    ids, targets, mask, positions = icrl.pad_batch(contexts, responses, "cpu", masks)
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    tol, grad_tol = (1e-6, 2e-6) if dtype == torch.float32 else (1e-12, 1e-12)
+
+    with LargestLogits(vocab, 32) as unchunked:
+        reference = torch.log_softmax(model(ids, logits_at=positions) / temperature, -1)
+        reference = reference.gather(-1, targets[..., None])[..., 0] * mask
+        (reference * weights).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    monkeypatch.setattr(model_module, "LOGPROB_CHUNK_ELEMENTS", 3 * vocab)
+    with LargestLogits(vocab, 32) as largest:
+        logp, logp_mask = icrl.response_logprobs(model, contexts, responses, temperature, "cpu", masks)
+        (logp * weights).sum().backward()
+    assert torch.equal(logp_mask, mask.to(logp_mask.dtype)) and logp.dtype == dtype
+    assert (logp - reference).abs().max() <= tol
+    for n, p in model.named_parameters():
+        scale = max(1.0, float(ref_grads[n].abs().max()))
+        assert (p.grad - ref_grads[n]).abs().max() <= grad_tol * scale, n
+    assert largest.numel == 3 * vocab and unchunked.numel == ids.shape[0] * mask.shape[1] * vocab
+
+    with torch.no_grad():  # the no-grad pass (old_logprobs) takes the same chunks, without checkpointing
+        logp, _ = icrl.response_logprobs(model, contexts, responses, temperature, "cpu", masks)
+        assert (logp - reference).abs().max() <= tol
+
+
+def test_logprob_head_is_float32_under_bf16_autocast():
+    """Under --dtype bfloat16 (DDP's autocast) the layers compute in bfloat16, the head and log-softmax in
+    float32: the log-probs equal a float32 head applied to the same hidden states, not bfloat16 logits."""
+    from model import token_logprobs
+    model = small_model(1000)
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(40, 32, generator=gen).bfloat16() * 4   # logits of a few units, as a trained model's
+    targets = torch.randint(0, 1000, (40,), generator=gen)
+    head = model.lm_head.weight * 20
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = token_logprobs(h, head, targets, chunk_rows=7)
+        coarse = torch.log_softmax((h @ head.t()).float(), -1).gather(1, targets[:, None])[:, 0]  # bf16 logits
+    exact = torch.log_softmax(h.double() @ head.double().t(), -1).gather(1, targets[:, None])[:, 0]
+    assert ours.dtype == torch.float32
+    assert (ours.double() - exact).abs().max() < 1e-5 < (coarse.double() - exact).abs().max()
