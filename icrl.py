@@ -516,10 +516,13 @@ def wrap_model(model, args, ctx):
 @contextlib.contextmanager
 def full_weights(model, args):
     """Rollouts use full weights (issue: FSDP). Under FSDP2 every layer is gathered once for the whole
-    rollout instead of once per decoded token; autocast gives --dtype compute under DDP."""
+    rollout instead of once per decoded token, in its mixed-precision param_dtype. Under DDP (or one
+    process) with --dtype bfloat16: a bfloat16 copy of the weights made once here, for the whole rollout
+    (2 bytes per parameter while it lasts), so the sampler's fused weights and KV cache are bfloat16; autocast
+    instead kept a float32 cache and re-cast every weight on every decode step."""
     if not args.fsdp:
-        with autocast_for(model, args):
-            yield unwrap(model)
+        dtype = DTYPES[args.dtype]
+        yield unwrap(model) if dtype == torch.float32 else unwrap(model).cast_copy(dtype)
         return
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -1106,6 +1109,7 @@ def train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step):
     with full_weights(model, args) as m:
         rollouts, times = rollout(m, tokenizer, task, examples, cfg, seed=mix_seed(args.seed, step, ctx.rank),
                                   critique=args.algo == "icrl")
+    del m  # a bfloat16 sampling copy (full_weights) is freed before training
     t = time.perf_counter()
     model.train()
     samples_by_query = build_samples(rollouts, args.adv, train_critic=not args.no_critic_train)

@@ -279,6 +279,21 @@ class Qwen3(nn.Module):
         h = self.model.norm(x)
         return token_logprobs(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), temperature).view(targets.shape)
 
+    @torch.no_grad()
+    def cast_copy(self, dtype: torch.dtype) -> "Qwen3":
+        """A frozen copy of this model in `dtype` on the same device, for sampling: built on the meta device and
+        filled parameter by parameter, so no float32 intermediate of the whole model is made. Sampling from a
+        bfloat16 copy (weights and KV cache in bfloat16) replaces autocast, which re-casts every weight on
+        every decode step."""
+        with torch.device("meta"):
+            copy = type(self)(self.config)
+        copy = copy.to(dtype).to_empty(device=self.lm_head.weight.device)
+        copy.tie_weights()                                                        # to_empty made new tensors
+        source = dict(self.named_parameters())
+        for name, param in copy.named_parameters():
+            param.copy_(source[name])
+        return copy.eval().requires_grad_(False)
+
     # ------------------------------------------------------------------------- checkpoints
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu") -> "Qwen3":

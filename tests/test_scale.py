@@ -125,3 +125,87 @@ def test_logprob_head_is_float32_under_bf16_autocast():
     exact = torch.log_softmax(h.double() @ head.double().t(), -1).gather(1, targets[:, None])[:, 0]
     assert ours.dtype == torch.float32
     assert (ours.double() - exact).abs().max() < 1e-5 < (coarse.double() - exact).abs().max()
+
+
+# ------------------------------------------------------------------------------------------- item 4
+@pytest.fixture(scope="module")
+def char_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+    from data import build_char_tokenizer
+    path = str(tmp_path_factory.mktemp("tok"))
+    build_char_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+class WeightCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts dtype casts of weight-shaped matrices (either orientation) and matmuls, while active."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.shapes = {s for p in model.parameters() if p.dim() == 2 for s in (tuple(p.shape), tuple(p.shape[::-1]))}
+        self.casts = self.matmuls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if name.startswith(("aten.to.", "aten._to_copy.")) and tuple(args[0].shape) in self.shapes \
+                and out.dtype != args[0].dtype:
+            self.casts += 1
+        if name.startswith(("aten.mm.", "aten.addmm.")):
+            self.matmuls += 1
+        return out
+
+
+def test_bf16_rollout_samples_from_one_bfloat16_copy(monkeypatch, char_tokenizer):
+    """--dtype bfloat16 without FSDP: a rollout (solve, critique, retry: 3 sampling calls) samples from one
+    bfloat16 copy of the weights made when full_weights is entered, with a bfloat16 KV cache, and casts no
+    weight while decoding (under autocast every decode step re-cast them all); the sampler's log-probs stay
+    within bfloat16 noise of the trainer's (autocast) log-probs of the same tokens."""
+    import model as model_module
+    from data import load_task
+    model = small_model(len(char_tokenizer), tie=True)
+    args = icrl.parse_args(["--dtype", "bfloat16", "--max_new_tokens", "4", "--critic_max_new_tokens", "4", "--max_turns", "1"])
+    task = load_task("arithmetic", n=4)
+    copies, sampled_with, caches = [], [], []
+    cast_copy, generate, Decoder = model_module.Qwen3.cast_copy, icrl.generate, model_module.Decoder
+
+    def counted_copy(self, dtype):
+        copies.append(dtype)
+        return cast_copy(self, dtype)
+
+    class RecordingDecoder(Decoder):
+        def _new_cache(self, batch):
+            cache = super()._new_cache(batch)
+            caches.append(cache.v.dtype)
+            return cache
+
+    def recorded_generate(m, *a, **k):
+        sampled_with.append(m)
+        return generate(m, *a, **k)
+
+    monkeypatch.setattr(model_module.Qwen3, "cast_copy", counted_copy)
+    monkeypatch.setattr(model_module, "Decoder", RecordingDecoder)
+    monkeypatch.setattr(icrl, "generate", recorded_generate)
+    cfg = icrl.sampling_config(args, group_size=2)
+    with icrl.full_weights(model, args) as m, WeightCasts(model) as counter:
+        rollouts, _ = icrl.rollout(m, char_tokenizer, task, task.examples[:1], cfg, seed=0)
+    assert copies == [torch.bfloat16] and m is not model
+    assert len(sampled_with) == 3 and all(x is m for x in sampled_with)   # solve, critique, retry
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in m.parameters())
+    assert caches and set(caches) == {torch.bfloat16}
+    assert counter.casts == 0 and counter.matmuls > 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())      # the trained weights are untouched
+
+    # What it replaces: autocast over the float32 weights casts weights on every decode step.
+    with torch.autocast("cpu", dtype=torch.bfloat16), WeightCasts(model) as old:
+        generate(model, [[1, 2, 3]] * 3, 16, seed=0)
+    assert old.casts >= 16 * len(model.model.layers)
+
+    # Sane: the trainer (float32 weights under autocast, float32 head) scores the sampled tokens alike.
+    samples = [s for qs in icrl.build_samples(rollouts) for s in qs]
+    assert len(samples) >= 4 and any(s.calib_context is not None for s in samples)
+    with icrl.autocast_for(model, args):
+        icrl.old_logprobs(model, samples, args, icrl.Dist())
+    gap = max(float((torch.tensor(s.sampler_logprobs) - (s.cond_logp if s.calib_context else s.old_logp)).abs().max())
+              for s in samples)
+    assert gap < 0.1, gap
