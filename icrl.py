@@ -116,7 +116,7 @@ class Episode:
     first_observation: str = ""
     tokens: list = field(default_factory=list)
     mask: list = field(default_factory=list)
-    sampler_logprobs: list = field(default_factory=list)   # 0.0 on observation tokens
+    sampler_logprobs: list = field(default_factory=list)   # full softmax at the temperature (see old_logprobs); 0.0 on observations
     actions: list = field(default_factory=list)            # each action's text (special tokens dropped)
     observations: list = field(default_factory=list)       # the observation after each action
     reward: float = 0.0
@@ -262,7 +262,7 @@ def run_episodes(sampler, envs, critiques, phase):
             ep = episodes[i]
             ep.tokens += g.tokens
             ep.mask += [1] * len(g.tokens)
-            ep.sampler_logprobs += g.logprobs
+            ep.sampler_logprobs += g.full_logprobs   # not truncated by top_p: see old_logprobs
             ep.actions.append(sampler.text(g))
             if not g.finished:  # SPEC §1: cut off by max_new_tokens, never sent to the environment: 0
                 ep.observations.append("")
@@ -320,7 +320,7 @@ def rollout(model, tokenizer, task, examples, cfg, seed, critique=True, critic_m
                     for ep in (chains[c].episodes[-1] for c in active)]
         gens = sampler.sample(contexts, cfg.critic_max_new_tokens, (2, k), critic=True)
         for c, context, g in zip(active, contexts, gens):
-            chains[c].critiques.append(Critique(context, g.tokens, g.logprobs, g.finished,
+            chains[c].critiques.append(Critique(context, g.tokens, g.full_logprobs, g.finished,
                                                 extract_critique(sampler.text(g))))
         # 4. Retry: tau_{k+1} ~ pi(. | S(x, c_k)) from a fresh reset of the same instance.
         episodes, free = run_episodes(sampler, envs(active), [chains[c].critiques[-1].text for c in active], (3, k))
@@ -561,11 +561,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # One ICRL update (SPEC §2.6-2.8)
 # ==================================================================================================
 
+# Which distribution the log-probs are of, with --top_p < 1 (SPEC §2.7, §2.8). Every log-prob the loss uses
+# is of the full softmax at the sampling temperature, pi(. | ...) = softmax(logits / T), whatever --top_p:
+# l_old and l_free (under S(x)), l_cond (under S(x, c)), and log pi_theta in rho_t = exp(log pi_theta - l_old)
+# (§2.8). The policy trained is pi_theta at temperature T, untruncated, so rho, its clip and the calibration
+# weight w = min(exp(l_free - l_cond), W) (§2.7) compare that one policy with itself: new vs old, S(x) vs S(x, c).
+# With --top_p < 1 the tokens are drawn from the nucleus-truncated, renormalised q_old = pi_old / Z on the
+# nucleus (Z <= 1 its mass), and nothing corrects for it: rho is not an importance ratio against the behaviour
+# policy (that would be pi_theta / q_old = rho * Z), tokens outside the nucleus are never sampled, and the
+# update is biased toward the truncated policy. So train with --top_p 1 (the default) unless that bias is
+# wanted; top_p < 1 is for evaluation. The sampler reports both (model.Generation): `logprobs` under q_old
+# (SPEC §5) and `full_logprobs` under pi_old; episodes and critiques keep the full ones, so `logprob_gap` (§3)
+# compares like with like and stays at float noise with any --top_p (tests/test_scale.py).
 @torch.no_grad()
 def old_logprobs(model, samples, args, ctx):
     """log pi_old of every sample's tokens under its training context (l_old; for a retry, l_free under
-    S(x)), and for retries also under S(x, c) (l_cond, SPEC §2.7). Recomputed by the trainer, so that
-    rho = 1 exactly on the first pass; the sampler's own log-probs only feed the logprob_gap metric."""
+    S(x)), and for retries also under S(x, c) (l_cond, SPEC §2.7), of the full softmax at the temperature
+    (see the comment above). Recomputed by the trainer, so that rho = 1 exactly on the first pass; the
+    sampler's own log-probs only feed the logprob_gap metric."""
     try:
         _old_logprobs(model, samples, args, ctx)
     finally:
@@ -935,7 +948,8 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=16, help="tokens per action turn (solver and retry)")
     p.add_argument("--critic_max_new_tokens", type=int, default=24, help="critiques")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0); log-probs use it too")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; keep 1 for training: rho and the "
+                   "log-probs are of the full softmax, uncorrected for the truncation (the comment above old_logprobs)")
     p.add_argument("--rollout_batch", type=int, default=0, help="sequences per sampling call on each rank, "
                    "to bound the KV cache (0: a phase's whole batch at once)")
     add_episode_args(p)

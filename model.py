@@ -585,6 +585,13 @@ class Generation:
     tokens: list[int]     # completion ids, ending with the stop id when one was hit
     logprobs: list[float] # log-prob of each token under the sampling distribution
     finished: bool        # a stop id was hit (False: cut off at max_new_tokens)
+    # log-prob of each token under the full softmax(logits / temperature), before top-k / top-p truncation:
+    # what a trainer's log-probs are (icrl.py, SPEC §2.8). The same list as `logprobs` when nothing is truncated.
+    full_logprobs: list[float] | None = None
+
+    def __post_init__(self):
+        if self.full_logprobs is None:
+            self.full_logprobs = self.logprobs
 
 
 def keep_top_k_top_p(logits, top_k: int, top_p: float):
@@ -602,16 +609,21 @@ def keep_top_k_top_p(logits, top_k: int, top_p: float):
     return logits
 
 
-def sample_next(logits, temperature: float, top_k: int, top_p: float, generator):
+def sample_next(logits, temperature: float, top_k: int, top_p: float, generator, full: bool = False):
     """Draw one token per row from logits (B, V), which this overwrites (scratch space: with Qwen3's
     151,936-token vocabulary every B x V temporary costs as much as the lm_head matmul on CPU).
 
     Returns token ids (B,) and their log-probs (B,) under the distribution sampled from: softmax(logits /
     temperature) restricted to the top-k / top-p set and renormalised. temperature 0 is greedy, with the
-    log-prob under softmax(logits)."""
+    log-prob under softmax(logits). With `full`, also the log-probs (B,) under the untruncated
+    softmax(logits / temperature) (one more pass over (B, V) where a truncation is on; else the same tensor)."""
     logits = logits.float()
+    full_normaliser = None
     if temperature > 0:
-        keep_top_k_top_p(logits.div_(temperature), top_k, top_p)
+        logits.div_(temperature)
+        if full and (top_k > 0 or top_p < 1.0):
+            full_normaliser = torch.logsumexp(logits, -1)
+        keep_top_k_top_p(logits, top_k, top_p)
     top, token = logits.max(-1)
     if temperature > 0:
         # Gumbel-max: argmax(logits - log E), E ~ Exp(1), is a draw from softmax(logits), with no host
@@ -621,7 +633,10 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator)
         token = torch.sub(logits, noise, out=noise).argmax(-1)
     chosen = logits.gather(1, token[:, None])[:, 0]
     log_normaliser = top + logits.sub_(top[:, None]).exp_().sum(-1).log_()   # logsumexp, in place
-    return token, chosen - log_normaliser
+    logp = chosen - log_normaliser
+    if not full:
+        return token, logp
+    return token, logp, logp if full_normaliser is None else chosen - full_normaliser
 
 
 @torch.inference_mode()
@@ -669,8 +684,13 @@ def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temper
     rows = torch.arange(N, device=device)    # active row -> prompt index
     done = torch.zeros(N, dtype=torch.bool, device=device)
     segments, tokens, logps, first_step = [], [], [], 0   # segment: (rows, first step, tokens, logprobs)
+    truncated = temperature > 0 and (top_k > 0 or top_p < 1.0)  # then log-probs under both distributions
     for step in range(max_new_tokens):
-        token, logp = sample_next(logits, temperature, top_k, top_p, generator)
+        if truncated:
+            token, logp, full_logp = sample_next(logits, temperature, top_k, top_p, generator, full=True)
+            logp = torch.stack((logp, full_logp), -1)                           # (B, 2)
+        else:
+            token, logp = sample_next(logits, temperature, top_k, top_p, generator)
         tokens.append(token)
         logps.append(logp)
         if step == max_new_tokens - 1:
@@ -693,12 +713,18 @@ def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temper
         segments.append((rows, first_step, torch.stack(tokens, 1), torch.stack(logps, 1)))
 
     all_tokens = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=device)
-    all_logps = torch.zeros((N, max_new_tokens), dtype=torch.float, device=device)
+    all_logps = torch.zeros((N, max_new_tokens, 2) if truncated else (N, max_new_tokens), dtype=torch.float,
+                            device=device)
     for seg_rows, start, seg_tokens, seg_logps in segments:
         all_tokens[seg_rows, start:start + seg_tokens.shape[1]] = seg_tokens
         all_logps[seg_rows, start:start + seg_tokens.shape[1]] = seg_logps
     hit = torch.isin(all_tokens, stops)
     finished = hit.any(1)
     n_tokens = torch.where(finished, hit.int().argmax(1) + 1, max_new_tokens).tolist()
-    token_lists, logp_lists, finished = all_tokens.tolist(), all_logps.tolist(), finished.tolist()
-    return [Generation(token_lists[i][:n], logp_lists[i][:n], finished[i]) for i, n in enumerate(n_tokens)]
+    token_lists, finished = all_tokens.tolist(), finished.tolist()
+    if not truncated:
+        logp_lists = all_logps.tolist()
+        return [Generation(token_lists[i][:n], logp_lists[i][:n], finished[i]) for i, n in enumerate(n_tokens)]
+    logp_lists, full_lists = all_logps[..., 0].tolist(), all_logps[..., 1].tolist()
+    return [Generation(token_lists[i][:n], logp_lists[i][:n], finished[i], full_lists[i][:n])
+            for i, n in enumerate(n_tokens)]

@@ -209,3 +209,72 @@ def test_bf16_rollout_samples_from_one_bfloat16_copy(monkeypatch, char_tokenizer
     gap = max(float((torch.tensor(s.sampler_logprobs) - (s.cond_logp if s.calib_context else s.old_logp)).abs().max())
               for s in samples)
     assert gap < 0.1, gap
+
+
+# ------------------------------------------------------------------------------------------- item 6
+def forward_logprobs(model, prompt, tokens, temperature):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def test_sampler_reports_truncated_and_full_logprobs():
+    """generate with top_p < 1: `logprobs` are under the truncated, renormalised distribution sampled from
+    (SPEC §5), `full_logprobs` under the full softmax(logits / T) (what the trainer computes); the two differ
+    by the nucleus' log-mass, which is <= 0. With top_p = 1 they are one list."""
+    from model import generate
+    model = small_model(200).eval()
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]] * 2
+    gens = generate(model, prompts, 12, temperature=0.8, top_p=0.5, seed=1)
+    shifts = []
+    for prompt, g in zip(prompts, gens):
+        full = forward_logprobs(model, prompt, g.tokens, 0.8)
+        assert (torch.tensor(g.full_logprobs) - full).abs().max() < 1e-5
+        shifts += (torch.tensor(g.full_logprobs) - torch.tensor(g.logprobs)).tolist()   # log Z <= 0
+    assert max(shifts) <= 1e-6 and min(shifts) < -0.1
+    gens = generate(model, prompts, 12, temperature=0.8, top_p=1.0, seed=1)
+    assert all(g.full_logprobs is g.logprobs for g in gens)
+    for prompt, g in zip(prompts, gens):
+        assert (torch.tensor(g.logprobs) - forward_logprobs(model, prompt, g.tokens, 0.8)).abs().max() < 1e-5
+
+
+def test_top_p_training_logprobs_are_of_the_full_softmax(monkeypatch, char_tokenizer):
+    """SPEC §2.7-2.8 with --top_p 0.7 (the comment above icrl.old_logprobs): l_old, l_free and l_cond are
+    the full softmax at the temperature, equal to the sampler's full_logprobs that episodes and critiques
+    keep (logprob_gap at float noise), and rho = 1 on the first pass; the truncated log-probs the sampler
+    drew with differ from them."""
+    from data import load_task
+    model = small_model(len(char_tokenizer), seed=3, tie=True)
+    args = icrl.parse_args(["--top_p", "0.7", "--temperature", "0.9", "--max_new_tokens", "6",
+                            "--critic_max_new_tokens", "6", "--max_turns", "1"])
+    task = load_task("arithmetic", n=4)
+    truncated = {}
+    generate = icrl.generate
+
+    def recorded(m, prompts, *a, **k):
+        gens = generate(m, prompts, *a, **k)
+        for p, g in zip(prompts, gens):
+            truncated[(tuple(p), tuple(g.tokens))] = g.logprobs
+        return gens
+
+    monkeypatch.setattr(icrl, "generate", recorded)
+    rollouts, _ = icrl.rollout(model, char_tokenizer, task, task.examples[:2], icrl.sampling_config(args, 2), seed=0)
+    samples = [s for qs in icrl.build_samples(rollouts) for s in qs]
+    assert {s.is_critic for s in samples} == {False, True} and any(s.calib_context for s in samples)
+    icrl.old_logprobs(model, samples, args, icrl.Dist())
+    gap = 0.0
+    for s in samples:
+        reference = s.cond_logp if s.calib_context is not None else s.old_logp
+        mask = torch.tensor(s.loss_mask, dtype=torch.bool)
+        gap = max(gap, float((torch.tensor(s.sampler_logprobs)[mask] - reference[mask]).abs().max()))
+    assert gap < 2e-5
+    # the distribution sampled from is another one: its log-probs sit above the full ones (log Z < 0)
+    firsts = [s for s in samples if not s.is_critic and s.calib_context is None]
+    drawn = [torch.tensor(truncated[(tuple(s.context), tuple(s.response))]) - torch.tensor(s.sampler_logprobs)
+             for s in firsts]
+    assert min(float(d.min()) for d in drawn) >= -1e-6 and max(float(d.max()) for d in drawn) > 0.05
+    # rho = exp(log pi_theta - l_old) = 1 on the first pass: the trainer's own full-softmax log-probs
+    logp, mask = icrl.response_logprobs(model, [s.context for s in samples], [s.response for s in samples],
+                                        args.temperature, "cpu", [s.mask for s in samples])
+    old = icrl.pad_rows([s.old_logp for s in samples], mask.shape[1])
+    assert ((logp - old).exp() * mask - mask).abs().max() < 1e-5
