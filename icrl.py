@@ -97,8 +97,9 @@ def rolewise_token_mean(token_loss, mask, is_critic, solver_tokens, critic_token
     Each rank holds a slice, and DDP averages gradients over ranks, so the local sums are scaled by
     world_size / N_global: the average of the ranks' gradients is then exactly the global token mean."""
     per_sample = (token_loss * mask).sum(-1)
-    solver_sum = per_sample[~is_critic].sum()
-    critic_sum = per_sample[is_critic].sum()
+    # torch.where, not boolean indexing: indexing by a mask sizes its output on the host (a device sync)
+    solver_sum = torch.where(is_critic, 0.0, per_sample).sum()
+    critic_sum = torch.where(is_critic, per_sample, 0.0).sum()
     loss = solver_sum * (world_size / max(solver_tokens, 1))
     return loss + critic_coef * critic_sum * (world_size / max(critic_tokens, 1))
 
@@ -418,8 +419,8 @@ def pad_batch(contexts, responses, device, masks=None):
     come from lengths and segment boundaries (`masks`: 0 on observation tokens), never from token ids:
     the pad id may equal EOS (SPEC §2.8)."""
     ctx_len = torch.tensor([len(c) for c in contexts])
-    resp_len = torch.tensor([len(r) for r in responses])
-    L, T = int((ctx_len + resp_len).max()), max(int(resp_len.max()), 1)
+    L = max(len(c) + len(r) for c, r in zip(contexts, responses))
+    T = max(1, max(len(r) for r in responses))
     ids = torch.zeros(len(contexts), L, dtype=torch.long)
     targets = torch.zeros(len(contexts), T, dtype=torch.long)
     mask = torch.zeros(len(contexts), T)
@@ -429,7 +430,16 @@ def pad_batch(contexts, responses, device, masks=None):
         mask[b, :len(r)] = torch.tensor(masks[b], dtype=torch.float) if masks is not None and masks[b] is not None else 1.0
     # logits at position p predict token p + 1: response token t is predicted at ctx_len - 1 + t.
     positions = (ctx_len[:, None] - 1 + torch.arange(T)[None, :]).clamp(max=L - 1)
-    return ids.to(device), targets.to(device), mask.to(device), positions.to(device)
+    return to_device(ids, device), to_device(targets, device), to_device(mask, device), to_device(positions, device)
+
+
+def to_device(t, device):
+    """A host tensor onto `device`. On CUDA through pinned memory, non-blocking: a copy from pageable memory
+    would make the host wait for it, and each such wait stalls the overlap FSDP2's prefetch relies on."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def response_logprobs(model, contexts, responses, temperature, device, masks=None):
@@ -589,17 +599,27 @@ def old_logprobs(model, samples, args, ctx):
 
 
 def _old_logprobs(model, samples, args, ctx):
+    """The log-probs stay on the device until every micro-batch is done, then come to the host in one copy:
+    a .cpu() per micro-batch would make the host wait for each forward in turn."""
+    passes = []  # (micro-batch, attribute, log-probs (B, T) on the device)
     for micro in micro_batches(samples, args.micro_batch):
         logp, _ = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
                                     args.temperature, ctx.device, [s.mask for s in micro])
-        for s, row in zip(micro, logp):
-            s.old_logp = row[:len(s.response)].float().cpu()
+        passes.append((micro, "old_logp", logp))
     retries = [s for s in samples if s.calib_context is not None]
     for micro in micro_batches(retries, args.micro_batch, key=lambda s: len(s.calib_context) + len(s.response)):
         logp, _ = response_logprobs(model, [s.calib_context for s in micro], [s.response for s in micro],
                                     args.temperature, ctx.device, [s.mask for s in micro])
-        for s, row in zip(micro, logp):
-            s.cond_logp = row[:len(s.response)].float().cpu()
+        passes.append((micro, "cond_logp", logp))
+    if not passes:
+        return
+    flat = torch.cat([logp.flatten() for _, _, logp in passes]).float().cpu()   # the one device-to-host copy
+    start = 0
+    for micro, attribute, logp in passes:
+        rows = flat[start:start + logp.numel()].view(logp.shape)
+        start += logp.numel()
+        for s, row in zip(micro, rows):
+            setattr(s, attribute, row[:len(s.response)].clone())
 
 
 def pad_rows(rows, T):
@@ -624,58 +644,70 @@ def sample_weights(micro, T, args):
 def update(model, optimizer, samples_by_query, args, ctx, step):
     """SPEC §2.8-2.9: --ppo_epochs passes over --minibatch slices of the queries; one optimizer step
     per slice, its loss the role-wise token mean over the slice's global batch. Micro-batches bound
-    memory without changing the loss. A non-finite loss or gradient skips the update."""
+    memory without changing the loss. A non-finite loss or gradient skips the update.
+
+    Host syncs: the trained-token counts of every slice are all-reduced once, before the first forward; the
+    statistics stay on the device, and the host reads one flag per optimizer step (skip or not) and the
+    statistics once at the end, so the micro-batches' forward and backward passes queue without a wait."""
     local_queries = len(samples_by_query)
     per_update = args.minibatch // ctx.world
-    stats = dict(loss_solver=0.0, loss_critic=0.0, clipped=0.0, tokens=0.0, grad_norm=0.0, updates=0,
-                 skipped=0)
     gen = torch.Generator().manual_seed(mix_seed(args.seed, step, ctx.rank, 4))
+    minibatches = []
     for epoch in range(args.ppo_epochs):
         order = torch.randperm(local_queries, generator=gen).tolist() if args.ppo_epochs > 1 else list(range(local_queries))
         for start in range(0, local_queries, per_update):
-            minibatch = [s for q in order[start:start + per_update] for s in samples_by_query[q]]
-            n_solver, n_critic = all_reduce([sum(s.trained_tokens for s in minibatch if not s.is_critic),
-                                             sum(s.trained_tokens for s in minibatch if s.is_critic)], ctx)
-            micros = micro_batches(minibatch, args.micro_batch)
-            finite = True
-            for i, micro in enumerate(micros):
-                with no_grad_sync(model, args, sync=i == len(micros) - 1), autocast_for(model, args):
-                    logp, mask = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
-                                                   args.temperature, ctx.device, [s.mask for s in micro])
-                    T = mask.shape[1]
-                    old = pad_rows([s.old_logp for s in micro], T).to(ctx.device)
-                    weight = sample_weights(micro, T, args).to(ctx.device)
-                    adv = torch.tensor([s.adv for s in micro], device=ctx.device)
-                    is_critic = torch.tensor([s.is_critic for s in micro], device=ctx.device)
-                    token_loss = clipped_token_loss(logp, old, adv, weight, mask, args.clip_low, args.clip_high)
-                    loss = rolewise_token_mean(token_loss, mask, is_critic, n_solver, n_critic,
-                                               args.critic_coef, ctx.world)
-                    finite &= bool(torch.isfinite(loss))
-                    loss.backward()
-                with torch.no_grad():
-                    per_sample = token_loss.sum(-1)
-                    stats["loss_solver"] += float(per_sample[~is_critic].sum()) / max(n_solver, 1)
-                    stats["loss_critic"] += float(per_sample[is_critic].sum()) / max(n_critic, 1)
-                    ratio = (logp - old).exp()
-                    a = adv[:, None]  # clipped: the min picked the clipped term, so the token has no gradient
-                    clipped = ((a > 0) & (ratio > 1 + args.clip_high)) | ((a < 0) & (ratio < 1 - args.clip_low))
-                    stats["clipped"] += float((clipped.float() * mask).sum())
-                    stats["tokens"] += float(mask.sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-                grad_norm = grad_norm.full_tensor()
-            finite = all_reduce([0.0 if finite else 1.0], ctx, dist.ReduceOp.MAX)[0] == 0.0
-            if finite and math.isfinite(float(grad_norm)):
-                for group in optimizer.param_groups:  # a function of the step alone, so resume is exact
-                    group["lr"] = args.lr * min(1.0, (step + 1) / max(args.lr_warmup, 1))
-                optimizer.step()
-                stats["grad_norm"] += float(grad_norm)
-                stats["updates"] += 1
-            else:
-                stats["skipped"] += 1
-                print0(ctx, f"warning: step {step}: non-finite loss or gradient, update skipped")
-            optimizer.zero_grad(set_to_none=True)
-    return stats
+            minibatches.append([s for q in order[start:start + per_update] for s in samples_by_query[q]])
+    counts = all_reduce([n for mb in minibatches for n in (sum(s.trained_tokens for s in mb if not s.is_critic),
+                                                            sum(s.trained_tokens for s in mb if s.is_critic))], ctx)
+    device = ctx.device
+    # loss_solver, loss_critic, clipped tokens, tokens, grad_norm summed over updates: float64, on the device
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    updates = skipped = 0
+    for u, minibatch in enumerate(minibatches):
+        n_solver, n_critic = counts[2 * u], counts[2 * u + 1]
+        micros = micro_batches(minibatch, args.micro_batch)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        for i, micro in enumerate(micros):
+            with no_grad_sync(model, args, sync=i == len(micros) - 1), autocast_for(model, args):
+                logp, mask = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
+                                               args.temperature, device, [s.mask for s in micro])
+                T = mask.shape[1]
+                old = to_device(pad_rows([s.old_logp for s in micro], T), device)
+                weight = to_device(sample_weights(micro, T, args), device)
+                adv = to_device(torch.tensor([s.adv for s in micro]), device)
+                is_critic = to_device(torch.tensor([s.is_critic for s in micro]), device)
+                token_loss = clipped_token_loss(logp, old, adv, weight, mask, args.clip_low, args.clip_high)
+                loss = rolewise_token_mean(token_loss, mask, is_critic, n_solver, n_critic,
+                                           args.critic_coef, ctx.world)
+                finite &= torch.isfinite(loss)
+                loss.backward()
+            with torch.no_grad():
+                per_sample = token_loss.sum(-1).double()
+                ratio = (logp - old).exp()
+                a = adv[:, None]  # clipped: the min picked the clipped term, so the token has no gradient
+                clipped = ((a > 0) & (ratio > 1 + args.clip_high)) | ((a < 0) & (ratio < 1 - args.clip_low))
+                sums[:4] += torch.stack([torch.where(is_critic, 0.0, per_sample).sum() / max(n_solver, 1),
+                                         torch.where(is_critic, per_sample, 0.0).sum() / max(n_critic, 1),
+                                         (clipped.float() * mask).sum().double(), mask.sum().double()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        bad = (~finite | ~torch.isfinite(grad_norm)).double()  # any rank's non-finite loss skips every rank
+        if ctx.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bad.item():                                         # the one host sync of the optimizer step
+            for group in optimizer.param_groups:  # a function of the step alone, so resume is exact
+                group["lr"] = args.lr * min(1.0, (step + 1) / max(args.lr_warmup, 1))
+            optimizer.step()
+            sums[4] += grad_norm.detach().double()
+            updates += 1
+        else:
+            skipped += 1
+            print0(ctx, f"warning: step {step}: non-finite loss or gradient, update skipped")
+        optimizer.zero_grad(set_to_none=True)
+    loss_solver, loss_critic, clipped, tokens, grad_norm = sums.tolist()
+    return dict(loss_solver=loss_solver, loss_critic=loss_critic, clipped=clipped, tokens=tokens,
+                grad_norm=grad_norm, updates=updates, skipped=skipped)
 
 
 def autocast_for(model, args):

@@ -278,3 +278,57 @@ def test_top_p_training_logprobs_are_of_the_full_softmax(monkeypatch, char_token
                                         args.temperature, "cpu", [s.mask for s in samples])
     old = icrl.pad_rows([s.old_logp for s in samples], mask.shape[1])
     assert ((logp - old).exp() * mask - mask).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- item 8
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that bring a tensor's values to the host (on a GPU each waits for the device)."""
+    READS = {"__float__", "__bool__", "__int__", "__index__", "item", "tolist", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def synthetic_batch(queries=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(1, 64, (n,), generator=gen).tolist()
+    per_query = []
+    for q in range(queries):
+        context = ids(4 + q)
+        samples = [icrl.TrainSample(context, ids(2 + (q + i) % 5), False, float(torch.randn((), generator=gen)))
+                   for i in range(3)]
+        samples.append(icrl.TrainSample(context, ids(4), False, 0.5, calib_context=ids(7)))
+        samples.append(icrl.TrainSample(ids(5), ids(3), True, -0.3 + 0.2 * q))
+        per_query.append(samples)
+    return per_query
+
+
+@pytest.mark.parametrize("micro_batch", [1, 3, 64])
+def test_host_reads_once_per_optimizer_step(micro_batch):
+    """update(): one host read for all trained-token counts, one per optimizer step (skip or not), one for the
+    statistics at the end, however many micro-batches (4 optimizer steps: 2 epochs x 2 minibatches; 20, 7 or
+    2 micro-batches each). old_logprobs: one copy to the host for the whole pass. Statistics as before."""
+    per_query = synthetic_batch()
+    samples = [s for qs in per_query for s in qs]
+    model = small_model(64)
+    args = icrl.parse_args(["--batch_prompts", "4", "--minibatch", "2", "--ppo_epochs", "2",
+                            "--micro_batch", str(micro_batch), "--lr", "1e-3"])
+    with HostReads() as logprob_pass:
+        icrl.old_logprobs(model, samples, args, icrl.Dist())
+    assert logprob_pass.reads == ["cpu"]
+    for s in samples:
+        s.old_logp = s.old_logp - 0.05 * torch.arange(len(s.old_logp))  # rho != 1: clipping happens
+    with HostReads() as update_pass:
+        stats = icrl.update(model, torch.optim.SGD(model.parameters(), lr=1e-3), per_query, args, icrl.Dist(), step=0)
+    # each epoch's query order is a torch.randperm on the host's generator (host data, no device read);
+    # then the counts, one flag per optimizer step, the statistics
+    assert update_pass.reads == ["tolist"] * 2 + ["tolist"] + ["item"] * 4 + ["tolist"]
+    assert stats["updates"] == 4 and stats["skipped"] == 0 and stats["clipped"] > 0
+    assert stats["tokens"] == 2 * sum(s.trained_tokens for s in samples)
