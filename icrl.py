@@ -518,7 +518,7 @@ def wrap_model(model, args, ctx):
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model
-    if ctx.world > 1:
+    if dist.is_initialized():  # under torchrun, world size 1 included (make gpu-check runs DDP that way)
         return DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     return model
 
@@ -1187,7 +1187,7 @@ def main(argv=None):
 
 
 def shutdown(ctx, fsdp):
-    if ctx.world == 1:
+    if not dist.is_initialized():
         return
     dist.barrier()
     dist.destroy_process_group()
