@@ -1004,7 +1004,8 @@ def parse_args(argv=None):
     p.add_argument("--ppo_epochs", type=int, default=1, help="passes over each step's samples")
     p.add_argument("--minibatch", type=int, default=None, help="queries per optimizer update, global "
                    "(default: --batch_prompts, one update per pass)")
-    p.add_argument("--micro_batch", type=int, default=64, help="sequences per forward/backward (memory only)")
+    p.add_argument("--micro_batch", type=int, default=None, help="sequences per forward/backward (memory only; "
+                   "default: 64 for --model tiny, else 2, what README's memory table assumes)")
     p.add_argument("--warm_start_steps", type=int, default=None, help="most solver-only warm-start steps "
                    "before RL (default: 1200 for --model tiny, else 0: no warm start)")
     p.add_argument("--warm_start_target", type=float, default=0.25, help="leave the solver-only warm start "
@@ -1029,6 +1030,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.warm_start_steps is None:
         args.warm_start_steps = 1200 if args.model == "tiny" else 0
+    if args.micro_batch is None:
+        args.micro_batch = 64 if args.model == "tiny" else 2
     if args.minibatch is None:
         args.minibatch = args.batch_prompts
     if args.temperature <= 0:
