@@ -239,6 +239,13 @@ def checked_env_reply(env, method, reply):
     return observation, float(reward), bool(done)
 
 
+def full_softmax_logprobs(generation):
+    """The sampler's log-probs of the full softmax at the temperature, not truncated by top-p (what the
+    trainer's are: the comment above old_logprobs). A generate stand-in with SPEC §5's fields only gives
+    its .logprobs."""
+    return getattr(generation, "full_logprobs", generation.logprobs)
+
+
 def run_episodes(sampler, envs, critiques, phase):
     """SPEC §1: one episode per environment, all sampled together turn by turn (finished episodes drop
     out). Each environment is reset first; `critiques[i]` (or None) puts the tips section into its context.
@@ -263,7 +270,7 @@ def run_episodes(sampler, envs, critiques, phase):
             ep = episodes[i]
             ep.tokens += g.tokens
             ep.mask += [1] * len(g.tokens)
-            ep.sampler_logprobs += g.full_logprobs   # not truncated by top_p: see old_logprobs
+            ep.sampler_logprobs += full_softmax_logprobs(g)
             ep.actions.append(sampler.text(g))
             if not g.finished:  # SPEC §1: cut off by max_new_tokens, never sent to the environment: 0
                 ep.observations.append("")
@@ -321,7 +328,7 @@ def rollout(model, tokenizer, task, examples, cfg, seed, critique=True, critic_m
                     for ep in (chains[c].episodes[-1] for c in active)]
         gens = sampler.sample(contexts, cfg.critic_max_new_tokens, (2, k), critic=True)
         for c, context, g in zip(active, contexts, gens):
-            chains[c].critiques.append(Critique(context, g.tokens, g.full_logprobs, g.finished,
+            chains[c].critiques.append(Critique(context, g.tokens, full_softmax_logprobs(g), g.finished,
                                                 extract_critique(sampler.text(g))))
         # 4. Retry: tau_{k+1} ~ pi(. | S(x, c_k)) from a fresh reset of the same instance.
         episodes, free = run_episodes(sampler, envs(active), [chains[c].critiques[-1].text for c in active], (3, k))
