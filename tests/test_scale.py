@@ -332,3 +332,22 @@ def test_host_reads_once_per_optimizer_step(micro_batch):
     assert update_pass.reads == ["tolist"] * 2 + ["tolist"] + ["item"] * 4 + ["tolist"]
     assert stats["updates"] == 4 and stats["skipped"] == 0 and stats["clipped"] > 0
     assert stats["tokens"] == 2 * sum(s.trained_tokens for s in samples)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_chunked_logprobs_distributed_give_the_unchunked_gradients(tmp_path, fsdp):
+    """2 gloo ranks, DDP or FSDP2, log-probs in chunks of 3 positions, each checkpointed and recomputed in
+    backward inside the (root) module's forward: the update (plain SGD at lr 1, so the weight change is the
+    gradient) equals the 1-process unchunked one (test_icrl.py's distributed test, with chunks)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "dist_update.py"), one], check=True, cwd=ROOT,
+                   env=env, timeout=240)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(ROOT, "tests", "dist_update_chunked.py"), two, *(["--fsdp"] if fsdp else [])],
+                   check=True, cwd=ROOT,
+                   env=env, timeout=240)
+    single, double = torch.load(one), torch.load(two)
+    assert single.keys() == double.keys()
+    for name in single:
+        torch.testing.assert_close(double[name], single[name], rtol=0, atol=2e-6, msg=name)
