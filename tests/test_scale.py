@@ -1,7 +1,9 @@
 """Issue 14 on the CPU: what Qwen3-4B/8B need at scale, tested on tiny models.
 
-FSDP2 gradient memory during accumulation, chunked log-probs over the vocabulary, the bfloat16 sampling
-copy, --top_p < 1 semantics, and host syncs in the update loop. (tests/test_cuda.py has the GPU checks.)"""
+Item 2, FSDP2 gradient memory during accumulation (2 gloo ranks); item 5, log-probs in chunks of positions
+with the head in float32 (equal to the whole-vocabulary ones, values and gradients, in one process and on 2
+ranks under DDP and FSDP2); item 4, bfloat16 rollouts from one bfloat16 copy; item 6, --top_p < 1
+semantics; item 8, host reads in the update loop. tests/test_cuda.py has the GPU checks (make gpu-check)."""
 import json
 import os
 import subprocess
