@@ -183,20 +183,22 @@ def _chunk_logprobs(h, weight, targets, temperature: float):
         logits = torch.mm(h.to(dtype), weight.to(dtype).t())                 # (n, V) float32
         if temperature != 1.0:
             logits.div_(temperature)        # in place: mm keeps its inputs for backward, not its output
-        return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)
+        # log_softmax, then the target: in float32 bit for bit what log_softmax over all positions at once
+        # gave (the tiny default's measured runs depend on it); autograd keeps its output, not `logits`
+        return torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
 
 
 def token_logprobs(h, weight, targets, temperature: float = 1.0, chunk_rows: int | None = None):
     """Log-probs (N,) float32 of `targets` (N,) under softmax(h @ weight.T / temperature): h (N, C) final
-    hidden states (after the norm), weight (V, C) the lm_head. The chosen token's logit minus logsumexp,
-    `chunk_rows` positions at a time (default: LOGPROB_CHUNK_ELEMENTS / V), the head in float32 (a bfloat16
+    hidden states (after the norm), weight (V, C) the lm_head. The chosen token's log_softmax (its logit
+    minus logsumexp), `chunk_rows` positions at a time (default: LOGPROB_CHUNK_ELEMENTS / V), the head in float32 (a bfloat16
     logit of 16-32 has a step of 0.125: noise in rho and in the calibration weight).
 
     Memory, N positions, vocabulary V, n = chunk_rows. log_softmax(logits.float() / t) over (N, V) held the
     bfloat16 logits (2NV bytes), float32 copies of them (4NV each: the cast, the division, the log_softmax),
     and as much again in backward: with --micro_batch 64 of 2k response tokens and V = 151,936, 80 GB per
-    float32 copy. Here a chunk holds about three (n, V) float32 buffers (logits, logsumexp's exponentials, in
-    backward their gradient: 3 x 256 MB at the default n) and, where the head is bfloat16 (FSDP2's
+    float32 copy. Here a chunk holds about three (n, V) float32 buffers (logits, their log_softmax, in
+    backward its gradient: 3 x 256 MB at the default n) and, where the head is bfloat16 (FSDP2's
     param_dtype), its float32 copy (4VC bytes: 2.5 GB for Qwen3-8B, 1.6 GB for 4B) and that copy's gradient,
     all freed between chunks. With autograd each chunk is checkpointed (its logits recomputed in backward, one
     more head matmul per chunk), so nothing of size (N, V) is ever kept: what stays is h (N, C) and the

@@ -353,3 +353,22 @@ def test_chunked_logprobs_distributed_give_the_unchunked_gradients(tmp_path, fsd
     assert single.keys() == double.keys()
     for name in single:
         torch.testing.assert_close(double[name], single[name], rtol=0, atol=2e-6, msg=name)
+
+
+def test_one_chunk_is_bit_for_bit_the_whole_vocabulary_log_softmax():
+    """In float32, where the positions fit one chunk (the tiny default always), the log-probs and every
+    gradient are bit for bit those of log_softmax over (B, T, V): the measured runs in README stay exact."""
+    vocab, temperature = 300, 0.8
+    model = small_model(vocab, seed=4, tie=True)
+    contexts, responses, masks = batch(vocab, seed=2)
+    ids, targets, mask, positions = icrl.pad_batch(contexts, responses, "cpu", masks)
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))
+    reference = torch.log_softmax(model(ids, logits_at=positions).float() / temperature, dim=-1)
+    reference = reference.gather(-1, targets[..., None]).squeeze(-1) * mask
+    (reference * weights).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    logp, _ = icrl.response_logprobs(model, contexts, responses, temperature, "cpu", masks)
+    (logp * weights).sum().backward()
+    assert torch.equal(logp, reference)
+    assert all(torch.equal(p.grad, ref_grads[n]) for n, p in model.named_parameters())
