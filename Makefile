@@ -12,7 +12,10 @@ OUT     ?= runs/$(TASK)-$(ALGO)
 endif
 ARGS    ?=
 
-.PHONY: test train eval bench compare clean
+# `make gpu-check` uses the machine's own Python packages (a GPU image's torch and transformers), not .venv.
+GPU_PY  ?= python3
+
+.PHONY: test train eval bench compare gpu-check clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	python3 -m venv .venv
@@ -34,6 +37,12 @@ eval: $(STAMP)
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) tests/bench_model.py
 	OMP_NUM_THREADS=1 $(PY) tests/bench_icrl.py
+	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) tests/bench_gpu.py --configs 0.6B,4B; else echo "bench: no CUDA GPU, GPU sampler benchmark (tests/bench_gpu.py) skipped"; fi
+
+# On one CUDA GPU, < 8 minutes: tests/test_cuda.py, then the GPU sampler benchmark (README, "Tests and benchmarks").
+gpu-check:
+	$(GPU_PY) tests/gpu_check.py
 
 # ICRL against GRPO and the ablations over seeds, then a table and curves (README, "Does it work?").
 # SEEDS=, VARIANTS= and TASK= narrow it (TASK= only when given: train's default does not apply here);

@@ -109,8 +109,13 @@ def rolewise_token_mean(token_loss, mask, is_critic, solver_tokens, critic_token
     Each rank holds a slice, and DDP averages gradients over ranks, so the local sums are scaled by
     world_size / N_global: the average of the ranks' gradients is then exactly the global token mean."""
     per_sample = (token_loss * mask).sum(-1)
-    solver_sum = per_sample[~is_critic].sum()
-    critic_sum = per_sample[is_critic].sum()
+    if per_sample.device.type != "cpu":
+        # on a GPU, torch.where: indexing by a mask sizes its output on the host, a sync per micro-batch
+        solver_sum = torch.where(is_critic, 0.0, per_sample).sum()
+        critic_sum = torch.where(is_critic, per_sample, 0.0).sum()
+    else:  # no sync to avoid, and the sums bit for bit those of the runs README reports
+        solver_sum = per_sample[~is_critic].sum()
+        critic_sum = per_sample[is_critic].sum()
     loss = solver_sum * (world_size / max(solver_tokens, 1))
     return loss + critic_coef * critic_sum * (world_size / max(critic_tokens, 1))
 
@@ -128,7 +133,7 @@ class Episode:
     first_observation: str = ""
     tokens: list = field(default_factory=list)
     mask: list = field(default_factory=list)
-    sampler_logprobs: list = field(default_factory=list)   # 0.0 on observation tokens
+    sampler_logprobs: list = field(default_factory=list)   # full softmax at the temperature (see old_logprobs); 0.0 on observations
     actions: list = field(default_factory=list)            # each action's text (special tokens dropped)
     observations: list = field(default_factory=list)       # the observation after each action
     reward: float = 0.0
@@ -250,6 +255,13 @@ def checked_env_reply(env, method, reply):
     return observation, float(reward), bool(done)
 
 
+def full_softmax_logprobs(generation):
+    """The sampler's log-probs of the full softmax at the temperature, not truncated by top-p (what the
+    trainer's are: the comment above old_logprobs). A generate stand-in with SPEC §5's fields only gives
+    its .logprobs."""
+    return getattr(generation, "full_logprobs", generation.logprobs)
+
+
 def run_episodes(sampler, envs, critiques, phase):
     """SPEC §1: one episode per environment, all sampled together turn by turn (finished episodes drop
     out). Each environment is reset first; `critiques[i]` (or None) puts the tips section into its context.
@@ -274,7 +286,7 @@ def run_episodes(sampler, envs, critiques, phase):
             ep = episodes[i]
             ep.tokens += g.tokens
             ep.mask += [1] * len(g.tokens)
-            ep.sampler_logprobs += g.logprobs
+            ep.sampler_logprobs += full_softmax_logprobs(g)
             ep.actions.append(sampler.text(g))
             if not g.finished:  # SPEC §1: cut off by max_new_tokens, never sent to the environment: 0
                 ep.observations.append("")
@@ -332,7 +344,7 @@ def rollout(model, tokenizer, task, examples, cfg, seed, critique=True, critic_m
                     for ep in (chains[c].episodes[-1] for c in active)]
         gens = sampler.sample(contexts, cfg.critic_max_new_tokens, (2, k), critic=True)
         for c, context, g in zip(active, contexts, gens):
-            chains[c].critiques.append(Critique(context, g.tokens, g.logprobs, g.finished,
+            chains[c].critiques.append(Critique(context, g.tokens, full_softmax_logprobs(g), g.finished,
                                                 extract_critique(sampler.text(g))))
         # 4. Retry: tau_{k+1} ~ pi(. | S(x, c_k)) from a fresh reset of the same instance.
         episodes, free = run_episodes(sampler, envs(active), [chains[c].critiques[-1].text for c in active], (3, k))
@@ -430,8 +442,8 @@ def pad_batch(contexts, responses, device, masks=None):
     come from lengths and segment boundaries (`masks`: 0 on observation tokens), never from token ids:
     the pad id may equal EOS (SPEC §2.8)."""
     ctx_len = torch.tensor([len(c) for c in contexts])
-    resp_len = torch.tensor([len(r) for r in responses])
-    L, T = int((ctx_len + resp_len).max()), max(int(resp_len.max()), 1)
+    L = max(len(c) + len(r) for c, r in zip(contexts, responses))
+    T = max(1, max(len(r) for r in responses))
     ids = torch.zeros(len(contexts), L, dtype=torch.long)
     targets = torch.zeros(len(contexts), T, dtype=torch.long)
     mask = torch.zeros(len(contexts), T)
@@ -441,16 +453,25 @@ def pad_batch(contexts, responses, device, masks=None):
         mask[b, :len(r)] = torch.tensor(masks[b], dtype=torch.float) if masks is not None and masks[b] is not None else 1.0
     # logits at position p predict token p + 1: response token t is predicted at ctx_len - 1 + t.
     positions = (ctx_len[:, None] - 1 + torch.arange(T)[None, :]).clamp(max=L - 1)
-    return ids.to(device), targets.to(device), mask.to(device), positions.to(device)
+    return to_device(ids, device), to_device(targets, device), to_device(mask, device), to_device(positions, device)
+
+
+def to_device(t, device):
+    """A host tensor onto `device`. On CUDA through pinned memory, non-blocking: a copy from pageable memory
+    would make the host wait for it, and each such wait stalls the overlap FSDP2's prefetch relies on."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def response_logprobs(model, contexts, responses, temperature, device, masks=None):
     """log pi(response_t | context, response_<t) at the sampling temperature, 0 where the mask is: (B, T)
     and its mask. Observation tokens are context: their positions are computed but masked."""
     ids, targets, mask, positions = pad_batch(contexts, responses, device, masks)
-    logits = model(ids, logits_at=positions)                              # (B, T, V)
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, targets[..., None]).squeeze(-1) * mask, mask
+    # float32 log-probs (B, T), the head in float32 and in chunks of positions: never (B, T, V) (model.token_logprobs)
+    logp = model(ids, logits_at=positions, targets=targets, temperature=temperature)
+    return logp * mask, mask
 
 
 def chunks(items, size):
@@ -520,7 +541,7 @@ def wrap_model(model, args, ctx):
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model
-    if ctx.world > 1:
+    if dist.is_initialized():  # under torchrun, world size 1 included (make gpu-check runs DDP that way)
         return DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     return model
 
@@ -528,10 +549,13 @@ def wrap_model(model, args, ctx):
 @contextlib.contextmanager
 def full_weights(model, args):
     """Rollouts use full weights (issue: FSDP). Under FSDP2 every layer is gathered once for the whole
-    rollout instead of once per decoded token; autocast gives --dtype compute under DDP."""
+    rollout instead of once per decoded token, in its mixed-precision param_dtype. Under DDP (or one
+    process) with --dtype bfloat16: a bfloat16 copy of the weights made once here, for the whole rollout
+    (2 bytes per parameter while it lasts), so the sampler's fused weights and KV cache are bfloat16; autocast
+    instead kept a float32 cache and re-cast every weight on every decode step."""
     if not args.fsdp:
-        with autocast_for(model, args):
-            yield unwrap(model)
+        dtype = DTYPES[args.dtype]
+        yield unwrap(model) if dtype == torch.float32 else unwrap(model).cast_copy(dtype)
         return
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -551,21 +575,16 @@ def model_device(model):
 
 
 def no_grad_sync(model, args, sync):
-    """Accumulate micro-batch gradients locally; synchronise on the last one only."""
-    if sync:
+    """DDP: accumulate micro-batch gradients locally, all-reduce on the last one only (DDP's gradients are
+    whole on every rank anyway). FSDP2: reduce-scatter after every micro-batch. Its set_requires_gradient_sync
+    (False) would keep an unsharded float32 gradient of every parameter on every rank until the last one
+    (measured: 4.0 bytes per global parameter per rank, +33 GB per GPU for Qwen3-8B); reduce-scattered at
+    once, each rank holds only its shard's float32 gradient (4 / world_size bytes per parameter) and
+    accumulates into it. The summed gradient, so the loss, is unchanged: the reduction is linear.
+    Costs one reduce-scatter per micro-batch instead of one per optimizer step."""
+    if sync or args.fsdp:
         return contextlib.nullcontext()
-    if args.fsdp:
-        model.set_requires_gradient_sync(False)
-        return _restore_gradient_sync(model)
     return model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _restore_gradient_sync(model):
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -575,11 +594,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # One ICRL update (SPEC §2.6-2.8)
 # ==================================================================================================
 
+# Which distribution the log-probs are of, with --top_p < 1 (SPEC §2.7, §2.8). Every log-prob the loss uses
+# is of the full softmax at the sampling temperature, pi(. | ...) = softmax(logits / T), whatever --top_p:
+# l_old and l_free (under S(x)), l_cond (under S(x, c)), and log pi_theta in rho_t = exp(log pi_theta - l_old)
+# (§2.8). The policy trained is pi_theta at temperature T, untruncated, so rho, its clip and the calibration
+# weight w = min(exp(l_free - l_cond), W) (§2.7) compare that one policy with itself: new vs old, S(x) vs S(x, c).
+# With --top_p < 1 the tokens are drawn from the nucleus-truncated, renormalised q_old = pi_old / Z on the
+# nucleus (Z <= 1 its mass), and nothing corrects for it: rho is not an importance ratio against the behaviour
+# policy (that would be pi_theta / q_old = rho * Z), tokens outside the nucleus are never sampled, and the
+# update is biased toward the truncated policy. So train with --top_p 1 (the default) unless that bias is
+# wanted; top_p < 1 is for evaluation. The sampler reports both (model.Generation): `logprobs` under q_old
+# (SPEC §5) and `full_logprobs` under pi_old; episodes and critiques keep the full ones, so `logprob_gap` (§3)
+# compares like with like and stays at float noise with any --top_p (tests/test_scale.py).
 @torch.no_grad()
 def old_logprobs(model, samples, args, ctx):
     """log pi_old of every sample's tokens under its training context (l_old; for a retry, l_free under
-    S(x)), and for retries also under S(x, c) (l_cond, SPEC §2.7). Recomputed by the trainer, so that
-    rho = 1 exactly on the first pass; the sampler's own log-probs only feed the logprob_gap metric."""
+    S(x)), and for retries also under S(x, c) (l_cond, SPEC §2.7), of the full softmax at the temperature
+    (see the comment above). Recomputed by the trainer, so that rho = 1 exactly on the first pass; the
+    sampler's own log-probs only feed the logprob_gap metric."""
     try:
         _old_logprobs(model, samples, args, ctx)
     finally:
@@ -590,17 +622,27 @@ def old_logprobs(model, samples, args, ctx):
 
 
 def _old_logprobs(model, samples, args, ctx):
+    """The log-probs stay on the device until every micro-batch is done, then come to the host in one copy:
+    a .cpu() per micro-batch would make the host wait for each forward in turn."""
+    passes = []  # (micro-batch, attribute, log-probs (B, T) on the device)
     for micro in micro_batches(samples, args.micro_batch):
         logp, _ = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
                                     args.temperature, ctx.device, [s.mask for s in micro])
-        for s, row in zip(micro, logp):
-            s.old_logp = row[:len(s.response)].float().cpu()
+        passes.append((micro, "old_logp", logp))
     retries = [s for s in samples if s.calib_context is not None]
     for micro in micro_batches(retries, args.micro_batch, key=lambda s: len(s.calib_context) + len(s.response)):
         logp, _ = response_logprobs(model, [s.calib_context for s in micro], [s.response for s in micro],
                                     args.temperature, ctx.device, [s.mask for s in micro])
-        for s, row in zip(micro, logp):
-            s.cond_logp = row[:len(s.response)].float().cpu()
+        passes.append((micro, "cond_logp", logp))
+    if not passes:
+        return
+    flat = torch.cat([logp.flatten() for _, _, logp in passes]).float().cpu()   # the one device-to-host copy
+    start = 0
+    for micro, attribute, logp in passes:
+        rows = flat[start:start + logp.numel()].view(logp.shape)
+        start += logp.numel()
+        for s, row in zip(micro, rows):
+            setattr(s, attribute, row[:len(s.response)].clone())
 
 
 def pad_rows(rows, T):
@@ -625,58 +667,70 @@ def sample_weights(micro, T, args):
 def update(model, optimizer, samples_by_query, args, ctx, step):
     """SPEC §2.8-2.9: --ppo_epochs passes over --minibatch slices of the queries; one optimizer step
     per slice, its loss the role-wise token mean over the slice's global batch. Micro-batches bound
-    memory without changing the loss. A non-finite loss or gradient skips the update."""
+    memory without changing the loss. A non-finite loss or gradient skips the update.
+
+    Host syncs: the trained-token counts of every slice are all-reduced once, before the first forward; the
+    statistics stay on the device, and the host reads one flag per optimizer step (skip or not) and the
+    statistics once at the end, so the micro-batches' forward and backward passes queue without a wait."""
     local_queries = len(samples_by_query)
     per_update = args.minibatch // ctx.world
-    stats = dict(loss_solver=0.0, loss_critic=0.0, clipped=0.0, tokens=0.0, grad_norm=0.0, updates=0,
-                 skipped=0)
     gen = torch.Generator().manual_seed(mix_seed(args.seed, step, ctx.rank, 4))
+    minibatches = []
     for epoch in range(args.ppo_epochs):
         order = torch.randperm(local_queries, generator=gen).tolist() if args.ppo_epochs > 1 else list(range(local_queries))
         for start in range(0, local_queries, per_update):
-            minibatch = [s for q in order[start:start + per_update] for s in samples_by_query[q]]
-            n_solver, n_critic = all_reduce([sum(s.trained_tokens for s in minibatch if not s.is_critic),
-                                             sum(s.trained_tokens for s in minibatch if s.is_critic)], ctx)
-            micros = micro_batches(minibatch, args.micro_batch)
-            finite = True
-            for i, micro in enumerate(micros):
-                with no_grad_sync(model, args, sync=i == len(micros) - 1), autocast_for(model, args):
-                    logp, mask = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
-                                                   args.temperature, ctx.device, [s.mask for s in micro])
-                    T = mask.shape[1]
-                    old = pad_rows([s.old_logp for s in micro], T).to(ctx.device)
-                    weight = sample_weights(micro, T, args).to(ctx.device)
-                    adv = torch.tensor([s.adv for s in micro], device=ctx.device)
-                    is_critic = torch.tensor([s.is_critic for s in micro], device=ctx.device)
-                    token_loss = clipped_token_loss(logp, old, adv, weight, mask, args.clip_low, args.clip_high)
-                    loss = rolewise_token_mean(token_loss, mask, is_critic, n_solver, n_critic,
-                                               args.critic_coef, ctx.world)
-                    finite &= bool(torch.isfinite(loss))
-                    loss.backward()
-                with torch.no_grad():
-                    per_sample = token_loss.sum(-1)
-                    stats["loss_solver"] += float(per_sample[~is_critic].sum()) / max(n_solver, 1)
-                    stats["loss_critic"] += float(per_sample[is_critic].sum()) / max(n_critic, 1)
-                    ratio = (logp - old).exp()
-                    a = adv[:, None]  # clipped: the min picked the clipped term, so the token has no gradient
-                    clipped = ((a > 0) & (ratio > 1 + args.clip_high)) | ((a < 0) & (ratio < 1 - args.clip_low))
-                    stats["clipped"] += float((clipped.float() * mask).sum())
-                    stats["tokens"] += float(mask.sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-                grad_norm = grad_norm.full_tensor()
-            finite = all_reduce([0.0 if finite else 1.0], ctx, dist.ReduceOp.MAX)[0] == 0.0
-            if finite and math.isfinite(float(grad_norm)):
-                for group in optimizer.param_groups:  # a function of the step alone, so resume is exact
-                    group["lr"] = args.lr * min(1.0, (step + 1) / max(args.lr_warmup, 1))
-                optimizer.step()
-                stats["grad_norm"] += float(grad_norm)
-                stats["updates"] += 1
-            else:
-                stats["skipped"] += 1
-                print0(ctx, f"warning: step {step}: non-finite loss or gradient, update skipped")
-            optimizer.zero_grad(set_to_none=True)
-    return stats
+            minibatches.append([s for q in order[start:start + per_update] for s in samples_by_query[q]])
+    counts = all_reduce([n for mb in minibatches for n in (sum(s.trained_tokens for s in mb if not s.is_critic),
+                                                            sum(s.trained_tokens for s in mb if s.is_critic))], ctx)
+    device = ctx.device
+    # loss_solver, loss_critic, clipped tokens, tokens, grad_norm summed over updates: float64, on the device
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    updates = skipped = 0
+    for u, minibatch in enumerate(minibatches):
+        n_solver, n_critic = counts[2 * u], counts[2 * u + 1]
+        micros = micro_batches(minibatch, args.micro_batch)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        for i, micro in enumerate(micros):
+            with no_grad_sync(model, args, sync=i == len(micros) - 1), autocast_for(model, args):
+                logp, mask = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
+                                               args.temperature, device, [s.mask for s in micro])
+                T = mask.shape[1]
+                old = to_device(pad_rows([s.old_logp for s in micro], T), device)
+                weight = to_device(sample_weights(micro, T, args), device)
+                adv = to_device(torch.tensor([s.adv for s in micro]), device)
+                is_critic = to_device(torch.tensor([s.is_critic for s in micro]), device)
+                token_loss = clipped_token_loss(logp, old, adv, weight, mask, args.clip_low, args.clip_high)
+                loss = rolewise_token_mean(token_loss, mask, is_critic, n_solver, n_critic,
+                                           args.critic_coef, ctx.world)
+                finite &= torch.isfinite(loss)
+                loss.backward()
+            with torch.no_grad():
+                per_sample = token_loss.sum(-1).double()
+                ratio = (logp - old).exp()
+                a = adv[:, None]  # clipped: the min picked the clipped term, so the token has no gradient
+                clipped = ((a > 0) & (ratio > 1 + args.clip_high)) | ((a < 0) & (ratio < 1 - args.clip_low))
+                sums[:4] += torch.stack([torch.where(is_critic, 0.0, per_sample).sum() / max(n_solver, 1),
+                                         torch.where(is_critic, per_sample, 0.0).sum() / max(n_critic, 1),
+                                         (clipped.float() * mask).sum().double(), mask.sum().double()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        bad = (~finite | ~torch.isfinite(grad_norm)).double()  # any rank's non-finite loss skips every rank
+        if ctx.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bad.item():                                         # the one host sync of the optimizer step
+            for group in optimizer.param_groups:  # a function of the step alone, so resume is exact
+                group["lr"] = args.lr * min(1.0, (step + 1) / max(args.lr_warmup, 1))
+            optimizer.step()
+            sums[4] += grad_norm.detach().double()
+            updates += 1
+        else:
+            skipped += 1
+            print0(ctx, f"warning: step {step}: non-finite loss or gradient, update skipped")
+        optimizer.zero_grad(set_to_none=True)
+    loss_solver, loss_critic, clipped, tokens, grad_norm = sums.tolist()
+    return dict(loss_solver=loss_solver, loss_critic=loss_critic, clipped=clipped, tokens=tokens,
+                grad_norm=grad_norm, updates=updates, skipped=skipped)
 
 
 def autocast_for(model, args):
@@ -1112,7 +1166,8 @@ def build_parser():
     p.add_argument("--max_new_tokens", type=int, default=16, help="tokens per action turn (solver and retry)")
     p.add_argument("--critic_max_new_tokens", type=int, default=24, help="critiques")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0); log-probs use it too")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; keep 1 for training: rho and the "
+                   "log-probs are of the full softmax, uncorrected for the truncation (the comment above old_logprobs)")
     p.add_argument("--rollout_batch", type=int, default=0, help="sequences per sampling call on each rank, "
                    "to bound the KV cache (0: a phase's whole batch at once)")
     add_episode_args(p)
@@ -1135,7 +1190,8 @@ def build_parser():
     p.add_argument("--ppo_epochs", type=int, default=1, help="passes over each step's samples")
     p.add_argument("--minibatch", type=int, default=None, help="queries per optimizer update, global "
                    "(default: --batch_prompts, one update per pass)")
-    p.add_argument("--micro_batch", type=int, default=64, help="sequences per forward/backward (memory only)")
+    p.add_argument("--micro_batch", type=int, default=None, help="sequences per forward/backward (memory only; "
+                   "default: 64 for --model tiny, else 2, what README's memory table assumes)")
     p.add_argument("--warm_start_steps", type=int, default=None, help="most solver-only warm-start steps "
                    "before RL (default: 1200 for --model tiny, else 0: no warm start)")
     p.add_argument("--warm_start_target", type=float, default=0.25, help="leave the solver-only warm start "
@@ -1190,6 +1246,8 @@ def parse_args(argv=None):
         continue_run(args, given_flags(argv))
     if args.warm_start_steps is None:
         args.warm_start_steps = 1200 if args.model == "tiny" else 0
+    if args.micro_batch is None:
+        args.micro_batch = 64 if args.model == "tiny" else 2
     if args.minibatch is None:
         args.minibatch = args.batch_prompts
     check_flags(args)
@@ -1539,6 +1597,7 @@ def train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step):
     with full_weights(model, args) as m:
         rollouts, times = rollout(m, tokenizer, task, examples, cfg, seed=mix_seed(args.seed, step, ctx.rank),
                                   critique=args.algo == "icrl")
+    del m  # a bfloat16 sampling copy (full_weights) is freed before training
     t = time.perf_counter()
     model.train()
     samples_by_query = build_samples(rollouts, args.adv, train_critic=not args.no_critic_train)
@@ -1654,7 +1713,7 @@ def usage_exit(error):
 
 
 def shutdown(ctx, fsdp):
-    if ctx.world == 1:
+    if not dist.is_initialized():
         return
     dist.barrier()
     dist.destroy_process_group()

@@ -172,6 +172,50 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# Rows of one chunk in token_logprobs: 2**26 float32 logits (256 MB; 441 positions of Qwen3's 151,936 words).
+LOGPROB_CHUNK_ELEMENTS = 1 << 26
+
+
+def _chunk_logprobs(h, weight, targets, temperature: float):
+    """log softmax(h @ weight.T / temperature)[targets] for one chunk, in float32 (float64 for a float64
+    model) whatever the autocast."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    with torch.autocast(h.device.type, enabled=False):
+        logits = torch.mm(h.to(dtype), weight.to(dtype).t())                 # (n, V) float32
+        if temperature != 1.0:
+            logits.div_(temperature)        # in place: mm keeps its inputs for backward, not its output
+        # log_softmax, then the target: in float32 bit for bit what log_softmax over all positions at once
+        # gave (the tiny default's measured runs depend on it); autograd keeps its output, not `logits`
+        return torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+
+
+def token_logprobs(h, weight, targets, temperature: float = 1.0, chunk_rows: int | None = None):
+    """Log-probs (N,) float32 of `targets` (N,) under softmax(h @ weight.T / temperature): h (N, C) final
+    hidden states (after the norm), weight (V, C) the lm_head. The chosen token's log_softmax (its logit
+    minus logsumexp), `chunk_rows` positions at a time (default: LOGPROB_CHUNK_ELEMENTS / V), the head in float32 (a bfloat16
+    logit of 16-32 has a step of 0.125: noise in rho and in the calibration weight).
+
+    Memory, N positions, vocabulary V, n = chunk_rows. log_softmax(logits.float() / t) over (N, V) held the
+    bfloat16 logits (2NV bytes), float32 copies of them (4NV each: the cast, the division, the log_softmax),
+    and as much again in backward: with --micro_batch 64 of 2k response tokens and V = 151,936, 80 GB per
+    float32 copy. Here a chunk holds about three (n, V) float32 buffers (logits, their log_softmax, in
+    backward its gradient: 3 x 256 MB at the default n) and, where the head is bfloat16 (FSDP2's
+    param_dtype), its float32 copy (4VC bytes: 2.5 GB for Qwen3-8B, 1.6 GB for 4B) and that copy's gradient,
+    all freed between chunks. With autograd each chunk is checkpointed (its logits recomputed in backward, one
+    more head matmul per chunk), so nothing of size (N, V) is ever kept: what stays is h (N, C) and the
+    output (N,). The head's FLOPs run in float32 (2NVC forward, 6NVC with the backward)."""
+    N, V = targets.shape[0], weight.shape[0]
+    n = chunk_rows or max(1, LOGPROB_CHUNK_ELEMENTS // V)
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if N <= n:  # one chunk: autograd keeps its (N, V) logits, at most one chunk's worth
+        return _chunk_logprobs(h, weight, targets, temperature)
+    parts = []
+    for i in range(0, N, n):
+        args = (h[i:i + n], weight, targets[i:i + n], temperature)
+        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
+    return torch.cat(parts)
+
+
 class Qwen3Model(nn.Module):
     """Container only, so that parameter names read `model.embed_tokens...` as in Hugging Face."""
 
@@ -209,11 +253,16 @@ class Qwen3(nn.Module):
                 m.weight.fill_(1.0)
         self.tie_weights()
 
-    def forward(self, input_ids, logits_at=None):
+    def forward(self, input_ids, logits_at=None, targets=None, temperature: float = 1.0):
         """input_ids (B, T) -> logits (B, T, vocab): causal attention, positions 0..T-1. Right padding is
         exact for the real tokens, since no real token attends to a later one. `logits_at` (B, T'): only
         the logits at those positions, (B, T', vocab); a trainer needs them at response tokens alone, and
-        a 151,936-wide lm_head over whole prompts would dominate its memory."""
+        a 151,936-wide lm_head over whole prompts would dominate its memory.
+
+        `targets` (B, T'), with `logits_at`: instead of logits, float32 log-probs (B, T') of each target
+        token under softmax(logits / temperature), computed by `token_logprobs` in chunks of positions, the
+        head in float32, never holding (B, T', vocab). Inside forward, so FSDP2 has the head gathered and
+        DDP sees every use of it."""
         T = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)                                    # (B, T, C)
         positions = torch.arange(T, device=x.device)
@@ -226,7 +275,27 @@ class Qwen3(nn.Module):
                 x = layer(x, cos, sin)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device)[:, None], logits_at]    # (B, T', C)
-        return self.lm_head(self.model.norm(x))
+        if targets is None:
+            return self.lm_head(self.model.norm(x))
+        if logits_at is None or targets.shape != logits_at.shape:
+            raise ValueError("targets needs logits_at of the same shape (B, T')")
+        h = self.model.norm(x)
+        return token_logprobs(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), temperature).view(targets.shape)
+
+    @torch.no_grad()
+    def cast_copy(self, dtype: torch.dtype) -> "Qwen3":
+        """A frozen copy of this model in `dtype` on the same device, for sampling: built on the meta device and
+        filled parameter by parameter, so no float32 intermediate of the whole model is made. Sampling from a
+        bfloat16 copy (weights and KV cache in bfloat16) replaces autocast, which re-casts every weight on
+        every decode step."""
+        with torch.device("meta"):
+            copy = type(self)(self.config)
+        copy = copy.to(dtype).to_empty(device=self.lm_head.weight.device)
+        copy.tie_weights()                                                        # to_empty made new tensors
+        source = dict(self.named_parameters())
+        for name, param in copy.named_parameters():
+            param.copy_(source[name])
+        return copy.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------------- checkpoints
     @classmethod
@@ -553,6 +622,13 @@ class Generation:
     tokens: list[int]     # completion ids, ending with the stop id when one was hit
     logprobs: list[float] # log-prob of each token under the sampling distribution
     finished: bool        # a stop id was hit (False: cut off at max_new_tokens)
+    # log-prob of each token under the full softmax(logits / temperature), before top-k / top-p truncation:
+    # what a trainer's log-probs are (icrl.py, SPEC §2.8). The same list as `logprobs` when nothing is truncated.
+    full_logprobs: list[float] | None = None
+
+    def __post_init__(self):
+        if self.full_logprobs is None:
+            self.full_logprobs = self.logprobs
 
 
 def keep_top_k_top_p(logits, top_k: int, top_p: float):
@@ -570,16 +646,21 @@ def keep_top_k_top_p(logits, top_k: int, top_p: float):
     return logits
 
 
-def sample_next(logits, temperature: float, top_k: int, top_p: float, generator):
+def sample_next(logits, temperature: float, top_k: int, top_p: float, generator, full: bool = False):
     """Draw one token per row from logits (B, V), which this overwrites (scratch space: with Qwen3's
     151,936-token vocabulary every B x V temporary costs as much as the lm_head matmul on CPU).
 
     Returns token ids (B,) and their log-probs (B,) under the distribution sampled from: softmax(logits /
     temperature) restricted to the top-k / top-p set and renormalised. temperature 0 is greedy, with the
-    log-prob under softmax(logits)."""
+    log-prob under softmax(logits). With `full`, also the log-probs (B,) under the untruncated
+    softmax(logits / temperature) (one more pass over (B, V) where a truncation is on; else the same tensor)."""
     logits = logits.float()
+    full_normaliser = None
     if temperature > 0:
-        keep_top_k_top_p(logits.div_(temperature), top_k, top_p)
+        logits.div_(temperature)
+        if full and (top_k > 0 or top_p < 1.0):
+            full_normaliser = torch.logsumexp(logits, -1)
+        keep_top_k_top_p(logits, top_k, top_p)
     top, token = logits.max(-1)
     if temperature > 0:
         # Gumbel-max: argmax(logits - log E), E ~ Exp(1), is a draw from softmax(logits), with no host
@@ -589,7 +670,10 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator)
         token = torch.sub(logits, noise, out=noise).argmax(-1)
     chosen = logits.gather(1, token[:, None])[:, 0]
     log_normaliser = top + logits.sub_(top[:, None]).exp_().sum(-1).log_()   # logsumexp, in place
-    return token, chosen - log_normaliser
+    logp = chosen - log_normaliser
+    if not full:
+        return token, logp
+    return token, logp, logp if full_normaliser is None else chosen - full_normaliser
 
 
 @torch.inference_mode()
@@ -637,8 +721,13 @@ def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temper
     rows = torch.arange(N, device=device)    # active row -> prompt index
     done = torch.zeros(N, dtype=torch.bool, device=device)
     segments, tokens, logps, first_step = [], [], [], 0   # segment: (rows, first step, tokens, logprobs)
+    truncated = temperature > 0 and (top_k > 0 or top_p < 1.0)  # then log-probs under both distributions
     for step in range(max_new_tokens):
-        token, logp = sample_next(logits, temperature, top_k, top_p, generator)
+        if truncated:
+            token, logp, full_logp = sample_next(logits, temperature, top_k, top_p, generator, full=True)
+            logp = torch.stack((logp, full_logp), -1)                           # (B, 2)
+        else:
+            token, logp = sample_next(logits, temperature, top_k, top_p, generator)
         tokens.append(token)
         logps.append(logp)
         if step == max_new_tokens - 1:
@@ -661,12 +750,18 @@ def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temper
         segments.append((rows, first_step, torch.stack(tokens, 1), torch.stack(logps, 1)))
 
     all_tokens = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=device)
-    all_logps = torch.zeros((N, max_new_tokens), dtype=torch.float, device=device)
+    all_logps = torch.zeros((N, max_new_tokens, 2) if truncated else (N, max_new_tokens), dtype=torch.float,
+                            device=device)
     for seg_rows, start, seg_tokens, seg_logps in segments:
         all_tokens[seg_rows, start:start + seg_tokens.shape[1]] = seg_tokens
         all_logps[seg_rows, start:start + seg_tokens.shape[1]] = seg_logps
     hit = torch.isin(all_tokens, stops)
     finished = hit.any(1)
     n_tokens = torch.where(finished, hit.int().argmax(1) + 1, max_new_tokens).tolist()
-    token_lists, logp_lists, finished = all_tokens.tolist(), all_logps.tolist(), finished.tolist()
-    return [Generation(token_lists[i][:n], logp_lists[i][:n], finished[i]) for i, n in enumerate(n_tokens)]
+    token_lists, finished = all_tokens.tolist(), finished.tolist()
+    if not truncated:
+        logp_lists = all_logps.tolist()
+        return [Generation(token_lists[i][:n], logp_lists[i][:n], finished[i]) for i, n in enumerate(n_tokens)]
+    logp_lists, full_lists = all_logps[..., 0].tolist(), all_logps[..., 1].tolist()
+    return [Generation(token_lists[i][:n], logp_lists[i][:n], finished[i], full_lists[i][:n])
+            for i, n in enumerate(n_tokens)]

@@ -1,0 +1,158 @@
+"""GPU sampler benchmark: model.generate against transformers' generate, and against the memory-bandwidth floor.
+
+Random Qwen3-0.6B- (and with --configs 0.6B,4B, Qwen3-4B-) shaped weights, bfloat16, on one CUDA GPU; the same
+weights and prompts for both peers; greedy; every row decodes exactly `--new` tokens (no stop id; transformers
+with min_new_tokens = max_new_tokens). Batch 1, 16, 64 and 256 by default.
+
+floor: the time the decode steps cannot go below, the bytes each step must read from GPU memory (every
+weight once, the lm_head included, plus the KV cache up to that step) over the GPU's memory bandwidth,
+measured here with a device-to-device copy; prefill is not in it (it is compute-bound), so floor tok/s is an
+upper bound on decode speed. tok/s = batch x new tokens / seconds of the whole generate call, prefill included.
+Issue 14's target: >= 3x transformers at batch 64 and within 1.5x of the floor.
+
+Run: python tests/bench_gpu.py [--configs 0.6B,4B] [--batches 1,16,64,256]   (writes bench_results/gpu.json)
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from model import Qwen3, Qwen3Config, generate  # noqa: E402
+
+CONFIGS = {  # Qwen3-0.6B and Qwen3-4B's shapes (config.json of the released checkpoints)
+    "0.6B": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "4B": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,   # dry runs
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+}
+DEVICE = "cuda"
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def bandwidth() -> float:
+    """GPU memory bandwidth in bytes/s: a 1 GiB device-to-device copy reads and writes 1 GiB each."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync()
+    start, n = time.perf_counter(), 20
+    for _ in range(n):
+        y.copy_(x)
+    sync()
+    seconds = time.perf_counter() - start
+    del x, y
+    return 2 * n * (1 << 30) / seconds
+
+
+def floor_seconds(config, n_params, batch, prompt_len, new, bytes_per_s) -> float:
+    """Decode steps only: each reads every weight once (2 bytes each; a tied embedding is the lm_head, read
+    once) and the KV cache of every row up to its current length."""
+    kv_per_token = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * config["head_dim"] * 2
+    total = 0.0
+    for step in range(new - 1):  # the first token comes from the prefill's logits
+        total += 2 * n_params + batch * (prompt_len + step + 1) * kv_per_token
+    return total / bytes_per_s
+
+
+def timed(fn, repeats):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="0.6B", help="comma-separated subset of " + ",".join(CONFIGS))
+    parser.add_argument("--batches", default="1,16,64,256")
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
+    parser.add_argument("--new", type=int, default=128, help="new tokens per row")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per peer after a warm-up; the best counts")
+    parser.add_argument("--out", default=str(ROOT / "bench_results" / "gpu.json"))
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script (--configs tiny), no figures")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print(f"bench_gpu: no CUDA GPU visible to torch {torch.__version__}: nothing measured")
+        return 2
+    import transformers
+    transformers.logging.set_verbosity_error()
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
+    bytes_per_s = bandwidth()
+    print(f"{device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"measured copy bandwidth {bytes_per_s / 1e9:.0f} GB/s; bfloat16, greedy, prompt {args.prompt} + "
+          f"{args.new} new tokens; best of {args.repeats} after a warm-up")
+    header = (f"{'config':<6} {'batch':>5} {'ours tok/s':>11} {'hf tok/s':>9} {'speedup':>7} {'floor tok/s':>11} "
+              f"{'ours/floor':>10} {'same tokens':>11}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for name in args.configs.split(","):
+        config = CONFIGS[name]
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config, rope_theta=1e6))
+        hf = hf.to(torch.bfloat16).eval()
+        hf.generation_config.eos_token_id = None
+        with torch.device("meta"):
+            ours = Qwen3(Qwen3Config(**config, rope_theta=1e6))
+        ours = ours.to(torch.bfloat16).to_empty(device=DEVICE)
+        ours.tie_weights()
+        ours.load_state_dict(hf.state_dict())
+        ours.eval()
+        n_params = sum(p.numel() for p in ours.parameters())
+        for batch in map(int, args.batches.split(",")):
+            ids = torch.randint(0, config["vocab_size"], (batch, args.prompt),
+                                generator=torch.Generator().manual_seed(1)).to(DEVICE)
+            prompts = ids.tolist()
+            peers = {
+                "ours": lambda n: generate(ours, prompts, n, temperature=0),
+                "hf": lambda n: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                            max_new_tokens=n, min_new_tokens=n, pad_token_id=0),
+            }
+            seconds, outputs = {}, {}
+            with torch.inference_mode():
+                for peer, run in peers.items():
+                    run(4)  # warm-up: kernels, allocator
+                    seconds[peer], outputs[peer] = timed(lambda: run(args.new), args.repeats)
+            ref = outputs["hf"][:, args.prompt:].tolist()
+            same = sum(g.tokens == r for g, r in zip(outputs["ours"], ref)) / batch
+            tokens = batch * args.new
+            floor = floor_seconds(config, n_params, batch, args.prompt, args.new, bytes_per_s)
+            row = dict(config=name, params=n_params, batch=batch, prompt=args.prompt, new=args.new,
+                       ours_tok_s=tokens / seconds["ours"], hf_tok_s=tokens / seconds["hf"],
+                       floor_tok_s=tokens / floor, speedup=seconds["hf"] / seconds["ours"],
+                       ours_over_floor=seconds["ours"] / floor, same_tokens=same, seconds=seconds)
+            rows.append(row)
+            print(f"{name:<6} {batch:>5} {row['ours_tok_s']:>11.0f} {row['hf_tok_s']:>9.0f} {row['speedup']:>6.2f}x "
+                  f"{row['floor_tok_s']:>11.0f} {row['ours_over_floor']:>9.2f}x {100 * same:>10.0f}%", flush=True)
+        del hf, ours
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(device=device_name, torch=torch.__version__, transformers=transformers.__version__,
+                                   bandwidth_bytes_per_s=bytes_per_s, results=rows), indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Checks that need one CUDA GPU (`make gpu-check` runs them, then the GPU sampler benchmark).
+
+Skipped, saying why, where torch sees no CUDA device: the rest of tests/ runs on the CPU. Every test here
+takes only `tmp_path`, so tests/gpu_check.py can also run them without pytest on a GPU image that lacks it.
+
+    bf16 logits parity with transformers on CUDA; greedy generate equal to transformers (float32, ragged
+    prompts); chunked log-probs on CUDA; a few ICRL steps with NCCL at world size 1 under DDP and under
+    --fsdp (bfloat16, --grad_ckpt); a checkpoint round trip through transformers; host syncs of update()
+    independent of the number of micro-batches.
+
+GPU_CHECK_DEVICE=cpu runs the same code on the CPU (gloo instead of NCCL, no sync counting): a dry run of
+the checks themselves, for a machine without a GPU; it proves nothing about CUDA.
+"""
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
+
+try:
+    import pytest
+    pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                    reason=f"no CUDA GPU visible to torch {torch.__version__} "
+                                           f"(torch.version.cuda = {torch.version.cuda}): GPU checks skipped")
+except ImportError:  # gpu_check.py's own runner
+    pytest = None
+
+CONFIG = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=2, head_dim=64, max_position_embeddings=512, tie_word_embeddings=False,
+              rms_norm_eps=1e-6)
+
+
+def hf_checkpoint(folder, seed=0, **overrides):
+    """A random transformers Qwen3ForCausalLM (norms randomised too) saved to `folder`; returns the folder."""
+    import transformers
+    config = transformers.Qwen3Config(**{**CONFIG, **overrides}, rope_theta=1e6)
+    torch.manual_seed(seed)
+    hf = transformers.Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(folder)
+    return Path(folder)
+
+
+def load_hf(folder, dtype):
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).to(DEVICE, dtype).eval()
+
+
+def test_bf16_logits_parity_with_transformers(tmp_path):
+    """bfloat16 on CUDA: our logits and transformers' are both within bfloat16 noise of the float32 logits,
+    ours no further than transformers' own (x1.5 + 0.02), and close to each other."""
+    from model import Qwen3
+    folder = hf_checkpoint(tmp_path / "ckpt")
+    ids = torch.randint(0, CONFIG["vocab_size"], (4, 96), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        exact = load_hf(folder, torch.float32)(ids).logits.float()
+        theirs = load_hf(folder, torch.bfloat16)(ids).logits.float()
+        ours = Qwen3.from_pretrained(folder, dtype=torch.bfloat16, device=DEVICE)(ids).float()
+    err_ours, err_theirs = (ours - exact).abs().max().item(), (theirs - exact).abs().max().item()
+    print(f"bf16 max |logit error| vs float32: ours {err_ours:.4f}, transformers {err_theirs:.4f}, "
+          f"ours vs transformers {(ours - theirs).abs().max().item():.4f} (logits up to {exact.abs().max().item():.1f})")
+    assert err_ours <= 1.5 * err_theirs + 0.02
+    assert (ours - theirs).abs().max().item() <= 2 * err_theirs + 0.02
+
+
+def test_float32_logits_and_greedy_generate_equal_transformers(tmp_path):
+    """float32 on CUDA (TF32 off): logits within 1e-4 of transformers', and greedy generate over ragged
+    prompts in one batch gives transformers' tokens one prompt at a time, token for token."""
+    from model import Qwen3, generate
+    folder = hf_checkpoint(tmp_path / "ckpt", tie_word_embeddings=True)
+    hf = load_hf(folder, torch.float32)
+    hf.generation_config.eos_token_id = None
+    ours = Qwen3.from_pretrained(folder, dtype=torch.float32, device=DEVICE).eval()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        gen = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(0, CONFIG["vocab_size"], (n,), generator=gen).tolist() for n in (5, 17, 9, 30)]
+        with torch.no_grad():
+            ids = torch.tensor([prompts[3]], device=DEVICE)
+            assert (ours(ids) - hf(ids).logits).abs().max().item() < 1e-4
+            outs = generate(ours, prompts, 32, temperature=0)
+            for prompt, out in zip(prompts, outs):
+                ids = torch.tensor([prompt], device=DEVICE)
+                ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
+                                  min_new_tokens=32, pad_token_id=0)[0, len(prompt):].tolist()
+                assert out.tokens == ref
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_chunked_logprobs_on_cuda():
+    """model.token_logprobs in chunks equals log_softmax over the whole (N, V) on CUDA, values and gradients;
+    under bf16 autocast the head stays float32."""
+    import model as model_module
+    from model import token_logprobs
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    h = torch.randn(300, 256, device=DEVICE, generator=gen, requires_grad=True)
+    w = (torch.randn(5000, 256, device=DEVICE, generator=gen) * 0.1).requires_grad_()
+    targets = torch.randint(0, 5000, (300,), device=DEVICE, generator=gen)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = torch.log_softmax(h @ w.t() / 0.7, -1).gather(1, targets[:, None])[:, 0]
+        ref_grads = torch.autograd.grad(ref.sum(), (h, w))
+        ours = token_logprobs(h, w, targets, 0.7, chunk_rows=64)
+        grads = torch.autograd.grad(ours.sum(), (h, w))
+        assert (ours - ref).abs().max().item() < 1e-5
+        for g, r in zip(grads, ref_grads):
+            assert (g - r).abs().max().item() < 1e-5 * max(1.0, r.abs().max().item())
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            assert token_logprobs(h.bfloat16(), w.bfloat16(), targets).dtype == torch.float32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert model_module.LOGPROB_CHUNK_ELEMENTS // 151936 > 0
+
+
+TINY_RUN = ["--warm_start_steps", "2", "--warm_start_role_steps", "1", "--batch_prompts", "4", "--group_size", "4",
+            "--max_new_tokens", "8", "--critic_max_new_tokens", "8", "--eval_examples", "8", "--eval_every", "0",
+            "--micro_batch", "4", "--steps", "2", "--dtype", "bfloat16", "--grad_ckpt"]
+
+
+@functools.cache
+def icrl_run(fsdp: bool) -> Path:
+    """`torchrun --nproc_per_node 1 icrl.py` on the GPU (NCCL, world size 1): DDP, or FSDP2 with --fsdp."""
+    out = Path(tempfile.mkdtemp(prefix="gpu-check-")) / ("fsdp" if fsdp else "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           str(ROOT / "icrl.py"), "--out", str(out), *TINY_RUN, *(["--fsdp"] if fsdp else [])]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def check_run(out: Path):
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        print(f"{out.name}: step {m['step']}: logprob_gap {m['logprob_gap']:.4f}, grad_norm {m['grad_norm']:.4f}, "
+              f"t_sample {m['t_sample']:.2f}s, t_train {m['t_train']:.2f}s")
+        # bfloat16 sampler (bf16 logits) against the trainer's float32 head on bf16 layers: bf16 noise only
+        assert m["logprob_gap"] < 0.5 and m["skipped_updates"] == 0
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_icrl_steps_nccl_ddp():
+    check_run(icrl_run(fsdp=False))
+
+
+def test_icrl_steps_nccl_fsdp():
+    check_run(icrl_run(fsdp=True))
+
+
+def test_checkpoint_round_trip_through_transformers(tmp_path):
+    """The DDP run's final checkpoint loads in transformers on CUDA with our logits; our save of a
+    transformers checkpoint loads back in transformers with the same logits."""
+    from model import Qwen3
+    final = icrl_run(fsdp=False) / "final"
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        ours = Qwen3.from_pretrained(final, dtype=torch.float32, device=DEVICE)
+        assert (load_hf(final, torch.float32)(ids).logits - ours(ids)).abs().max().item() < 1e-4
+        folder = hf_checkpoint(tmp_path / "hf")
+        Qwen3.from_pretrained(folder, dtype=torch.float32, device=DEVICE).save_pretrained(tmp_path / "ours")
+        assert torch.equal(load_hf(folder, torch.float32)(ids).logits, load_hf(tmp_path / "ours", torch.float32)(ids).logits)
+
+
+def test_update_host_syncs_do_not_grow_with_micro_batches():
+    """torch.cuda's sync debug mode counts the host syncs of old_logprobs + update() on CUDA: the same with
+    1 sequence per micro-batch as with all of them in one (item 8 of issue 14)."""
+    import icrl
+    from dist_update import CONFIG as SMALL, global_batch
+    from model import Qwen3, Qwen3Config
+    if DEVICE != "cuda":
+        return  # sync counting needs CUDA
+    counts = {}
+    for micro_batch in (1, 64):
+        per_query = global_batch()
+        samples = [s for qs in per_query for s in qs]
+        torch.manual_seed(0)
+        model = Qwen3(Qwen3Config(**SMALL)).to(DEVICE)
+        args = icrl.parse_args(["--batch_prompts", "4", "--minibatch", "2", "--ppo_epochs", "2",
+                                "--micro_batch", str(micro_batch)])
+        ctx = icrl.Dist(device=torch.device(DEVICE))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        icrl.old_logprobs(model, samples, args, ctx)       # warm-up: kernels, allocators (pinned memory too)
+        icrl.update(model, optimizer, per_query, args, ctx, step=0)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                icrl.old_logprobs(model, samples, args, ctx)
+                icrl.update(model, optimizer, per_query, args, ctx, step=0)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[micro_batch] = sum("synchroniz" in str(w.message) for w in caught)
+    print(f"host syncs of old_logprobs + update (4 optimizer steps): {counts}")
+    assert counts[1] == counts[64]
+
+
+if __name__ == "__main__":
+    sys.exit(subprocess.call([sys.executable, "-m", "pytest", "-q", "-rs", __file__]))
