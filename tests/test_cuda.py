@@ -42,17 +42,10 @@ CONFIG = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidde
 
 
 def hf_checkpoint(folder, seed=0, **overrides):
-    """A random transformers Qwen3ForCausalLM (norms randomised too) saved to `folder`; returns the folder."""
-    import transformers
-    config = transformers.Qwen3Config(**{**CONFIG, **overrides}, rope_theta=1e6)
-    torch.manual_seed(seed)
-    hf = transformers.Qwen3ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    hf.save_pretrained(folder)
-    return Path(folder)
+    """A random transformers Qwen3ForCausalLM of CONFIG's shape (conftest.make_hf_qwen3: norms randomised
+    too) saved to `folder`; returns the folder."""
+    from conftest import make_hf_qwen3
+    return make_hf_qwen3(folder, seed=seed, **{**CONFIG, "rope_theta": 1e6, **overrides})[0]
 
 
 def load_hf(folder, dtype):
