@@ -1,10 +1,17 @@
-"""ICRL training: one Qwen3 learns to solve, to critique its own attempts, and to internalise the
-critique-guided improvements into its critique-free solver (../shared/SPEC.md is the method).
+"""ICRL training: one Qwen3 learns to solve, to critique its own failed episodes, and to internalise the
+critique-guided retries into its critique-free solver (../shared/SPEC.md, version 2, is the method).
+
+One step (SPEC §2): G chains per query of up to --rounds K episodes: solve under S(x); the gate sends a
+failure (--critic_gate failure) to the critic, which reads the episode's summary under C(x, tau); the
+retry starts from a fresh reset under S(x, c), the critique as tips. The critic earns 1 if the retry
+succeeds, else r' - r; retries are trained under S(x), weighted by min(pi(y|S(x)) / pi(y|S(x, c)), W);
+advantages are normalised per query and role.
 
 Run (the embedded default: tiny random Qwen3 + character tokenizer on `arithmetic`, CPU):
     python icrl.py                                             # one process
     torchrun --standalone --nproc_per_node 2 icrl.py           # what `make train` runs
-Real checkpoints on GPUs (README has the full commands for Qwen3-4B/8B):
+    torchrun --standalone --nproc_per_node 2 icrl.py --task guess   # a multi-turn built-in environment
+Real checkpoints on GPUs (README has the full commands for Qwen3-4B/8B and AgentGym's ALFWorld):
     torchrun --nproc_per_node 8 icrl.py --model /path/Qwen3-8B --task math --train_file train.jsonl \
         --eval_file test.jsonl --dtype bfloat16 --fsdp --grad_ckpt --out runs/qwen3-8b
 """

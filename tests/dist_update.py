@@ -32,7 +32,7 @@ def global_batch():
             n = 2 + (q * 7 + i * 3) % 9
             adv = float(torch.randn((), generator=gen))
             samples.append(icrl.TrainSample(context, ids(n), False, adv))
-        samples.append(icrl.TrainSample(context, ids(4), False, 0.7, calib_context=ids(9)))   # a refinement
+        samples.append(icrl.TrainSample(context, ids(4), False, 0.7, calib_context=ids(9)))   # a retry
         samples.append(icrl.TrainSample(ids(6), ids(1 + q), True, -0.4 + 0.3 * q))             # a critique
         per_query.append(samples)
     return per_query
