@@ -60,11 +60,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import load_task, parse_knobs
-from icrl import (DTYPES, SamplingConfig, add_episode_args, chunks, init_distributed, mix_seed, print0, rollout, shutdown,
+from icrl import (DTYPES, TRUNCATED_ENDS, SamplingConfig, add_episode_args, chunks, init_distributed, mix_seed, print0, rollout, shutdown,
                   write_atomic)
 from model import Qwen3
 
-TRUNCATED = ("context", "max_turns", "cutoff")   # episode ends that count in trunc_frac (as icrl.py's)
 
 
 # ==================================================================================================
@@ -124,7 +123,7 @@ def figures(rows, ks, rounds):
     out["critiqued_frac"] = ratio(sum(len(row["rounds"]) > 1 for row in rows), len(rows))
     episodes = [ep for row in rows for ep in row["rounds"]]
     out["turns"] = ratio(sum(len(ep["actions"]) for ep in episodes), len(episodes))
-    out["trunc_frac"] = ratio(sum(ep["end"] in TRUNCATED for ep in episodes), len(episodes))
+    out["trunc_frac"] = ratio(sum(ep["end"] in TRUNCATED_ENDS for ep in episodes), len(episodes))
     out["examples"], out["chains"] = len(by_example), len(rows)
     return out
 

@@ -197,6 +197,7 @@ class SamplingConfig:
 
 
 REPEAT_LIMIT = 3  # SPEC §1: the same action this many times in a row ends the episode
+TRUNCATED_ENDS = ("context", "max_turns", "cutoff")  # episode ends counted as truncated (trunc_frac, SPEC §3)
 
 
 def stop_token_ids(tokenizer):
@@ -763,7 +764,7 @@ def rollout_sums(rollouts, rounds):
              episodes=len(episodes), action_tokens=sum(ep.action_tokens for ep in episodes),
              obs_tokens=sum(len(ep.tokens) - ep.action_tokens for ep in episodes),
              turns=sum(len(ep.actions) for ep in episodes),
-             truncated=sum(ep.end in ("context", "max_turns", "cutoff") for ep in episodes),
+             truncated=sum(ep.end in TRUNCATED_ENDS for ep in episodes),
              repeats=sum(ep.end == "repeat" for ep in episodes))
     for k in range(2, rounds + 1):  # retries of round k: P(r_k = 1 | critiqued)
         retries = [c.episodes[k - 1] for c in chains if len(c.episodes) >= k]
