@@ -456,12 +456,18 @@ class Decoder:
 
     The fused q|k|v weights are copies (a quarter of a Qwen3 layer's weights), made once per generate call.
     `decode_rows`, `decode_steps`: how many rows will decode (after take_rows) and for how many steps, where
-    known (default: `batch` and `max_len`); on CPU they pick the weights' layout and the decode attention."""
+    known (default: `batch` and `max_len`); on CPU they pick the weights' layout and the decode attention.
+
+    `static`: steps of fixed shapes, so that a CUDA graph can replay them (see step): positions always a
+    tensor, the slots read rounded up to a multiple of `graph_kv_slots`, the cache never reallocated by a
+    compaction. On CUDA each step is then one graph replay instead of ~15 kernel launches per layer; on CPU
+    the same shapes run eagerly (how tests check them without a GPU)."""
 
     prefill_tokens = 512   # on CPU, prefill in chunks of rows of about this many tokens (see prefill)
+    graph_kv_slots = 64    # static steps read slots in multiples of this: one graph serves 64 steps
 
     def __init__(self, model: "Qwen3", batch: int, max_len: int, decode_rows: int | None = None,
-                 decode_steps: int | None = None):
+                 decode_steps: int | None = None, static: bool = False):
         params = list(model.parameters())
         if any(type(p.data) is not torch.Tensor for p in params):
             raise ValueError("generate needs the full weights as plain tensors (got a sharded/DTensor "
@@ -498,6 +504,9 @@ class Decoder:
         self.eps = torch.tensor(cfg.rms_norm_eps, device=weight.device) if self.cpu else None   # see _rms_norm
         # SDPA's default scale, for matmul attention; a tensor, as a Python float is wrapped anew on every call
         self.scale = torch.tensor(D ** -0.5, dtype=weight.dtype, device=weight.device)
+        self.static = static
+        self.graph = None   # (rows, slots, graph, its input tokens, positions, output logits): the one in use
+        self.graph_pool = None
 
     def _new_cache(self, batch: int) -> "_KVCache":
         """One layer's zeroed cache for `batch` rows, laid out for the decode attention (see _attend): for
@@ -513,10 +522,15 @@ class Decoder:
                         self.embed.new_zeros((B, H_kv, T, D)), None)
 
     def take_rows(self, rows: torch.Tensor, upto: int):
-        """Keep cache rows `rows` (in that order; repeats allowed), copying only the slots < upto."""
+        """Keep cache rows `rows` (in that order; repeats allowed) as rows 0..len(rows)-1, copying only the
+        slots < upto: in place where they fit (a compaction: a captured graph's pointers stay valid), into a
+        new cache where they do not (prefill's distinct prompts fanned out to their rows)."""
+        n = len(rows)
         for i, old in enumerate(self.cache):
-            new = self.cache[i] = self._new_cache(len(rows))
-            new.k[:, :, :upto], new.v[:, :, :upto] = old.k[rows, :, :upto], old.v[rows, :, :upto]
+            new = old if n <= old.k.shape[0] else self._new_cache(n)
+            # the right-hand side is gathered into a new tensor first, so writing over `old` is safe
+            new.k[:n, :, :upto], new.v[:n, :, :upto] = old.k[rows, :, :upto], old.v[rows, :, :upto]
+            self.cache[i] = new
 
     def prefill(self, tokens, logits_index):
         """Fill cache slots 0..T-1 from right-padded prompts (B, T); returns the logits (B, vocab) at
@@ -532,11 +546,49 @@ class Decoder:
         return self._logits(x)
 
     def step(self, tokens, positions, kv_len: int):
-        """One token per row: tokens, positions (B,) -> logits (B, vocab). The token's keys and values go to
-        slot `position` of its row, and it attends to slots 0..position; kv_len bounds the slots read.
-        `positions` may be an int, every row's position (then kv_len is positions + 1): no mask to build or
-        apply, and slice writes (measured 5-9% of a generate call)."""
+        """One token per row: tokens, positions (B,) -> logits (B, vocab), for cache rows 0..B-1. The token's
+        keys and values go to slot `position` of its row, and it attends to slots 0..position; kv_len bounds
+        the slots read. `positions` may be an int, every row's position (then kv_len is positions + 1): no
+        mask to build or apply, and slice writes (measured 5-9% of a generate call); not when `static`."""
+        if not self.static:
+            return self._step(tokens, positions, kv_len)
+        slots = min(self.max_len, -(-kv_len // self.graph_kv_slots) * self.graph_kv_slots)
+        if self.cpu:
+            return self._step(tokens, positions, slots)
+        return self._graph_step(tokens, positions, slots)
+
+    def _step(self, tokens, positions, kv_len: int):
         return self._logits(self._forward(tokens[:, None], positions, kv_len, None))
+
+    def _graph_step(self, tokens, positions, slots: int):
+        """The step as a CUDA graph replay, captured on the first step of each (rows, slots). Within a
+        generate call rows only shrink and slots only grow, so a shape never comes back: one graph is
+        kept, and the next one reuses its memory pool."""
+        if self.graph is None or self.graph[:2] != (len(tokens), slots):
+            static_tokens, static_positions = tokens.clone(), positions.clone()
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()  # capture needs a stream other than the default one
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                # Warm-up before capture (cuBLAS and friends initialise outside the graph). It is this very
+                # step: the slots it writes get their right values, and the replay writes the same again.
+                self._step(static_tokens, static_positions, slots)
+                # capture_begin rather than `with torch.cuda.graph`, which also runs gc.collect() and
+                # empty_cache() on every capture. The graph in use stays alive until this capture ends: a
+                # shared pool whose last graph is gone cannot be captured into again.
+                graph.capture_begin(pool=self.graph_pool)
+                try:
+                    logits = self._step(static_tokens, static_positions, slots)
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph_pool = graph.pool()
+            self.graph = (len(tokens), slots, graph, static_tokens, static_positions, logits)
+        _, _, graph, static_tokens, static_positions, logits = self.graph
+        static_tokens.copy_(tokens)
+        static_positions.copy_(positions)
+        graph.replay()
+        return logits
 
     def _logits(self, x):
         return torch.mm(self._rms_norm(x, self.norm), self.lm_head.t())
@@ -583,7 +635,7 @@ class Decoder:
             cos, sin = self.rope[:T].chunk(2, -1)                                 # (T, 1, D)
         elif isinstance(positions, int):                          # one-token step, every row at this slot
             cos, sin = self.rope[positions].chunk(2, -1)                          # (1, D)
-            rows, mask, S = slice(None), None, positions + 1                      # all slots visible
+            rows, mask, S = slice(None, B), None, positions + 1                   # all slots visible
         else:                                                                     # one-token step, T == 1
             cos, sin = self.rope[positions][:, None].chunk(2, -1)                 # (B, 1, 1, D)
             visible = self.slots[:S] <= positions[:, None]                        # (B, S)
@@ -605,7 +657,7 @@ class Decoder:
                     cache.kv[rows, positions] = kv
                 else:
                     cache.k[rows, :, positions], cache.v[rows, :, positions] = kv[:, :H_kv], kv[:, H_kv:]
-                out = self._attend(q, cache.k[:, :, :S], cache.v[:, :, :S], mask)  # (B, H * D)
+                out = self._attend(q, cache.k[:B, :, :S], cache.v[:B, :, :S], mask)  # (B, H * D)
             if logits_index is not None and w is self.layers[-1]:  # only these positions reach the logits
                 picked = torch.arange(B, device=x.device), logits_index
                 x, out = x.view(B, T, -1)[picked], out.view(B, T, -1)[picked]      # (B, C), (B, H * D)
@@ -679,12 +731,16 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator,
 @torch.inference_mode()
 def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, stop_ids=(), seed: int | None = None,
-             check_every: int = 8) -> list[Generation]:
+             check_every: int = 8, graphs: bool | None = None) -> list[Generation]:
     """Sample a completion for each prompt (token-id lists, ragged allowed), in order.
 
     Identical prompts (group sampling) are prefilled once and their cache rows copied. Every `check_every`
     steps the host looks for stop ids: it ends the call when all rows stopped, and drops stopped rows from
-    the batch once they are a quarter of it. `seed` seeds this call's own torch.Generator."""
+    the batch once they are a quarter of it. `seed` seeds this call's own torch.Generator.
+
+    `graphs`: decode steps of fixed shapes (Decoder's `static`), replayed as CUDA graphs; None: on CUDA.
+    True on CPU runs the same shapes eagerly (tests); False on CUDA launches every kernel (the peer in
+    tests/bench_gpu.py)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 0:
@@ -708,14 +764,15 @@ def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temper
     ids = torch.tensor([list(p) + [0] * (L - len(p)) for p in distinct], device=device)  # (U, L)
     last = torch.tensor(lengths, device=device) - 1
     U = len(distinct)
-    decoder = Decoder(model, U, max_len, decode_rows=N, decode_steps=max_new_tokens)
+    static = device.type == "cuda" if graphs is None else graphs
+    decoder = Decoder(model, U, max_len, decode_rows=N, decode_steps=max_new_tokens, static=static)
     logits = decoder.prefill(ids, last)                                           # (U, V)
     if U < N:
         source_t = torch.tensor(source, device=device)
         decoder.take_rows(source_t, L)
         logits, last = logits[source_t], last[source_t]
 
-    uniform = min(lengths) == L              # then every row is at the same position, given to step as an int
+    uniform = min(lengths) == L and not static   # then every row is at one position, given to step as an int
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     position = last + 1                      # (B,) where each row's next token goes
     rows = torch.arange(N, device=device)    # active row -> prompt index

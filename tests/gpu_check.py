@@ -2,7 +2,7 @@
 machine already has (not this project's pins): tests/test_cuda.py (bf16 logits parity with transformers,
 greedy generate equal to transformers, chunked log-probs, ICRL steps with NCCL at world size 1 under DDP and
 under --fsdp, a checkpoint round trip through transformers, host syncs of the update loop), then the GPU
-sampler benchmark (tests/bench_gpu.py, Qwen3-0.6B shapes, batch 1/16/64/256, with the bandwidth floor).
+sampler benchmark (tests/bench_gpu.py, Qwen3-0.6B and 4B shapes, batch 1/16/64/256, with the bandwidth floor).
 
 Without a GPU it says so and exits with status 2: nothing was checked.
 
@@ -107,14 +107,14 @@ def main():
         print("(pytest is not installed: running the test functions directly)")
         tests_ok = run_without_pytest(start + TESTS_S)
 
-    print("\n== tests/bench_gpu.py (Qwen3-0.6B shapes, bfloat16)")
+    print("\n== tests/bench_gpu.py (Qwen3-0.6B and 4B shapes, bfloat16)")
     left = int(BUDGET_S - (time.monotonic() - start)) - 5
     bench_ok = False
     if left < 60:
         print(f"gpu-check: only {left} s left of {BUDGET_S} s: benchmark not run")
     else:
         try:
-            bench_ok = subprocess.run([sys.executable, str(ROOT / "tests" / "bench_gpu.py"), "--configs", "0.6B"],
+            bench_ok = subprocess.run([sys.executable, str(ROOT / "tests" / "bench_gpu.py"), "--configs", "0.6B,4B"],
                                       cwd=ROOT, timeout=left).returncode == 0
         except subprocess.TimeoutExpired:
             print(f"gpu-check: the benchmark ran past the {left} s left")

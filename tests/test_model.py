@@ -320,6 +320,52 @@ def test_sampling_with_stops_keeps_logprobs_right(tiny):
         assert torch.allclose(torch.tensor(gen.logprobs), forward_logprobs(model, prompt, gen.tokens), atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [6, 40], ids=["sdpa", "matmul-attention"])
+def test_static_steps_equal_eager_steps_across_slot_buckets_and_compaction(tiny, monkeypatch, rows):
+    """The fixed-shape steps a CUDA graph replays (Decoder `static`), run eagerly on CPU: positions always a
+    tensor, slots read rounded up (to multiples of 4 here, so 10 steps cross three buckets), the batch
+    compacted in place. Each step's logits equal those of a plain decoder fed the same rows."""
+    model, _ = tiny
+    monkeypatch.setattr(Decoder, "graph_kv_slots", 4)
+    lengths = ([3, 5, 2, 4] * 10)[:rows]
+    L, extra = max(lengths), 10
+    seqs = random_prompts([n + extra for n in lengths], seed=21)
+    padded = torch.tensor([s[:n] + [0] * (L - n) for s, n in zip(seqs, lengths)])
+    static, plain = Decoder(model, rows, L + extra, static=True), Decoder(model, rows, L + extra)
+    kept = torch.arange(rows)                       # row of the static decoder -> original row
+    with torch.no_grad():
+        for d in (static, plain):
+            d.prefill(padded, torch.tensor(lengths) - 1)
+        for step in range(extra):
+            if step == 5:                           # drop every third row, as generate's compaction does
+                keep = torch.tensor([i for i in range(rows) if i % 3])
+                static.take_rows(keep, L + step)
+                kept = kept[keep]
+            assert static.cache[0].k.shape[0] == rows                         # compacted in place
+            position = torch.tensor(lengths)[kept] + step
+            token = torch.tensor([seqs[r][lengths[r] + step] for r in kept.tolist()])
+            ours = static.step(token, position, L + step + 1)
+            ref = plain.step(torch.tensor([seqs[r][lengths[r] + step] for r in range(rows)]),
+                             torch.tensor(lengths) + step, L + step + 1)[kept]
+            assert ours.shape == ref.shape and (ours - ref).abs().max() < 1e-5
+
+
+def test_generate_with_static_steps_equals_plain_generate(tiny, monkeypatch):
+    """generate(graphs=True) on CPU (the shapes CUDA graphs replay, run eagerly) gives plain generate's tokens
+    and log-probs: greedy and seeded sampling, ragged prompts, stop ids and compaction, 3 slot buckets."""
+    model, _ = tiny
+    monkeypatch.setattr(Decoder, "graph_kv_slots", 8)
+    prompts = random_prompts([3 + i % 5 for i in range(24)], seed=9)
+    stop_ids = tuple(range(0, VOCAB, 9))
+    for temperature in (0.0, 1.0):
+        a, b = (generate(model, prompts, max_new_tokens=20, temperature=temperature, stop_ids=stop_ids, seed=5,
+                         check_every=4, graphs=graphs) for graphs in (True, False))
+        assert any(g.finished for g in a) and any(not g.finished for g in a)
+        assert [g.tokens for g in a] == [g.tokens for g in b]
+        for x, y in zip(a, b):
+            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
+
+
 def test_max_new_tokens_cut_is_not_finished(tiny):
     model, _ = tiny
     gens = generate(model, random_prompts([4, 6], seed=11), max_new_tokens=5, temperature=0, stop_ids=(VOCAB + 1,))
