@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -938,54 +939,112 @@ def warm_start(model, tokenizer, task, args, ctx):
 
 
 # ==================================================================================================
-# Checkpoints: Hugging Face folders, written atomically; optimizer and step beside the weights
+# Checkpoints: Hugging Face folders, written atomically; optimizer shards and step beside the weights
 # ==================================================================================================
 
-TRAINER_STATE = "trainer_state.pt"
+# A checkpoint folder: the Hugging Face files (rank 0 writes the full weights: eval.py and transformers read
+# them), TRAINER_STATE and OPTIMIZER/. The step and settings are a small JSON file because every rank reads
+# them at resume. The AdamW state is written with torch.distributed.checkpoint (DCP), one file per rank: under
+# FSDP2 each rank writes and reads its own shard (no gather to rank 0, no broadcast); under DDP or in one
+# process the state is replicated and DCP writes each tensor once. DCP reshards on load, so a resume may
+# change the number of ranks or --fsdp. DCP needs a folder every rank sees (a shared file system over nodes).
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER = "optimizer"
+OLD_TRAINER_STATE = "trainer_state.pt"  # the layout before issue 14: the full optimizer in one file; refused
 
 
-def full_state(model, optimizer, ctx):
-    """Full (unsharded) model and optimizer state dicts keyed by parameter name, on CPU, on rank 0
-    (other ranks get empty dicts). Works the same for a plain module, DDP and FSDP2."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=ctx.world > 1)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+def full_model_state(model, ctx):
+    """The full (unsharded) model state dict keyed by parameter name, on CPU, on rank 0 (other ranks get
+    an empty dict). Works the same for a plain module, DDP and FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=ctx.world > 1))
     if ctx.world == 1:
-        model_state = {k: v.detach().cpu() for k, v in model_state.items()}
-    return model_state, optim_state
+        state = {k: v.detach().cpu() for k, v in state.items()}
+    return state
+
+
+@contextlib.contextmanager
+def dcp_quietly():
+    """DCP in one process (no process group) works, and warns that it assumes so on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save_optimizer(model, optimizer, folder):
+    """Every rank writes its part of the optimizer state into `folder` (a collective under a process group);
+    returns once every rank's file and DCP's .metadata are written."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # this rank's shard under FSDP2
+    with dcp_quietly():
+        dcp.save(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+
+
+def load_optimizer(model, optimizer, checkpoint):
+    """The checkpoint's optimizer state into `optimizer` (fresh, on this wrapping and world size): each rank
+    reads only the pieces its own state dict holds. A damaged folder is a UsageError naming it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    folder = os.path.join(checkpoint, OPTIMIZER)
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the shapes and shards to fill in place
+    try:
+        with dcp_quietly():
+            dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    except (Exception, dcp.api.CheckpointException) as e:
+        rank, cause = 0, e
+        if isinstance(e, dcp.api.CheckpointException):  # every rank's errors, gathered: every rank raises
+            rank, (cause, _) = next(iter(e.failures.items()))
+        raise UsageError(f"{folder}: the optimizer state cannot be read (rank {rank}: {type(cause).__name__}: "
+                         f"{one_line(cause, limit=100)}); resume from another checkpoint") from None
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def save_checkpoint(model, optimizer, tokenizer, args, ctx, step, name):
     """Write a checkpoint into the run folder DIR: a Hugging Face folder (weights, config.json with the
-    stop ids in generation_config.json, the tokenizer) plus trainer_state.pt. `name` is warm_start,
-    step_N or final; final is written as step_N (N = `step`) and DIR/final is then a relative symlink to it.
+    stop ids in generation_config.json, the tokenizer) plus trainer_state.json (step, settings) and
+    optimizer/ (DCP, a file per rank). `name` is warm_start, step_N or final; final is written as step_N
+    (N = `step`) and DIR/final is then a relative symlink to it.
 
-    Kill-safe at every point: the folder is written under .tmp-NAME, fsynced and renamed; only then is
-    DIR/latest (a file naming the newest folder) replaced, atomically, and then DIR/final. A checkpoint
-    that `latest` names is never removed or rewritten (saving it again only points `final` at it), so
-    `latest` and `final` always name a whole checkpoint."""
-    model_state, optim_state = full_state(model, optimizer, ctx)
+    Kill-safe at every point: the folder is written under .tmp-NAME (every rank its optimizer file, then rank
+    0 the rest), fsynced and renamed; only then is DIR/latest (a file naming the newest folder) replaced,
+    atomically, and then DIR/final. A checkpoint that `latest` names is never removed or rewritten (saving
+    it again only points `final` at it), so `latest` and `final` always name a whole checkpoint."""
     folder = f"step_{step}" if name == "final" else name
-    if ctx.main and latest_name(args.out) == folder:
-        if name == "final":
+    saved = ctx.main and latest_name(args.out) == folder
+    saved = all_reduce([float(saved)], ctx)[0] > 0  # rank 0's reading of `latest`, so every rank agrees
+    if saved:
+        if ctx.main and name == "final":
             point_final(args.out, folder)
-    elif ctx.main:
+    else:
         path, tmp = os.path.join(args.out, folder), os.path.join(args.out, f".tmp-{folder}")
-        remove_path(tmp)
-        unwrap(model).save_pretrained(tmp, state_dict=model_state)
-        tokenizer.save_pretrained(tmp)
-        write_generation_config(tmp, tokenizer)
-        # Every random draw is seeded from (seed, step, rank), so the step is the whole RNG state.
-        torch.save({"step": step, "optimizer": optim_state, "args": vars(args)}, os.path.join(tmp, TRAINER_STATE))
-        fsync_tree(tmp)
-        remove_path(path)  # what a kill left between this rename and the `latest` write below
-        os.rename(tmp, path)
-        fsync_dir(args.out)
-        write_atomic(os.path.join(args.out, "latest"), folder + "\n")
-        if name == "final":
-            point_final(args.out, folder)
+        if ctx.main:
+            remove_path(tmp)
+            os.makedirs(tmp)
+        if ctx.world > 1:
+            dist.barrier()  # .tmp-NAME is empty before any rank writes into it
+        save_optimizer(model, optimizer, os.path.join(tmp, OPTIMIZER))
+        model_state = full_model_state(model, ctx)
+        if ctx.main:
+            unwrap(model).save_pretrained(tmp, state_dict=model_state)
+            tokenizer.save_pretrained(tmp)
+            write_generation_config(tmp, tokenizer)
+            # Every random draw is seeded from (seed, step, rank), so the step is the whole RNG state.
+            write_trainer_state(tmp, step, args)
+            fsync_tree(tmp)
+            remove_path(path)  # what a kill left between this rename and the `latest` write below
+            os.rename(tmp, path)
+            fsync_dir(args.out)
+            write_atomic(os.path.join(args.out, "latest"), folder + "\n")
+            if name == "final":
+                point_final(args.out, folder)
     if ctx.world > 1:
         dist.barrier()
+
+
+def write_trainer_state(folder, step, args):
+    with open(os.path.join(folder, TRAINER_STATE), "w") as f:
+        f.write(json.dumps({"step": step, "args": vars(args)}, indent=1) + "\n")
 
 
 def point_final(out, folder):
@@ -1077,18 +1136,24 @@ def latest_name(run_dir):
         return None
 
 
+def is_checkpoint(folder):
+    """A checkpoint folder of this layout or of the old one (refused by read_trainer_state, with why)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in (TRAINER_STATE, OLD_TRAINER_STATE))
+
+
 def resolve_resume(path):
     """--resume PATH: a checkpoint folder (its run folder is its parent) or a run folder (then the
     checkpoint its `latest` names). Returns (checkpoint, run folder)."""
     if not os.path.isdir(path):
         raise UsageError(f"--resume {path}: no such folder")
-    if os.path.isfile(os.path.join(path, TRAINER_STATE)):
+    if is_checkpoint(path):
         return path, os.path.dirname(os.path.normpath(path)) or "."
     name = latest_name(path)
     if name is not None:
         checkpoint = os.path.join(path, name)
-        if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)):
-            raise UsageError(f"--resume {path}: its latest names {name}, which holds no {TRAINER_STATE}")
+        if not is_checkpoint(checkpoint):
+            raise UsageError(f"--resume {path}: its latest names {name}, but there is no "
+                             f"{os.path.join(checkpoint, TRAINER_STATE)}")
         return checkpoint, path
     raise UsageError(f"--resume {path}: no {TRAINER_STATE} there and no `latest` file: neither an icrl.py "
                      f"checkpoint nor a run folder")
@@ -1099,29 +1164,53 @@ def resolve_checkpoint(path):
     return resolve_resume(path)[0]
 
 
-def read_trainer_state(checkpoint, mmap=True):
-    """trainer_state.pt of a checkpoint, as a dict with `step`; a damaged file is a UsageError naming it.
-    mmap: tensors stay on disk until touched (reading the step and settings costs nothing)."""
+def read_trainer_state(checkpoint):
+    """trainer_state.json of a checkpoint ({"step", "args"}), once its optimizer folder has passed a cheap
+    check (check_optimizer_folder); anything missing or damaged is a UsageError naming the file or folder."""
     file = os.path.join(checkpoint, TRAINER_STATE)
+    if not os.path.isfile(file) and os.path.isfile(os.path.join(checkpoint, OLD_TRAINER_STATE)):
+        raise UsageError(f"{checkpoint}: a checkpoint of an older icrl.py ({OLD_TRAINER_STATE}, the whole optimizer "
+                         f"in one file), which this one cannot resume: it reads {TRAINER_STATE} and a sharded "
+                         f"{OPTIMIZER}/ folder; resume it with the icrl.py that wrote it, or start a new run from "
+                         f"its weights with --model {checkpoint}")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as e:
+        with open(file, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
         raise UsageError(f"{file}: cannot be read, truncated or damaged ({type(e).__name__}: {one_line(e)}); "
                          f"resume from another checkpoint") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or not isinstance(state.get("args", {}), dict):
         raise UsageError(f"{file}: not an icrl.py trainer state (no step)")
+    check_optimizer_folder(os.path.join(checkpoint, OPTIMIZER))
     return state
+
+
+def check_optimizer_folder(folder):
+    """Before anything loads, without reading a tensor: DCP's .metadata reads and every file it names is
+    there and as long as the pieces it places in it (a kill or a copy cut short)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder}: missing (the optimizer state); resume from another checkpoint")
+    metadata_file = os.path.join(folder, ".metadata")
+    try:
+        needed = {}
+        for info in FileSystemReader(folder).read_metadata().storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as e:  # a pickle cut short or garbage fails in many ways
+        raise UsageError(f"{metadata_file}: cannot be read, truncated or damaged ({type(e).__name__}: "
+                         f"{one_line(e)}); resume from another checkpoint") from None
+    for name, size in sorted(needed.items()):
+        file = os.path.join(folder, name)
+        have = os.path.getsize(file) if os.path.isfile(file) else None
+        if have is None or have < size:
+            raise UsageError(f"{file}: {'missing' if have is None else f'truncated ({have} of {size} bytes)'} "
+                             f"(the optimizer state); resume from another checkpoint")
 
 
 def one_line(error, limit=300):
     text = " ".join(str(error).split())
     return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def load_optimizer_state(model, optimizer, optim_state, ctx):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, optim_state,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=ctx.world > 1))
 
 
 # ==================================================================================================
@@ -1413,13 +1502,15 @@ def checked_tokenizer(flag, path):
 
 
 def load_model(args, ctx, tokenizer):
-    if args.model == "tiny":
-        torch.manual_seed(args.seed)
-        model = Qwen3(Qwen3Config(vocab_size=len(tokenizer), **TINY_CONFIG))
-    elif not args.resume:
-        model = pretrained("--model", args.model)
+    """The weights, read once: a resumed run's from its checkpoint (never --model's first), else --model's
+    (`tiny`: a random init seeded by --seed)."""
     if args.resume:
         model = pretrained("--resume", args.resume)
+    elif args.model == "tiny":
+        torch.manual_seed(args.seed)
+        model = Qwen3(Qwen3Config(vocab_size=len(tokenizer), **TINY_CONFIG))
+    else:
+        model = pretrained("--model", args.model)
     return model.to(ctx.device)
 
 
@@ -1558,8 +1649,7 @@ def train(args, ctx):
     if args.warm_start_steps and not args.resume:  # RL's starting point, for --model or --resume
         save_checkpoint(model, optimizer, tokenizer, args, ctx, 0, "warm_start")
     if args.resume:
-        state = read_trainer_state(args.resume, mmap=False) if ctx.main else {}
-        load_optimizer_state(model, optimizer, state.get("optimizer", {}), ctx)
+        load_optimizer(model, optimizer, args.resume)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if ctx.main:
         keep_metrics_until(metrics_path, start_step)
@@ -1690,7 +1780,7 @@ def clear_run_folder(out):
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name)
         ours = (name in ("metrics.jsonl", "metrics.jsonl.tmp", "latest", "latest.tmp", "final") or name.startswith(".tmp-")
-                or os.path.isfile(os.path.join(path, TRAINER_STATE)))
+                or is_checkpoint(path))
         (removed if ours else kept).append(name)
         if ours:
             remove_path(path)

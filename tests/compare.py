@@ -155,7 +155,7 @@ def resumable_checkpoint(run, steps):
     match = re.fullmatch(r"step_(\d+)", name)
     if not match or not 0 < int(match.group(1)) < steps:
         return None
-    if not os.path.isfile(os.path.join(run, name, "trainer_state.pt")):
+    if not os.path.isfile(os.path.join(run, name, "trainer_state.json")):
         return None
     return os.path.join(run, name)
 

@@ -52,7 +52,7 @@ def main():
     for s in samples:  # move off rho = 1 so the clip and the ratio both matter
         s.old_logp = s.old_logp + 0.1 * torch.arange(len(s.old_logp)) % 0.3
     icrl.update(model, torch.optim.SGD(model.parameters(), lr=1.0), mine, args, ctx, step=0)
-    state, _ = icrl.full_state(model, torch.optim.SGD(model.parameters(), lr=1.0), ctx)
+    state = icrl.full_model_state(model, ctx)
     if ctx.main:
         torch.save(state, out)
     icrl.shutdown(ctx, fsdp)

@@ -191,7 +191,7 @@ def test_interrupted_run_with_a_checkpoint_resumes(tmp_path, monkeypatch):
     write_run(run, steps=1)
     os.rmdir(run / "final")
     os.makedirs(run / "step_1")
-    (run / "step_1" / "trainer_state.pt").write_bytes(b"")
+    (run / "step_1" / "trainer_state.json").write_text('{"step": 1}')
     (run / "latest").write_text("step_1\n")
     assert compare.main(["--seeds", "1", "--variants", "icrl", "--tasks", "guess", "--steps", str(STEPS),
                          "--out", str(tmp_path / "c"), "--no_plot", "--icrl_args", "--save_every 1"]) == 0

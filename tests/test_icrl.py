@@ -256,6 +256,14 @@ TINY_RUN = ["--warm_start_steps", "2", "--warm_start_role_steps", "1", "--batch_
             "--critic_max_new_tokens", "6", "--eval_examples", "4", "--eval_every", "0", "--micro_batch", "8"]
 
 
+def saved_optimizer(checkpoint):
+    """A checkpoint's AdamW state by parameter name, loaded into a fresh optimizer by icrl.load_optimizer."""
+    model = icrl.Qwen3.from_pretrained(checkpoint)
+    optimizer = torch.optim.AdamW(model.parameters())
+    icrl.load_optimizer(model, optimizer, checkpoint)
+    return {name: optimizer.state[p] for name, p in model.named_parameters()}
+
+
 def test_resume_ends_with_the_same_weights(tmp_path):
     straight, first = str(tmp_path / "straight"), str(tmp_path / "first")
     icrl.main(TINY_RUN + ["--steps", "3", "--out", straight])
@@ -266,6 +274,12 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # and so is the AdamW state, read back as a resume reads it (one process: DCP without a process group)
+    straight_state, first_state = (saved_optimizer(os.path.join(run, "final")) for run in (straight, first))
+    assert straight_state.keys() == first_state.keys()
+    for name in straight_state:
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(straight_state[name][k], first_state[name][k]), (name, k)
     steps = [json.loads(line)["step"] for line in open(os.path.join(first, "metrics.jsonl"))]
     assert steps == [1, 2, 3]
     for key in ("acc", "critiqued_frac", "retry_acc", "final_acc", "critic_reward", "calib_w_mean", "calib_w_p10",
@@ -292,7 +306,7 @@ def test_checkpoint_is_a_transformers_folder(tmp_path):
     rl_start = os.path.join(out, "warm_start")
     assert icrl.Qwen3.from_pretrained(rl_start).config.vocab_size == ours.config.vocab_size
     assert AutoTokenizer.from_pretrained(rl_start).vocab == tokenizer.vocab
-    assert torch.load(os.path.join(rl_start, icrl.TRAINER_STATE), weights_only=False)["step"] == 0
+    assert icrl.read_trainer_state(rl_start)["step"] == 0
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
@@ -300,10 +314,10 @@ def test_kill_during_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     icrl.main(TINY_RUN + ["--steps", "2", "--save_every", "1", "--out", out])
     before = load_file(os.path.join(out, "step_1", "model.safetensors"))
 
-    def killed(*args, **kwargs):  # the process dies after the weights, before the trainer state
+    def killed(*args, **kwargs):  # the process dies after the weights and the optimizer, before the step
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(icrl.torch, "save", killed)
+    monkeypatch.setattr(icrl, "write_trainer_state", killed)
     with pytest.raises(KeyboardInterrupt):
         icrl.main(TINY_RUN + ["--steps", "4", "--save_every", "1", "--out", out, "--resume", out])
     monkeypatch.undo()
@@ -313,21 +327,29 @@ def test_kill_during_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     assert icrl.resolve_checkpoint(out) == os.path.join(out, "step_2")
     after = load_file(os.path.join(out, "step_1", "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
-    with pytest.raises(icrl.UsageError, match="trainer_state.pt"):
+    with pytest.raises(icrl.UsageError, match=icrl.TRAINER_STATE):
         icrl.resolve_checkpoint(os.path.join(out, ".tmp-step_3"))
 
 
 def test_fsdp_run_samples_with_the_trained_weights(tmp_path):
     """2 ranks, FSDP2 over gloo, a whole run: the rollout gathers the sharded weights (SPEC §3's
-    logprob_gap: sampler vs trainer log-probs stays at float noise) and the checkpoint is whole."""
+    logprob_gap: sampler vs trainer log-probs stays at float noise) and the checkpoint is whole, with a file
+    of optimizer state per rank; a 2-rank resume continues it."""
     out = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "icrl.py"), "--fsdp", "--steps", "2", "--out", out] + TINY_RUN
-    subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                os.path.join(ROOT, "icrl.py")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(torchrun + ["--fsdp", "--steps", "2", "--out", out] + TINY_RUN, check=True, cwd=ROOT, env=env,
+                   timeout=240)
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["step"] for m in lines] == [1, 2]
     assert all(m["logprob_gap"] < 1e-4 for m in lines)
     assert icrl.Qwen3.from_pretrained(os.path.join(out, "final")).config.num_hidden_layers == 4
+    optimizer_files = sorted(os.listdir(os.path.join(out, "final", icrl.OPTIMIZER)))
+    assert optimizer_files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    subprocess.run(torchrun + ["--resume", out, "--steps", "3"], check=True, cwd=ROOT, env=env, timeout=240)
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]
+    assert icrl.read_trainer_state(os.path.join(out, "final"))["step"] == 3
 
 
 # ==================================================================================================

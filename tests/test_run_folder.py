@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 import icrl
 from test_icrl import ROOT, TINY_RUN, tiny_model
@@ -87,7 +88,7 @@ def test_resume_of_a_checkpoint_continues_its_own_run_folder(base_run, tmp_path,
     assert steps == [1, 2, 3]
     assert open(os.path.join(run, "latest")).read().strip() == "step_3"
     assert os.path.realpath(os.path.join(run, "final")) == os.path.realpath(os.path.join(run, "step_3"))
-    saved = torch.load(os.path.join(run, "final", icrl.TRAINER_STATE), weights_only=False)
+    saved = icrl.read_trainer_state(os.path.join(run, "final"))
     assert saved["step"] == 3
     assert (saved["args"]["group_size"], saved["args"]["batch_prompts"], saved["args"]["warm_start_steps"]) == (2, 1, 0)
     assert os.path.realpath(saved["args"]["out"]) == os.path.realpath(run)
@@ -313,15 +314,53 @@ def test_bad_model_folders_give_one_line(tmp_path, monkeypatch, capsys, no_model
     assert os.path.join(folder, "config.json") in err, err
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_corrupted_trainer_state_gives_one_line(base_run, tmp_path, monkeypatch, capsys, no_model, damage):
+@pytest.mark.parametrize("target, damage", [
+    (icrl.TRAINER_STATE, "garbage"), (icrl.TRAINER_STATE, "truncated"), (icrl.TRAINER_STATE, "missing"),
+    (icrl.OPTIMIZER, "missing"), (f"{icrl.OPTIMIZER}/.metadata", "garbage"),
+    (f"{icrl.OPTIMIZER}/.metadata", "truncated"), (f"{icrl.OPTIMIZER}/__0_0.distcp", "truncated"),
+    (f"{icrl.OPTIMIZER}/__0_0.distcp", "missing"),
+])
+def test_corrupted_trainer_state_gives_one_line(base_run, tmp_path, monkeypatch, capsys, no_model, target, damage):
+    """The step and settings (trainer_state.json) or the optimizer folder (DCP's .metadata, a rank's file)
+    missing, cut short or overwritten: one line naming it, before the model loads."""
     run = copy_run(base_run, tmp_path / "a")
     monkeypatch.chdir(tmp_path)
-    state = os.path.join(run, "step_2", icrl.TRAINER_STATE)
-    data = open(state, "rb").read()
-    open(state, "wb").write(b"not a torch file" if damage == "garbage" else data[:len(data) // 2])
+    state = os.path.join(run, "step_2", target)
+    if damage == "missing":
+        icrl.remove_path(state)
+    else:
+        data = open(state, "rb").read()
+        open(state, "wb").write(b"not a checkpoint file" if damage == "garbage" else data[:len(data) // 2])
     err = usage_error(capsys, ["--resume", run, "--steps", "3"])
-    assert state in err or os.path.join(run, "final", icrl.TRAINER_STATE) in err, err
+    assert state in err or os.path.join(run, "final", target) in err, err
+
+
+def test_a_damaged_optimizer_file_of_the_right_length_gives_one_line(base_run, tmp_path):
+    """What the cheap check before the model loads cannot see (a file overwritten in place) stops the load
+    of the optimizer state in one line naming its folder."""
+    run = copy_run(base_run, tmp_path / "a")
+    checkpoint = os.path.join(run, "step_2")
+    shard = os.path.join(checkpoint, icrl.OPTIMIZER, "__0_0.distcp")
+    size = os.path.getsize(shard)
+    open(shard, "wb").write(bytes(size))
+    assert icrl.read_trainer_state(checkpoint)["step"] == 2
+    model = icrl.Qwen3.from_pretrained(checkpoint)
+    with pytest.raises(icrl.UsageError, match=os.path.join(checkpoint, icrl.OPTIMIZER)) as e:
+        icrl.load_optimizer(model, torch.optim.AdamW(model.parameters()), checkpoint)
+    assert "\n" not in str(e.value)
+
+
+def test_an_old_layout_checkpoint_is_refused_in_one_line(base_run, tmp_path, monkeypatch, capsys, no_model):
+    """A checkpoint of the layout before (the whole optimizer in trainer_state.pt) names what it is and what
+    to do; its weights still start a new run (--model)."""
+    run = copy_run(base_run, tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    checkpoint = os.path.join(run, "step_2")
+    icrl.remove_path(os.path.join(checkpoint, icrl.OPTIMIZER))
+    os.rename(os.path.join(checkpoint, icrl.TRAINER_STATE), os.path.join(checkpoint, "trainer_state.pt"))
+    for resume in (run, checkpoint):
+        err = usage_error(capsys, ["--resume", resume, "--steps", "3"])
+        assert checkpoint in err and "trainer_state.pt" in err and "older icrl.py" in err and "--model" in err, err
 
 
 # ==================================================================================================
@@ -374,8 +413,11 @@ def test_checkpoint_stops_under_transformers_generate_like_ours(tmp_path, char_t
     hf = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24)[0, len(prompt):].tolist()
     assert theirs == ours
-    for name in os.listdir(folder):
-        assert os.stat(folder / name).st_mode & 0o777 == 0o644, name
+    for root, folders, files in os.walk(folder):  # optimizer/ too: its folder 0755, DCP's files 0644
+        for name in files:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o644, name
+        for name in folders:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o755, name
 
 
 @pytest.fixture(scope="module")
@@ -396,9 +438,11 @@ class Killed(BaseException):
 
 
 def loadable(folder, tokenizer_vocab):
+    """A whole checkpoint: weights, tokenizer, step and the optimizer state as a resume reads them."""
     from transformers import AutoTokenizer
     model = icrl.Qwen3.from_pretrained(folder)
-    state = torch.load(os.path.join(folder, icrl.TRAINER_STATE), weights_only=False)
+    state = icrl.read_trainer_state(folder)
+    icrl.load_optimizer(model, torch.optim.AdamW(model.parameters()), folder)
     assert AutoTokenizer.from_pretrained(folder).get_vocab() == tokenizer_vocab
     return model, state["step"]
 
@@ -406,9 +450,20 @@ def loadable(folder, tokenizer_vocab):
 @pytest.mark.parametrize("name", ["final", "step_2"])
 def test_a_kill_at_every_point_of_a_save_leaves_a_loadable_latest(tmp_path, monkeypatch, char_tokenizer, name):
     """A run saved `final` at step 1; the next save (step 2, as `final` or as an intermediate checkpoint)
-    is killed before its k-th file-system operation, for every k: `latest` (and `final`) always name a
-    whole checkpoint, at step 1 or 2, and the next save after the kill succeeds."""
+    is killed before its k-th file-system operation, for every k (some inside DCP's writes of optimizer/):
+    `latest` (and `final`) always name a whole checkpoint, its optimizer state loadable, at step 1 or 2, and
+    the next save after the kill succeeds."""
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability is not what this test is about; speed is
+    save_optimizer, in_optimizer, killed_in_optimizer = icrl.save_optimizer, [False], []
+
+    def tracked_save_optimizer(*a, **kw):
+        in_optimizer[0] = True
+        try:
+            return save_optimizer(*a, **kw)
+        finally:
+            in_optimizer[0] = False
+
+    monkeypatch.setattr(icrl, "save_optimizer", tracked_save_optimizer)
     model = tiny_model(len(char_tokenizer))
     optimizer = torch.optim.AdamW(model.parameters())
     pristine = str(tmp_path / "pristine")
@@ -430,6 +485,7 @@ def test_a_kill_at_every_point_of_a_save_leaves_a_loadable_latest(tmp_path, monk
             def wrapper(*a, **kw):
                 calls[0] += 1
                 if calls[0] == k:
+                    killed_in_optimizer.append(in_optimizer[0])
                     raise Killed
                 return fn(*a, **kw)
             return wrapper
@@ -441,6 +497,9 @@ def test_a_kill_at_every_point_of_a_save_leaves_a_loadable_latest(tmp_path, monk
             icrl.save_checkpoint(model, optimizer, char_tokenizer, args, icrl.Dist(), 2, name)
             finished = True
         except Killed:
+            finished = False
+        except CheckpointException as e:  # DCP hands on what stopped it, wrapped
+            assert [type(error) for error, _ in e.failures.values()] == [Killed], e
             finished = False
         finally:
             for op in operations:
@@ -457,3 +516,4 @@ def test_a_kill_at_every_point_of_a_save_leaves_a_loadable_latest(tmp_path, monk
         assert loadable(icrl.resolve_checkpoint(out), vocab)[1] == 2
         real_rmtree(out)
     assert k > (6 if name == "final" else 4) and (1, 1) in outcomes, (k, outcomes)
+    assert any(killed_in_optimizer) and not all(killed_in_optimizer)

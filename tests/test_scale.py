@@ -1,9 +1,11 @@
 """Issue 14 on the CPU: what Qwen3-4B/8B need at scale, tested on tiny models.
 
-Item 2, FSDP2 gradient memory during accumulation (2 gloo ranks); item 5, log-probs in chunks of positions
-with the head in float32 (equal to the whole-vocabulary ones, values and gradients, in one process and on 2
-ranks under DDP and FSDP2); item 4, bfloat16 rollouts from one bfloat16 copy; item 6, --top_p < 1
-semantics; item 8, host reads in the update loop. tests/test_cuda.py has the GPU checks (make gpu-check)."""
+Item 2, FSDP2 gradient memory during accumulation (2 gloo ranks); item 3, the optimizer saved sharded with
+torch.distributed.checkpoint and a bit-exact resume on 2 gloo ranks (DDP and FSDP2); item 5, log-probs in
+chunks of positions with the head in float32 (equal to the whole-vocabulary ones, values and gradients, in one
+process and on 2 ranks under DDP and FSDP2); item 4, bfloat16 rollouts from one bfloat16 copy; item 6,
+--top_p < 1 semantics; item 8, host reads in the update loop. tests/test_cuda.py has the GPU checks
+(make gpu-check)."""
 import json
 import os
 import subprocess
@@ -38,6 +40,41 @@ def test_fsdp_gradient_memory_per_rank_is_a_shard():
             per_param = [b / n for b in after_each_backward]
             # shards are padded to a multiple of world_size rows: a few bytes over 4 / world at most
             assert all(4 / world <= x < 4 / world * 1.02 for x in per_param), (rank, dtype, per_param)
+
+
+# ------------------------------------------------------------------------------------------- item 3
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_sharded_optimizer_resume_is_bit_exact_on_two_ranks(tmp_path, fsdp):
+    """2 gloo ranks (tests/dist_resume.py): 4 AdamW steps straight, against 2 steps, icrl.save_checkpoint,
+    a resume as icrl.py does it (weights from the checkpoint, optimizer through DCP) and 2 more: every rank's
+    weights and AdamW state are bit for bit the same. Each tensor is written once (DDP's replicated state
+    deduplicated); under FSDP2 each rank's file holds about half the AdamW moments, its own shard. The same
+    checkpoint loads under the other wrapping (2 ranks) and in one process without a process group: the
+    optimizer state is the one saved."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "tests", "dist_resume.py"), str(tmp_path)] + (["--fsdp"] if fsdp else [])
+    subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240)
+    with open(tmp_path / "result.json") as f:
+        result = json.load(f)
+    assert result["resumed_at"] == 2 and result["moved"]
+    assert result["differ"] == [] and result["other_wrapping_differ"] == []
+    files = {name: size for name, size in result["files"].items() if name != ".metadata"}
+    assert sorted(files) == ["__0_0.distcp", "__1_0.distcp"]
+    moments = 2 * 4 * result["params"]  # exp_avg and exp_avg_sq in float32; `step` and framing are small
+    assert moments < sum(files.values()) < 1.1 * moments
+    if fsdp:
+        assert all(0.45 * moments < size < 0.55 * moments for size in files.values()), (files, moments)
+
+    checkpoint = str(tmp_path / "run" / "step_2")
+    model = icrl.load_model(icrl.parse_args(["--resume", checkpoint]), icrl.Dist(), tokenizer=None)
+    optimizer = torch.optim.AdamW(model.parameters())
+    icrl.load_optimizer(model, optimizer, checkpoint)
+    ours = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))["state"]
+    saved = torch.load(tmp_path / "full_optimizer.pt")["state"]
+    assert sorted(ours) == sorted(saved)
+    for name in saved:
+        assert all(torch.equal(ours[name][k], saved[name][k]) for k in ("step", "exp_avg", "exp_avg_sq")), name
 
 
 # ------------------------------------------------------------------------------------------- item 5
