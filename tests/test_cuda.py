@@ -222,10 +222,11 @@ def test_update_host_syncs_do_not_grow_with_micro_batches():
         where = []   # the Python stack of each sync: the innermost frames, outside torch, say what made it
 
         def record(message, category, filename, lineno, file=None, line=None):
-            if "synchroniz" in str(message):
-                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-2:]
-                where.append(" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
-                             + f" ({Path(filename).name}:{lineno})")
+            # Only syncs made by icrl.py's code count: one once showed up in this test's own call of
+            # set_sync_debug_mode (torch 2.11, micro_batch 1 only), outside the code under test.
+            frames = [f for f in traceback.extract_stack()[:-1] if f.filename == icrl.__file__]
+            if "synchroniz" in str(message) and frames:
+                where.append(f"icrl.py:{frames[-1].lineno} {frames[-1].name}")
 
         with warnings.catch_warnings():
             warnings.simplefilter("always")
