@@ -464,6 +464,7 @@ class Decoder:
     the same shapes run eagerly (how tests check them without a GPU)."""
 
     prefill_tokens = 512   # on CPU, prefill in chunks of rows of about this many tokens (see prefill)
+    prefill_tokens_gpu = 32768  # on GPU: bounds the activations (Qwen3-8B: ~2.4 GB of MLP intermediates)
     graph_kv_slots = 64    # static steps read slots in multiples of this: one graph serves 64 steps
 
     def __init__(self, model: "Qwen3", batch: int, max_len: int, decode_rows: int | None = None,
@@ -537,10 +538,12 @@ class Decoder:
         `logits_index` (B,), each row's last prompt token. Causal attention is exact for the real tokens;
         the padding's slots are masked later and overwritten by decoding.
 
-        On CPU the rows go through in chunks of about `prefill_tokens` tokens: small activations stay in
-        cache and skip the page faults of fresh large buffers (measured 5% of a generate call at batch 64)."""
+        The rows go through in chunks of about `prefill_tokens` tokens on CPU: small activations stay in
+        cache and skip the page faults of fresh large buffers (measured 5% of a generate call at batch 64).
+        On GPU, chunks of `prefill_tokens_gpu`: 64 contexts of 16k tokens at once would need ~100 GB of
+        activations for Qwen3-8B."""
         B, T = tokens.shape
-        n = max(1, self.prefill_tokens // T) if self.cpu else B
+        n = max(1, (self.prefill_tokens if self.cpu else self.prefill_tokens_gpu) // T)
         x = torch.cat([self._forward(tokens[i:i + n], None, T, logits_index[i:i + n], slice(i, i + n))
                        for i in range(0, B, n)])                                   # (B, C)
         return self._logits(x)
