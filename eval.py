@@ -9,7 +9,7 @@ Run:
     torchrun --standalone --nproc_per_node 2 eval.py --model runs/icrl/final --task arithmetic --out runs/icrl/eval
         (under torchrun spell --n as --samples: torchrun takes `--n` for an abbreviation of its own flags)
     torchrun --nproc_per_node 8 eval.py --model runs/qwen3-8b/final --task math --eval_file test.jsonl \
-        --samples 16 --k 1 --k 8 --k 16 --rounds 3 --batch_examples 16 --rollout_batch 128 \
+        --samples 16 --k 1 --k 8 --k 16 --rounds 3 --batch_examples 16 --rollout_batch 64 \
         --max_examples 500 --max_new_tokens 2048 --critic_max_new_tokens 1024 --dtype bfloat16 --out runs/qwen3-8b/eval
 
 What is sampled (icrl.rollout, SPEC §2.1-2.4, the same code as training): for every example, n chains

@@ -279,28 +279,30 @@ CRITIQUES = ["Wrong: 7+8=15, carry the 1.", "The sum is off by 7."]
 @pytest.mark.parametrize("task_name", sorted(TASKS))
 def test_role_contexts_match_real_qwen3_template(qwen3, task_name, enable_thinking):
     """SPEC §1, each role written out by hand in the Qwen3 chat format: S(x), S(x, c) with the tips
-    section, C(x, tau) with the episode summary (reward, then each action, reasoning removed)."""
+    section between the task (the answer format) and the first observation (the problem), C(x, tau) with
+    the episode summary (reward, then each action, reasoning removed)."""
     task = TASKS[task_name]
     for example in task.examples[:2]:
         answer_format = COUNTDOWN_ANSWER_FORMAT if task_name == "countdown" else ANSWER_FORMAT
-        task_text, first_observation = task.env(example).reset()
-        assert (task_text, first_observation) == (f"{example.question}\n{answer_format}", "")
+        task_text, problem = task.env(example).reset()
+        assert (task_text, problem) == (answer_format, example.question)
 
         def expected(content):
             return qwen3.encode(qwen3_text([("user", content)], enable_thinking), add_special_tokens=False)
 
-        assert solver_context(qwen3, task_text, "", enable_thinking=enable_thinking) == expected(task_text)
+        assert solver_context(qwen3, task_text, problem, enable_thinking=enable_thinking) == \
+            expected(f"{answer_format}\n{problem}")
         for (attempt, visible_attempt), critique in zip(ATTEMPTS, CRITIQUES):
             summary = episode_summary(0.0, [attempt], [""])
             assert summary == f"Reward of the attempt: 0\nAction: {visible_attempt}"
-            critic_text = f"{task_text}\n{summary}\n{CRITIC_INSTRUCTION}"
-            assert critic_context(qwen3, task_text, "", summary, enable_thinking) == expected(critic_text)
-            retry_text = f"{task_text}\nTips from the previous critique: {critique}"
-            assert solver_context(qwen3, task_text, "", critique, enable_thinking) == expected(retry_text)
+            critic_text = f"{answer_format}\n{problem}\n{summary}\n{CRITIC_INSTRUCTION}"
+            assert critic_context(qwen3, task_text, problem, summary, enable_thinking) == expected(critic_text)
+            retry_text = f"{answer_format}\nTips from the previous critique: {critique}\n{problem}"
+            assert solver_context(qwen3, task_text, problem, critique, enable_thinking) == expected(retry_text)
             # the same through Qwen3's own template
             rendered = qwen3.apply_chat_template([{"role": "user", "content": retry_text}], tokenize=False,
                                                  add_generation_prompt=True, enable_thinking=enable_thinking)
-            assert solver_context(qwen3, task_text, "", critique, enable_thinking) == \
+            assert solver_context(qwen3, task_text, problem, critique, enable_thinking) == \
                 qwen3.encode(rendered, add_special_tokens=False)
 
 
@@ -429,9 +431,9 @@ def test_char_tokenizer_phrases(char_tokenizer):
                                               "}", "<think>\n\n</think>\n\n", "x"]
     assert tok.decode(ids) == text
     task = load_task("arithmetic", split="test", seed=0)
-    tokens = tok.convert_ids_to_tokens(solver_context(tok, task.env(task.examples[0]).reset()[0], ""))
+    tokens = tok.convert_ids_to_tokens(solver_context(tok, *task.env(task.examples[0]).reset()))
     question = list(task.examples[0].question)
-    assert tokens == ["<|im_start|>", "user\n", *question, "\n", "Answer in \\boxed{}.", "<|im_end|>", "\n",
+    assert tokens == ["<|im_start|>", "user\n", "Answer in \\boxed{}.", "\n", *question, "<|im_end|>", "\n",
                       "<|im_start|>", "assistant\n", "<think>\n\n</think>\n\n"]
 
 
@@ -460,15 +462,15 @@ def test_char_chat_template_renders_like_qwen3(qwen3, char_tokenizer, generation
 def test_char_tokenizer_contexts(char_tokenizer, enable_thinking):
     task = TASKS["arithmetic"]
     example = task.examples[0]
-    task_text, _ = task.env(example).reset()
-    ids = solver_context(char_tokenizer, task_text, "", "Wrong, it is not 3.", enable_thinking)
+    task_text, problem = task.env(example).reset()
+    ids = solver_context(char_tokenizer, task_text, problem, "Wrong, it is not 3.", enable_thinking)
     assert isinstance(ids, list) and all(type(i) is int for i in ids)
-    retry = f"{example.question}\n{ANSWER_FORMAT}\nTips from the previous critique: Wrong, it is not 3."
+    retry = f"{ANSWER_FORMAT}\nTips from the previous critique: Wrong, it is not 3.\n{example.question}"
     assert char_tokenizer.decode(ids) == qwen3_text([("user", retry)], enable_thinking)
-    assert char_tokenizer.decode(solver_context(char_tokenizer, task_text, "", enable_thinking=enable_thinking)) == \
-        qwen3_text([("user", task_text)], enable_thinking)
+    assert char_tokenizer.decode(solver_context(char_tokenizer, task_text, problem, enable_thinking=enable_thinking)) == \
+        qwen3_text([("user", f"{task_text}\n{problem}")], enable_thinking)
     # the role prompts' fixed phrases are one token each: the contexts stay short
-    assert len(ids) <= 30 and len(solver_context(char_tokenizer, task_text, "")) <= 16
+    assert len(ids) <= 30 and len(solver_context(char_tokenizer, task_text, problem)) <= 16
 
 
 # ==================================================================================================
