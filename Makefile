@@ -37,6 +37,7 @@ eval: $(STAMP)
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) tests/bench_model.py
 	OMP_NUM_THREADS=1 $(PY) tests/bench_icrl.py
+	OMP_NUM_THREADS=1 $(PY) tests/bench_turns.py
 	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
 		$(PY) tests/bench_gpu.py --configs 0.6B,4B; else echo "bench: no CUDA GPU, GPU sampler benchmark (tests/bench_gpu.py) skipped"; fi
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from data import (CRITIQUE_RIGHT, AgentGymTask, build_char_tokenizer, critic_context, encode_observation,
                   end_of_turn_id, episode_summary, extract_critique, load_task, observation_turn, solver_context,
                   solver_message, typed_knobs)
-from model import Qwen3, Qwen3Config, check_pretrained, generate
+from model import Qwen3, Qwen3Config, Session, check_pretrained, generate
 
 
 class UsageError(SystemExit):
@@ -220,15 +220,39 @@ class Sampler:
         self.max_context = cfg.max_context or model_positions(model)
         self.times = {"sample": 0.0, "env": 0.0}
 
-    def sample(self, contexts, max_new_tokens, phase, critic=False):
+    def sample(self, contexts, max_new_tokens, phase, critic=False, caches=None, episodes=None):
         """One generation per context, in calls of at most cfg.max_batch sequences (a multiple of G, so a
-        group's shared prompt is prefilled once), each seeded from (seed, phase, call)."""
+        group's shared prompt is prefilled once), each seeded from (seed, phase, call).
+
+        With `caches` (EpisodeCaches) and `episodes` (an id per context): the turns of multi-turn episodes.
+        The first turn's calls keep their KV caches (model.Session); each later turn's call for the same
+        episodes prefills only what was appended since, not the whole history (SPEC §1's observations)."""
         t, cfg = time.perf_counter(), self.cfg
         size = len(contexts) if not cfg.max_batch else max(cfg.max_batch // cfg.group_size, 1) * cfg.group_size
         model = self.critic_model if critic else self.model
-        out = [g for i, part in enumerate(chunks(contexts, size))
-               for g in generate(model, part, max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 stop_ids=self.stop_ids, seed=mix_seed(self.seed, *phase, i))]
+
+        def call(i, part, **session):
+            return generate(model, part, max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            stop_ids=self.stop_ids, seed=mix_seed(self.seed, *phase, i), **session)
+
+        if caches is None:
+            out = [g for i, part in enumerate(chunks(contexts, size)) for g in call(i, part)]
+        elif not caches.calls:  # an episode's first turn
+            out = []
+            for i, (part, ids) in enumerate(zip(chunks(contexts, size), chunks(episodes, size))):
+                caches.calls.append((Session(), ids))
+                out += call(i, part, session=caches.calls[-1][0])
+        else:
+            by_episode = dict(zip(episodes, contexts))
+            made = {}
+            for i, (session, last) in enumerate(caches.calls):
+                ids = [e for e in last if e in by_episode]  # this call's episodes still running, in order
+                if ids:
+                    position = {e: j for j, e in enumerate(last)}
+                    gens = call(i, [by_episode[e] for e in ids], session=session, continues=[position[e] for e in ids])
+                    made.update(zip(ids, gens))
+                caches.calls[i] = (session if ids else None, ids)  # a call with no episode left frees its cache
+            out = [made[e] for e in episodes]
         self.times["sample"] += time.perf_counter() - t
         return out
 
@@ -244,6 +268,13 @@ class Sampler:
             return checked_env_reply(env, method, getattr(env, method)(*args))
         finally:
             self.times["env"] += time.perf_counter() - t
+
+
+@dataclass
+class EpisodeCaches:
+    """run_episodes' KV caches from turn to turn: per sampling call of the first turn, its model.Session and
+    the episodes of its last prompts, in order (Sampler.sample)."""
+    calls: list = field(default_factory=list)
 
 
 def checked_env_reply(env, method, reply):
@@ -285,11 +316,12 @@ def run_episodes(sampler, envs, critiques, phase):
         episodes.append(Episode(context, task_text, first_observation))
         free_contexts.append(free)
     live = list(range(len(episodes)))
+    caches = EpisodeCaches() if cfg.max_turns > 1 else None
     for turn in range(cfg.max_turns):
         if not live:
             break
         gens = sampler.sample([episodes[i].context + episodes[i].tokens for i in live], cfg.max_new_tokens,
-                              (*phase, turn))
+                              (*phase, turn), caches=caches, episodes=live)
         still = []
         for i, g in zip(live, gens):
             ep = episodes[i]

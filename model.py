@@ -533,10 +533,12 @@ class Decoder:
             new.k[:n, :, :upto], new.v[:n, :, :upto] = old.k[rows, :, :upto], old.v[rows, :, :upto]
             self.cache[i] = new
 
-    def prefill(self, tokens, logits_index):
+    def prefill(self, tokens, logits_index, start=None):
         """Fill cache slots 0..T-1 from right-padded prompts (B, T); returns the logits (B, vocab) at
         `logits_index` (B,), each row's last prompt token. Causal attention is exact for the real tokens;
-        the padding's slots are masked later and overwritten by decoding.
+        the padding's slots are masked later and overwritten by decoding. With `start` (B,), row b's tokens
+        go to slots start[b]..start[b]+T-1 after the ones already cached (a multi-turn episode's new turn,
+        see Session), attending to those too.
 
         The rows go through in chunks of about `prefill_tokens` tokens on CPU: small activations stay in
         cache and skip the page faults of fresh large buffers (measured 5% of a generate call at batch 64).
@@ -544,9 +546,27 @@ class Decoder:
         activations for Qwen3-8B."""
         B, T = tokens.shape
         n = max(1, (self.prefill_tokens if self.cpu else self.prefill_tokens_gpu) // T)
-        x = torch.cat([self._forward(tokens[i:i + n], None, T, logits_index[i:i + n], slice(i, i + n))
+        positions, S = None, T
+        if start is not None:
+            positions = start[:, None] + torch.arange(T, device=start.device)          # (B, T)
+            S = int(start.max()) + T
+        x = torch.cat([self._forward(tokens[i:i + n], None if positions is None else positions[i:i + n], S,
+                                     logits_index[i:i + n], slice(i, i + n))
                        for i in range(0, B, n)])                                   # (B, C)
         return self._logits(x)
+
+    def grow(self, max_len: int):
+        """Room for max_len slots per row, the cached ones kept (a Session's history outgrew the cache)."""
+        if max_len <= self.max_len:
+            return
+        old_len, self.max_len = self.max_len, max_len
+        for i, old in enumerate(self.cache):
+            new = self.cache[i] = self._new_cache(old.k.shape[0])
+            new.k[:, :, :old_len], new.v[:, :, :old_len] = old.k, old.v
+        self.slots = torch.arange(max_len, device=self.embed.device)
+        self.rope = torch.cat(rope_cos_sin(self.slots, self.config.head_dim, self.config.rope_theta,
+                                           self.embed.dtype), -1)
+        self.graph = self.graph_pool = None  # captured over the old cache: a new graph, in a new pool
 
     def step(self, tokens, positions, kv_len: int):
         """One token per row: tokens, positions (B,) -> logits (B, vocab), for cache rows 0..B-1. The token's
@@ -561,6 +581,7 @@ class Decoder:
         return self._graph_step(tokens, positions, slots)
 
     def _step(self, tokens, positions, kv_len: int):
+        positions = positions if isinstance(positions, int) else positions[:, None]
         return self._logits(self._forward(tokens[:, None], positions, kv_len, None))
 
     def _graph_step(self, tokens, positions, slots: int):
@@ -629,21 +650,24 @@ class Decoder:
         return torch.bmm(weights, v.flatten(0, 1)).view(B, H * D)
 
     def _forward(self, tokens, positions, kv_len: int, logits_index, cache_rows=slice(None)):
-        """The layers, without the final norm: (B, T) -> (B * T, C), or (B, C) at `logits_index` (B,)."""
+        """The layers, without the final norm: (B, T) -> (B * T, C), or (B, C) at `logits_index` (B,).
+        positions: None (prefill from slot 0), an int (a step, every row at that slot), or (B, T), each
+        token's slot (a step: T == 1; a new turn after a cached history: T > 1)."""
         cfg = self.config
         B, T = tokens.shape
         H, H_kv, D, S = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, kv_len
+        r0 = cache_rows.start or 0                                                # this chunk's first cache row
         x = F.embedding(tokens, self.embed).flatten(0, 1)                         # (B * T, C): a row per token
         if positions is None:                                                     # prefill
             cos, sin = self.rope[:T].chunk(2, -1)                                 # (T, 1, D)
         elif isinstance(positions, int):                          # one-token step, every row at this slot
             cos, sin = self.rope[positions].chunk(2, -1)                          # (1, D)
             rows, mask, S = slice(None, B), None, positions + 1                   # all slots visible
-        else:                                                                     # one-token step, T == 1
-            cos, sin = self.rope[positions][:, None].chunk(2, -1)                 # (B, 1, 1, D)
-            visible = self.slots[:S] <= positions[:, None]                        # (B, S)
-            mask = torch.where(visible, 0.0, -math.inf).to(x.dtype)[:, None, None]  # (B, 1, 1, S), all layers
-            rows = torch.arange(B, device=x.device)
+        else:
+            cos, sin = self.rope[positions].chunk(2, -1)                          # (B, T, 1, D)
+            visible = self.slots[:S] <= positions[..., None]                      # (B, T, S)
+            mask = torch.where(visible, 0.0, -math.inf).to(x.dtype)[:, None]      # (B, 1, T, S), all layers
+            rows = torch.arange(r0, r0 + B, device=x.device)[:, None]
         for w, cache in zip(self.layers, self.cache):
             qkv = _mm(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias).view(B, T, H + 2 * H_kv, D)
             qk = qkv[:, :, :H + H_kv]
@@ -655,12 +679,19 @@ class Decoder:
                 out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, enable_gqa=True)
                 out = out.transpose(1, 2).reshape(B * T, H * D)                   # from (B, H, T, D)
             else:
-                kv = kv[:, 0].to(cache.v.dtype)                      # (B, 2 * H_kv, D); autocast: bfloat16
+                kv = kv.to(cache.v.dtype)                         # (B, T, 2 * H_kv, D); autocast: bfloat16
+                if isinstance(positions, int):
+                    kv = kv[:, 0]
                 if cache.kv is not None:
                     cache.kv[rows, positions] = kv
                 else:
-                    cache.k[rows, :, positions], cache.v[rows, :, positions] = kv[:, :H_kv], kv[:, H_kv:]
-                out = self._attend(q, cache.k[:B, :, :S], cache.v[:B, :, :S], mask)  # (B, H * D)
+                    cache.k[rows, :, positions], cache.v[rows, :, positions] = kv[..., :H_kv, :], kv[..., H_kv:, :]
+                k, v = cache.k[r0:r0 + B, :, :S], cache.v[r0:r0 + B, :, :S]
+                if T == 1:
+                    out = self._attend(q, k, v, mask)                                      # (B, H * D)
+                else:
+                    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
+                    out = out.transpose(1, 2).reshape(B * T, H * D)               # from (B, H, T, D)
             if logits_index is not None and w is self.layers[-1]:  # only these positions reach the logits
                 picked = torch.arange(B, device=x.device), logits_index
                 x, out = x.view(B, T, -1)[picked], out.view(B, T, -1)[picked]      # (B, C), (B, H * D)
@@ -731,19 +762,52 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator,
     return token, logp, logp if full_normaliser is None else chosen - full_normaliser
 
 
+class Session:
+    """The KV cache of one batch of rows kept from one generate call to the next, so that the turns of
+    multi-turn episodes prefill only what was appended since the last call (the end of the last action and
+    the observation), not the whole history. Pass it to every call, each prompt the whole sequence so far,
+    and from the second call on `continues`: for each prompt, the index of the previous call's prompt it
+    extends (previous rows not named are dropped)."""
+
+    def __init__(self):
+        self.decoder = None
+        self.cached: list[list[int]] = []   # per previous prompt: the tokens whose keys and values are cached
+        self.row_of: list[int] = []         # per previous prompt: its row in the decoder's cache
+
+    def resume(self, prompts, continues, max_new_tokens):
+        """Rows in the order of `prompts`, each cache holding its prefix; returns (tokens to prefill (B, T)
+        right-padded, their first slots (B,), each row's last new token (B,))."""
+        if continues is None or len(continues) != len(prompts):
+            raise ValueError("a Session's later calls need `continues`, one previous prompt index per prompt")
+        cached = [self.cached[c] for c in continues]
+        for i, (prompt, prefix) in enumerate(zip(prompts, cached)):
+            if len(prompt) <= len(prefix) or prompt[:len(prefix)] != prefix:
+                raise ValueError(f"prompt {i} does not extend the sequence of previous prompt {continues[i]}")
+        decoder, device = self.decoder, self.decoder.embed.device
+        decoder.take_rows(torch.tensor([self.row_of[c] for c in continues], device=device),
+                          max(len(p) for p in cached))
+        decoder.grow(-(-(max(map(len, prompts)) + max_new_tokens) // 256) * 256)  # fewer, larger growths
+        new = [p[len(c):] for p, c in zip(prompts, cached)]
+        T = max(map(len, new))
+        tokens = torch.tensor([n + [0] * (T - len(n)) for n in new], device=device)
+        return tokens, torch.tensor(list(map(len, cached)), device=device), torch.tensor([len(n) - 1 for n in new],
+                                                                                        device=device)
+
+
 @torch.inference_mode()
 def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, stop_ids=(), seed: int | None = None,
-             check_every: int = 8, graphs: bool | None = None) -> list[Generation]:
+             check_every: int = 8, graphs: bool | None = None, session: Session | None = None,
+             continues: list[int] | None = None) -> list[Generation]:
     """Sample a completion for each prompt (token-id lists, ragged allowed), in order.
 
     Identical prompts (group sampling) are prefilled once and their cache rows copied. Every `check_every`
-    steps the host looks for stop ids: it ends the call when all rows stopped, and drops stopped rows from
-    the batch once they are a quarter of it. `seed` seeds this call's own torch.Generator.
+    steps the host looks for stop ids: it ends the call when all rows stopped, and moves stopped rows out
+    of the batch once they are a quarter of it. `seed` seeds this call's own torch.Generator.
 
     `graphs`: decode steps of fixed shapes (Decoder's `static`), replayed as CUDA graphs; None: on CUDA.
     True on CPU runs the same shapes eagerly (tests); False on CUDA launches every kernel (the peer in
-    tests/bench_gpu.py)."""
+    tests/bench_gpu.py). `session`, `continues`: keep the KV cache for the next call (Session)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 0:
@@ -758,29 +822,34 @@ def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temper
     else:
         generator.manual_seed(seed)
 
-    # Prefill each distinct prompt once, right-padded; padding slots are masked, then overwritten by decoding.
-    distinct: dict[tuple, int] = {}
-    source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]     # row -> distinct prompt
-    lengths = [len(p) for p in distinct]
-    N, L = len(prompts), max(lengths)
-    max_len = L + max_new_tokens
-    ids = torch.tensor([list(p) + [0] * (L - len(p)) for p in distinct], device=device)  # (U, L)
-    last = torch.tensor(lengths, device=device) - 1
-    U = len(distinct)
-    static = device.type == "cuda" if graphs is None else graphs
-    decoder = Decoder(model, U, max_len, decode_rows=N, decode_steps=max_new_tokens, static=static)
-    logits = decoder.prefill(ids, last)                                           # (U, V)
-    if U < N:
-        source_t = torch.tensor(source, device=device)
-        decoder.take_rows(source_t, L)
-        logits, last = logits[source_t], last[source_t]
-
-    uniform = min(lengths) == L and not static   # then every row is at one position, given to step as an int
+    N, L = len(prompts), max(map(len, prompts))
+    if session is not None and session.decoder is not None:   # a later turn: prefill what is new only
+        decoder = session.decoder
+        ids, start, last = session.resume(prompts, continues, max_new_tokens)
+        logits = decoder.prefill(ids, last, start)                                # (N, V)
+        uniform, position = False, start + last + 1
+    else:
+        # Prefill each distinct prompt once, right-padded; padding slots are masked, then overwritten.
+        distinct: dict[tuple, int] = {}
+        source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]  # row -> distinct prompt
+        lengths = [len(p) for p in distinct]
+        ids = torch.tensor([list(p) + [0] * (L - len(p)) for p in distinct], device=device)  # (U, L)
+        last = torch.tensor(lengths, device=device) - 1
+        U = len(distinct)
+        static = device.type == "cuda" if graphs is None else graphs
+        decoder = Decoder(model, U, L + max_new_tokens, decode_rows=N, decode_steps=max_new_tokens, static=static)
+        logits = decoder.prefill(ids, last)                                       # (U, V)
+        if U < N:
+            source_t = torch.tensor(source, device=device)
+            decoder.take_rows(source_t, L)
+            logits, last = logits[source_t], last[source_t]
+        uniform = min(lengths) == L and not static  # then every row is at one position, given to step as an int
+        position = last + 1                      # (B,) where each row's next token goes
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    position = last + 1                      # (B,) where each row's next token goes
     rows = torch.arange(N, device=device)    # active row -> prompt index
     done = torch.zeros(N, dtype=torch.bool, device=device)
     segments, tokens, logps, first_step = [], [], [], 0   # segment: (rows, first step, tokens, logprobs)
+    parked = torch.zeros(0, dtype=torch.long, device=device)  # with a Session: the prompt of each stopped row
     truncated = temperature > 0 and (top_k > 0 or top_p < 1.0)  # then log-probs under both distributions
     for step in range(max_new_tokens):
         if truncated:
@@ -802,7 +871,13 @@ def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temper
                     break
                 if 4 * n_done >= len(rows):  # compact: stopped rows cost nothing from here on
                     keep = (~done).nonzero()[:, 0]
-                    decoder.take_rows(keep, L + step)
+                    if session is None:
+                        decoder.take_rows(keep, L + step)
+                    else:  # a Session keeps the stopped rows' caches too, after the live ones
+                        stopped = done.nonzero()[:, 0]
+                        decoder.take_rows(torch.cat([keep, stopped, torch.arange(len(rows), N, device=device)]),
+                                          L + step)
+                        parked = torch.cat([rows[stopped], parked])
                     token, position, rows, done = token[keep], position[keep], rows[keep], done[keep]
         logits = decoder.step(token, L + step if uniform else position, L + step + 1)
         position = position + 1
@@ -819,6 +894,12 @@ def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temper
     finished = hit.any(1)
     n_tokens = torch.where(finished, hit.int().argmax(1) + 1, max_new_tokens).tolist()
     token_lists, finished = all_tokens.tolist(), finished.tolist()
+    if session is not None:
+        # The keys and values of every token but each row's last sampled one were written by a later step.
+        session.decoder, session.row_of = decoder, [0] * N
+        for row, prompt in enumerate(torch.cat([rows, parked]).tolist()):
+            session.row_of[prompt] = row
+        session.cached = [list(p) + token_lists[i][:n - 1] for i, (p, n) in enumerate(zip(prompts, n_tokens))]
     if not truncated:
         logp_lists = all_logps.tolist()
         return [Generation(token_lists[i][:n], logp_lists[i][:n], finished[i]) for i, n in enumerate(n_tokens)]

@@ -366,6 +366,43 @@ def test_generate_with_static_steps_equals_plain_generate(tiny, monkeypatch):
             assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["plain", "static-steps"])
+def test_session_turns_equal_full_prefills(tiny, monkeypatch, graphs):
+    """Multi-turn episodes through a Session (each turn prefills only the observation appended after the
+    cached history) give the tokens and log-probs of prefilling every history from scratch: 3 turns, rows
+    ending between turns, ragged observations, a prompt repeated (prefilled once), stop ids that compact
+    the batch mid-turn, and the cache grown past its first length."""
+    from model import Session
+    model, _ = tiny
+    monkeypatch.setattr(Decoder, "graph_kv_slots", 8)
+    first = random_prompts([5, 3, 7, 4, 6, 2], seed=31)
+    first = first + [first[0], first[0]]                           # a group: one prompt three times
+    stop_ids = tuple(range(0, VOCAB, 11))
+    session, live, histories, prev = Session(), list(range(len(first))), [list(p) for p in first], None
+    observations = random_prompts([3, 9, 1, 6, 4, 2, 5, 7] * 3, seed=32)
+    finished = []
+    for turn in range(3):
+        prompts = [histories[i] for i in live]
+        kw = dict(temperature=0.0, stop_ids=stop_ids, check_every=2, graphs=graphs)
+        ours = generate(model, prompts, 12, session=session, continues=prev, **kw)
+        reference = generate(model, prompts, 12, **kw)
+        assert [g.tokens for g in ours] == [g.tokens for g in reference]
+        for a, b in zip(ours, reference):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+        finished += [g.finished for g in ours]
+        still, prev = [], []
+        for j, (i, g) in enumerate(zip(live, ours)):
+            if i % 4 != turn:                                       # some episodes end after each turn
+                histories[i] = histories[i] + g.tokens + observations[turn * 8 + i]
+                still.append(i)
+                prev.append(j)
+        live = still
+    assert any(finished) and not all(finished)
+    assert session.decoder.max_len > 7 + 12                        # the cache grew across the turns
+    with pytest.raises(ValueError, match="does not extend"):
+        generate(model, [[1, 2, 3]], 4, session=session, continues=[0])
+
+
 def test_max_new_tokens_cut_is_not_finished(tiny):
     model, _ = tiny
     gens = generate(model, random_prompts([4, 6], seed=11), max_new_tokens=5, temperature=0, stop_ids=(VOCAB + 1,))
