@@ -394,11 +394,8 @@ class OneTurnEnv(Environment):
 
     The problem is the observation, as an agentic environment's instance is, so that S(x, c)'s tips
     (SPEC §1: between the task and the first observation) come before it and the answer starts right
-    after the problem under S(x) and S(x, c) alike. SPEC §2.8 never trains under S(x, c): what the retry
-    can do there is what carries over from S(x). Measured on the embedded default (one seed, eval.py):
-    with the tips after the problem, a retry even after a perfect critique (`Wrong, it is not A.` with
-    the failed answer) succeeded 12% (warm start) and 18% (after RL) of the time against 26% and 53% for
-    a second critique-free attempt; with the tips before it, 30% and 38% against 38% and 45%."""
+    after the problem under S(x) and S(x, c) alike: SPEC §2.8 never trains under S(x, c), so what the
+    retry can do there is what carries over from S(x) (README, "The embedded default")."""
 
     def __init__(self, task: "Task", example: "Example"):
         self.task, self.example = task, example
