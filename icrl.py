@@ -1325,7 +1325,7 @@ def build_parser():
                    "before RL (default: 1200 for --model tiny, else 0: no warm start)")
     p.add_argument("--warm_start_target", type=float, default=0.25, help="leave the solver-only warm start "
                    "once greedy accuracy on 128 training examples reaches this")
-    p.add_argument("--warm_start_role_steps", type=int, default=300, help="then this many steps that add "
+    p.add_argument("--warm_start_role_steps", type=int, default=100, help="then this many steps that add "
                    "the critic and retry formats")
     p.add_argument("--warm_start_lr", type=float, default=3e-3, help="warm-start learning rate")
     p.add_argument("--warm_start_batch", type=int, default=64, help="warm-start examples per step, global")
