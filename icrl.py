@@ -1008,9 +1008,12 @@ def save_optimizer(model, optimizer, folder):
     returns once every rank's file and DCP's .metadata are written."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    fresh = not optimizer.state
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # this rank's shard under FSDP2
     with dcp_quietly():
         dcp.save(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    if fresh:  # get_optimizer_state_dict gave it state with a zero step: its first real step must stay a first
+        optimizer.state.clear()
 
 
 def load_optimizer(model, optimizer, checkpoint):
@@ -1680,7 +1683,7 @@ def train(args, ctx):
     os.makedirs(args.out, exist_ok=True)
     if args.warm_start_steps and not args.resume:  # RL's starting point, for --model or --resume
         save_checkpoint(model, optimizer, tokenizer, args, ctx, 0, "warm_start")
-    if args.resume:
+    if args.resume and start_step:  # at step 0 (a warm start) no update has been taken: nothing to load
         load_optimizer(model, optimizer, args.resume)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if ctx.main:

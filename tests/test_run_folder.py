@@ -517,3 +517,19 @@ def test_a_kill_at_every_point_of_a_save_leaves_a_loadable_latest(tmp_path, monk
         real_rmtree(out)
     assert k > (6 if name == "final" else 4) and (1, 1) in outcomes, (k, outcomes)
     assert any(killed_in_optimizer) and not all(killed_in_optimizer)
+
+
+def test_saving_a_fresh_optimizer_leaves_its_first_step_a_first_step(tmp_path):
+    """The warm_start checkpoint is saved before RL's first update. DCP's state dict of a fresh AdamW gives it
+    state (a zero step); the save must undo that, or RL's first update would be ~0.74 of a first Adam step
+    and `make train` would differ from a run started with --model warm_start."""
+    models = [tiny_model(50), tiny_model(50)]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    icrl.save_optimizer(models[0], optimizers[0], str(tmp_path / "optimizer"))
+    assert not optimizers[0].state and (tmp_path / "optimizer" / ".metadata").is_file()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    for m, opt in zip(models, optimizers):
+        m(ids).float().square().mean().backward()
+        opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
