@@ -220,41 +220,26 @@ class Sampler:
         self.max_context = cfg.max_context or model_positions(model)
         self.times = {"sample": 0.0, "env": 0.0}
 
-    def sample(self, contexts, max_new_tokens, phase, critic=False, caches=None, episodes=None):
-        """One generation per context, in calls of at most cfg.max_batch sequences (a multiple of G, so a
-        group's shared prompt is prefilled once), each seeded from (seed, phase, call).
-
-        With `caches` (EpisodeCaches) and `episodes` (an id per context): the turns of multi-turn episodes.
-        The first turn's calls keep their KV caches (model.Session); each later turn's call for the same
-        episodes prefills only what was appended since, not the whole history (SPEC §1's observations)."""
+    def sample(self, contexts, max_new_tokens, phase, critic=False, call=0, session=None, continues=None):
+        """One generation per context, in calls of at most `call_size` sequences (a multiple of G, so a
+        group's shared prompt is prefilled once), the i-th seeded from (seed, phase, call + i). With a
+        `session` (the turns of multi-turn episodes, at most one call's worth): model.generate's Session and
+        `continues`, so a turn prefills only what was appended since the last one."""
         t, cfg = time.perf_counter(), self.cfg
-        size = len(contexts) if not cfg.max_batch else max(cfg.max_batch // cfg.group_size, 1) * cfg.group_size
+        size = self.call_size(len(contexts))
+        if session is not None and len(contexts) > size:
+            raise ValueError(f"a Session's turn holds at most {size} sequences, got {len(contexts)}")
         model = self.critic_model if critic else self.model
-
-        def call(i, part, **session):
-            return generate(model, part, max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            stop_ids=self.stop_ids, seed=mix_seed(self.seed, *phase, i), **session)
-
-        if caches is None:
-            out = [g for i, part in enumerate(chunks(contexts, size)) for g in call(i, part)]
-        elif not caches.calls:  # an episode's first turn
-            out = []
-            for i, (part, ids) in enumerate(zip(chunks(contexts, size), chunks(episodes, size))):
-                caches.calls.append((Session(), ids))
-                out += call(i, part, session=caches.calls[-1][0])
-        else:
-            by_episode = dict(zip(episodes, contexts))
-            made = {}
-            for i, (session, last) in enumerate(caches.calls):
-                ids = [e for e in last if e in by_episode]  # this call's episodes still running, in order
-                if ids:
-                    position = {e: j for j, e in enumerate(last)}
-                    gens = call(i, [by_episode[e] for e in ids], session=session, continues=[position[e] for e in ids])
-                    made.update(zip(ids, gens))
-                caches.calls[i] = (session if ids else None, ids)  # a call with no episode left frees its cache
-            out = [made[e] for e in episodes]
+        turns = {} if session is None else {"session": session, "continues": continues}  # SPEC §5's call without
+        out = [g for i, part in enumerate(chunks(contexts, size))
+               for g in generate(model, part, max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 stop_ids=self.stop_ids, seed=mix_seed(self.seed, *phase, call + i), **turns)]
         self.times["sample"] += time.perf_counter() - t
         return out
+
+    def call_size(self, n):
+        """Sequences per sampling call: --rollout_batch rounded down to a multiple of G (at least G), or all n."""
+        return n if not self.cfg.max_batch else max(self.cfg.max_batch // self.cfg.group_size, 1) * self.cfg.group_size
 
     def text(self, generation):
         # The stop id excluded and special tokens dropped: model text can never forge a chat turn when it
@@ -268,13 +253,6 @@ class Sampler:
             return checked_env_reply(env, method, getattr(env, method)(*args))
         finally:
             self.times["env"] += time.perf_counter() - t
-
-
-@dataclass
-class EpisodeCaches:
-    """run_episodes' KV caches from turn to turn: per sampling call of the first turn, its model.Session and
-    the episodes of its last prompts, in order (Sampler.sample)."""
-    calls: list = field(default_factory=list)
 
 
 def checked_env_reply(env, method, reply):
@@ -315,41 +293,47 @@ def run_episodes(sampler, envs, critiques, phase):
                                                                enable_thinking=cfg.enable_thinking)
         episodes.append(Episode(context, task_text, first_observation))
         free_contexts.append(free)
-    live = list(range(len(episodes)))
-    caches = EpisodeCaches() if cfg.max_turns > 1 else None
-    for turn in range(cfg.max_turns):
-        if not live:
-            break
-        gens = sampler.sample([episodes[i].context + episodes[i].tokens for i in live], cfg.max_new_tokens,
-                              (*phase, turn), caches=caches, episodes=live)
-        still = []
-        for i, g in zip(live, gens):
-            ep = episodes[i]
-            ep.tokens += g.tokens
-            ep.mask += [1] * len(g.tokens)
-            ep.sampler_logprobs += full_softmax_logprobs(g)
-            ep.actions.append(sampler.text(g))
-            if not g.finished:  # SPEC §1: cut off by max_new_tokens, never sent to the environment: 0
-                ep.observations.append("")
-                ep.reward, ep.end = 0.0, "cutoff"
-                continue
-            observation, ep.reward, done = sampler.env_call(envs[i], "step", ep.actions[-1])
-            ep.observations.append(observation)
-            obs_ids = sampler.before_obs + encode_observation(tok, observation) + sampler.after_obs
-            if done:
-                ep.end = "done"
-            elif turn + 1 == cfg.max_turns:
-                ep.end = "max_turns"
-            elif len(ep.actions) >= REPEAT_LIMIT and len(set(ep.actions[-REPEAT_LIMIT:])) == 1:
-                ep.end = "repeat"
-            elif len(ep.context) + len(ep.tokens) + len(obs_ids) + cfg.max_new_tokens > sampler.max_context:
-                ep.end = "context"  # truncated: the reward stays the environment's last
-            else:
-                ep.tokens += obs_ids
-                ep.mask += [0] * len(obs_ids)
-                ep.sampler_logprobs += [0.0] * len(obs_ids)
-                still.append(i)
-        live = still
+    # The episodes go through in groups of one sampling call each (--rollout_batch), every turn of a group
+    # before the next group: a multi-turn group keeps its KV cache from turn to turn (model.Session), and
+    # only one group's cache is alive at a time, so --rollout_batch still bounds it.
+    size = sampler.call_size(len(episodes))
+    for call, first in enumerate(range(0, len(episodes), size)):
+        live = list(range(first, min(first + size, len(episodes))))
+        session, continues = (Session() if cfg.max_turns > 1 else None), None
+        for turn in range(cfg.max_turns):
+            if not live:
+                break
+            gens = sampler.sample([episodes[i].context + episodes[i].tokens for i in live], cfg.max_new_tokens,
+                                  (*phase, turn), call=call, session=session, continues=continues)
+            still, continues = [], []   # the episodes still running, and each one's row in this call
+            for row, (i, g) in enumerate(zip(live, gens)):
+                ep = episodes[i]
+                ep.tokens += g.tokens
+                ep.mask += [1] * len(g.tokens)
+                ep.sampler_logprobs += full_softmax_logprobs(g)
+                ep.actions.append(sampler.text(g))
+                if not g.finished:  # SPEC §1: cut off by max_new_tokens, never sent to the environment: 0
+                    ep.observations.append("")
+                    ep.reward, ep.end = 0.0, "cutoff"
+                    continue
+                observation, ep.reward, done = sampler.env_call(envs[i], "step", ep.actions[-1])
+                ep.observations.append(observation)
+                obs_ids = sampler.before_obs + encode_observation(tok, observation) + sampler.after_obs
+                if done:
+                    ep.end = "done"
+                elif turn + 1 == cfg.max_turns:
+                    ep.end = "max_turns"
+                elif len(ep.actions) >= REPEAT_LIMIT and len(set(ep.actions[-REPEAT_LIMIT:])) == 1:
+                    ep.end = "repeat"
+                elif len(ep.context) + len(ep.tokens) + len(obs_ids) + cfg.max_new_tokens > sampler.max_context:
+                    ep.end = "context"  # truncated: the reward stays the environment's last
+                else:
+                    ep.tokens += obs_ids
+                    ep.mask += [0] * len(obs_ids)
+                    ep.sampler_logprobs += [0.0] * len(obs_ids)
+                    still.append(i)
+                    continues.append(row)
+            live = still
     for env in envs:
         env.close()
     return episodes, free_contexts

@@ -453,16 +453,25 @@ def test_multi_turn_masks_cover_model_output_only(monkeypatch, char_tokenizer):
     assert sample.trained_tokens == ep.action_tokens == 5 + 4 + 5  # each word, one token per character, and its stop
 
 
-def test_trainer_logprobs_equal_the_samplers_on_a_three_turn_episode(monkeypatch, char_tokenizer):
-    """The real sampler on a random model (most tokens made stop tokens, so turns end early): the
-    trainer's log-probs of every action token, observations in context, equal the sampler's."""
+@pytest.mark.parametrize("max_batch", [0, 3], ids=["one-call", "rollout_batch-3"])
+def test_trainer_logprobs_equal_the_samplers_on_a_three_turn_episode(monkeypatch, char_tokenizer, max_batch):
+    """The real sampler on a random model (most tokens made stop tokens, so turns end early), each episode's
+    KV cache kept from turn to turn: the trainer's log-probs of every action token, observations in
+    context, equal the sampler's. With --rollout_batch 3, the 6 episodes go in 2 groups, each with its own
+    cache, through all their turns one group after the other (so one group's cache is alive at a time)."""
     monkeypatch.setattr(icrl, "stop_token_ids", lambda tok: list(range(8, 100)))
+    calls, real_generate = [], icrl.generate
+    monkeypatch.setattr(icrl, "generate", lambda m, prompts, *a, session=None, **kw: calls.append(
+        (id(session), len(prompts))) or real_generate(m, prompts, *a, session=session, **kw))
     model = tiny_model(len(char_tokenizer), seed=3)
-    cfg = icrl.SamplingConfig(group_size=3, max_new_tokens=6, max_turns=3, temperature=0.9)
-    rollouts, _ = icrl.rollout(model, char_tokenizer, EchoTask(), ["x"], cfg, seed=5, critique=False)
-    episodes = [c.episodes[0] for c in rollouts[0].chains]
+    cfg = icrl.SamplingConfig(group_size=3, max_new_tokens=6, max_turns=3, temperature=0.9, max_batch=max_batch)
+    rollouts, _ = icrl.rollout(model, char_tokenizer, EchoTask(), ["x", "x"], cfg, seed=5, critique=False)
+    episodes = [c.episodes[0] for r in rollouts for c in r.chains]
     assert max(len(ep.actions) for ep in episodes) == 3
-    samples = icrl.build_samples(rollouts)[0]
+    groups = [key for i, (key, _) in enumerate(calls) if i == 0 or calls[i - 1][0] != key]
+    assert len(groups) == len(set(groups)) == (2 if max_batch else 1)        # each group's turns in one run
+    assert max(n for _, n in calls) == (3 if max_batch else 6) and len(calls) > len(groups)
+    samples = [s for per_query in icrl.build_samples(rollouts) for s in per_query]
     icrl.old_logprobs(model, samples, icrl.parse_args(["--temperature", "0.9"]), icrl.Dist())
     for s in samples:
         mask = torch.tensor(s.loss_mask, dtype=torch.bool)
