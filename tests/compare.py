@@ -19,12 +19,14 @@ A run is complete when its folder has final/ and its metrics.jsonl has the last 
 skipped, so an interrupted comparison continues where it stopped. An incomplete run resumes from its
 latest step checkpoint when it has one (`--resume`, only with --save_every in --icrl_args), otherwise
 its folder is removed and the run redone. A complete run whose compare_run.json records other icrl.py
-flags or another process count is redone, and so is every run of a seed whose warm start was redone;
+flags, another process count or other code (code_version) is redone, and so is every run of a seed whose warm start was redone;
 an evaluation is redone when its flags changed. Wall time is measured here, per run, and kept in the run's
 compare_run.json. The summary covers every complete run under OUT (with --steps RL steps), not only
 the seeds and variants of this invocation, so SEEDS=3 after a 3-seed comparison gives a 4-seed table.
 """
 import argparse
+import functools
+import hashlib
 import json
 import os
 import re
@@ -131,6 +133,17 @@ def last_step(run):
     return rows[-1]["step"] if rows else 0
 
 
+@functools.cache
+def code_version():
+    """A hash of the code that trains and evaluates: a complete run made by other code is redone, as one made
+    with other flags is (a changed default changes no flag)."""
+    digest = hashlib.sha256()
+    for name in ("icrl.py", "model.py", "data.py", "eval.py"):
+        with open(os.path.join(ROOT, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def is_complete(run, steps):
     """final/ is written last and renamed into place whole; metrics.jsonl must reach the last step (a
     warm-start run has --steps 0 and no metrics lines, but needs its warm_start/)."""
@@ -171,15 +184,15 @@ class Runner:
         """One icrl.py run into `run`. Skipped when complete and run with the same flags and process count;
         redone when `force` (its warm start was just redone). Returns "skipped", "ran", or None on failure."""
         cmd = torchrun(self.args.nproc) + flags
-        setting = {"flags": flags, "nproc": self.args.nproc}
+        setting = {"flags": flags, "nproc": self.args.nproc, "code": code_version()}
         record_path = os.path.join(run, "compare_run.json")
         record = read_json(record_path, {})
         if is_complete(run, steps) and not force:
             if all(record.get(k, v) == v for k, v in setting.items()):  # no record: made by hand, trusted
                 print(f"  {run}: complete, skipped")
                 return "skipped"
-            print(f"  {run}: complete, but run with other flags or process count ({record.get('nproc')} x "
-                  f"{shlex.join(record.get('flags', []))}): removed and redone")
+            print(f"  {run}: complete, but made by other code, flags or process count (code {record.get('code')}, "
+                  f"{record.get('nproc')} x {shlex.join(record.get('flags', []))}): removed and redone")
             shutil.rmtree(run)
         checkpoint = None if force or not steps else resumable_checkpoint(run, steps)
         if checkpoint and any(record.get(k, v) != v for k, v in setting.items()):
@@ -215,14 +228,16 @@ class Runner:
         flags = ["--model", os.path.join(run, checkpoint), "--task", task, "--task_seed", "0", "--seed", "0"] + \
             shared_eval_flags(self.args.icrl_flags) + self.args.eval_flags + ["--out", os.path.join(run, "eval")]
         record_path = os.path.join(run, "compare_run.json")
-        if eval_complete(run) and read_json(record_path, {}).get("eval_flags", flags) == flags:
+        done = read_json(record_path, {})
+        if eval_complete(run) and done.get("eval_flags", flags) == flags and done.get("eval_code", code_version()) == \
+                code_version():
             return True
         cmd = [sys.executable, os.path.join(ROOT, "eval.py")] + flags
         print(f"  {run}: {shlex.join(cmd)}", flush=True)
         t = time.perf_counter()
         rc = self._run(cmd, os.path.join(run, "eval.log"))
         record = read_json(record_path, {})
-        record.update(eval_flags=flags, eval_wall_s=round(time.perf_counter() - t, 3))
+        record.update(eval_flags=flags, eval_code=code_version(), eval_wall_s=round(time.perf_counter() - t, 3))
         write_json(record_path, record)
         if rc != 0 or not eval_complete(run):
             self.fail(f"{run}: eval.py exited with {rc} (log: {os.path.join(run, 'eval.log')})")

@@ -165,7 +165,7 @@ def test_complete_runs_are_skipped(tmp_path, monkeypatch):
     assert compare.main(argv) == 0 and calls == []
 
 
-def test_runs_with_other_flags_and_runs_of_a_redone_warm_start_are_redone(tmp_path, monkeypatch):
+def test_runs_with_other_flags_or_code_and_runs_of_a_redone_warm_start_are_redone(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(compare, "run_command", fake_runner(calls))
     argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS),
@@ -180,6 +180,10 @@ def test_runs_with_other_flags_and_runs_of_a_redone_warm_start_are_redone(tmp_pa
     # only the evaluation flags changed: only the evaluations are redone
     assert compare.main(argv[:-1] + ["--group_size 4", "--eval_args", "--n 2"]) == 0
     assert [c[1].endswith("eval.py") for c in calls] == [True, True]
+    calls.clear()
+    # other code (icrl.py, model.py, data.py or eval.py changed): every run and evaluation is redone
+    monkeypatch.setattr(compare, "code_version", lambda: "changed")
+    assert compare.main(argv[:-1] + ["--group_size 4", "--eval_args", "--n 2"]) == 0 and len(calls) == 4
 
 
 def test_interrupted_run_with_a_checkpoint_resumes(tmp_path, monkeypatch):
