@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 
@@ -1820,8 +1821,13 @@ def main(argv=None):
         train(args, ctx)
     except UsageError as e:
         usage_exit(e)
-    finally:
-        shutdown(ctx, args.fsdp)
+    except BaseException:
+        if ctx.world > 1:  # another rank may wait in a collective: a barrier would hang and hide this error
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)    # torchrun then stops the other ranks
+        raise
+    shutdown(ctx, args.fsdp)
 
 
 def usage_exit(error):

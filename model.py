@@ -786,9 +786,11 @@ class Session:
         decoder, device = self.decoder, self.decoder.embed.device
         decoder.take_rows(torch.tensor([self.row_of[c] for c in continues], device=device),
                           max(len(p) for p in cached))
-        decoder.grow(-(-(max(map(len, prompts)) + max_new_tokens) // 256) * 256)  # fewer, larger growths
         new = [p[len(c):] for p, c in zip(prompts, cached)]
         T = max(map(len, new))
+        # room for the decode steps and for every row's padded new tokens; in steps of 256, so growths are rare
+        need = max(max(map(len, prompts)) + max_new_tokens, max(map(len, cached)) + T)
+        decoder.grow(-(-need // 256) * 256)
         tokens = torch.tensor([n + [0] * (T - len(n)) for n in new], device=device)
         return tokens, torch.tensor(list(map(len, cached)), device=device), torch.tensor([len(n) - 1 for n in new],
                                                                                         device=device)

@@ -403,6 +403,20 @@ def test_session_turns_equal_full_prefills(tiny, monkeypatch, graphs):
         generate(model, [[1, 2, 3]], 4, session=session, continues=[0])
 
 
+def test_session_turn_where_a_long_history_meets_a_long_observation(tiny):
+    """One row's cached history is long and its new tokens few, another's history short and its new tokens
+    many: the padded new tokens of the first reach slots past every prompt's end, and the cache must
+    have room for them (it once grew only to the longest prompt plus max_new_tokens)."""
+    from model import Session
+    model, _ = tiny
+    long, short = random_prompts([245, 5], seed=41)
+    session = Session()
+    first = generate(model, [long, short], 4, temperature=0.0, session=session)
+    grown = [long + first[0].tokens + [1], short + first[1].tokens + random_prompts([60], seed=42)[0]]
+    ours = generate(model, grown, 4, temperature=0.0, session=session, continues=[0, 1])
+    assert [g.tokens for g in ours] == [g.tokens for g in generate(model, grown, 4, temperature=0.0)]
+
+
 def test_max_new_tokens_cut_is_not_finished(tiny):
     model, _ = tiny
     gens = generate(model, random_prompts([4, 6], seed=11), max_new_tokens=5, temperature=0, stop_ids=(VOCAB + 1,))
