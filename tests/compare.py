@@ -432,8 +432,9 @@ def markdown(summary):
 
 def eval_settings(summary):
     """eval.py's settings, as each summary.json recorded them: meant to be the same for every checkpoint."""
-    seen = []
-    for t in summary["tasks"].values():
+    parts = []
+    for name, t in summary["tasks"].items():  # each task has its own held-out set: compared within a task
+        seen = []
         for row in t["rows"].values():
             for f in row["per_seed"].values():
                 e = f.get("eval") or {}
@@ -441,9 +442,10 @@ def eval_settings(summary):
                     text = (f"{e['examples']} problems × {e['n']} chains, K = {e['rounds']}, gate {e['critic_gate']}, "
                             f"task seed {e['task_seed']}, sampling seed {e['seed']}")
                     seen += [text] if text not in seen else []
-    if not seen:
-        return "no evaluation yet"
-    return seen[0] if len(seen) == 1 else "WARNING, not the same for every checkpoint: " + "; ".join(seen)
+        if seen:
+            text = seen[0] if len(seen) == 1 else "WARNING, not the same for every checkpoint: " + "; ".join(seen)
+            parts.append(text if len(summary["tasks"]) == 1 else f"{name}: {text}")
+    return "; ".join(parts) or "no evaluation yet"
 
 
 def plot_curves(task, curves, steps, path):
