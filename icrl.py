@@ -231,7 +231,8 @@ class Sampler:
         if session is not None and len(contexts) > size:
             raise ValueError(f"a Session's turn holds at most {size} sequences, got {len(contexts)}")
         model = self.critic_model if critic else self.model
-        turns = {} if session is None else {"session": session, "continues": continues}  # SPEC §5's call without
+        # without a Session, SPEC §5's generate call exactly (a stand-in with only its arguments works)
+        turns = {} if session is None else {"session": session, "continues": continues}
         out = [g for i, part in enumerate(chunks(contexts, size))
                for g in generate(model, part, max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                  stop_ids=self.stop_ids, seed=mix_seed(self.seed, *phase, call + i), **turns)]
