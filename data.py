@@ -432,6 +432,11 @@ class Task:
         named = final_answer(actions[-1]) if actions else None
         return None if named is None else CRITIQUE_WRONG.format(attempt=named)
 
+    def retry_expert_actions(self, example: Example, critique: str) -> list[str]:
+        """The expert's actions under S(x, c) after the warm start's `critique`: what a retry that uses the tip
+        does (the warm start's retry target). By default the expert ignores it."""
+        return self.expert_actions(example)
+
     def is_correct(self, example: Example, answer: str) -> bool:
         """Is `answer` (a final \\boxed{} content of at most MAX_ANSWER_CHARS) right for `example`?"""
         raise NotImplementedError
@@ -1130,6 +1135,16 @@ class GuessTask(Task):
         """A failed episode: the narrowest range its hints reached, so a retry can start from there."""
         ranges = [m for o in observations for m in re.findall(r"It is from [0-9]+ to [0-9]+\.", o)]
         return ranges[-1] if ranges else None
+
+    def retry_expert_actions(self, example, critique):
+        """The binary search within the critique's range "It is from a to b." where it holds the secret
+        (the warm start's critiques always do): the retry starts where the failed episode stopped."""
+        meta, found = example.meta, re.search(r"It is from ([0-9]{1,6}) to ([0-9]{1,6})\.", critique)
+        if found:
+            low, high = max(meta["low"], int(found.group(1))), min(meta["high"], int(found.group(2)))
+            if low <= meta["secret"] <= high:
+                return [str(g) for g in _binary_search(low, high, meta["secret"])]
+        return self.expert_actions(example)
 
 
 # ==================================================================================================

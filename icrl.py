@@ -634,13 +634,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # (SPEC §5) and `full_logprobs` under pi_old; episodes and critiques keep the full ones, so `logprob_gap` (§3)
 # compares like with like and stays at float noise with any --top_p (tests/test_scale.py).
 @torch.no_grad()
-def old_logprobs(model, samples, args, ctx):
+def old_logprobs(model, samples, args, ctx, under_training_context=True):
     """log pi_old of every sample's tokens under its training context (l_old; for a retry, l_free under
     S(x)), and for retries also under S(x, c) (l_cond, SPEC §2.7), of the full softmax at the temperature
     (see the comment above). Recomputed by the trainer, so that rho = 1 exactly on the first pass; the
-    sampler's own log-probs only feed the logprob_gap metric."""
+    sampler's own log-probs only feed the logprob_gap metric. `under_training_context` False: l_cond only
+    (with one update per step, `update` takes l_old from its own forward: see one_update_per_step)."""
     try:
-        _old_logprobs(model, samples, args, ctx)
+        _old_logprobs(model, samples, args, ctx, under_training_context)
     finally:
         # FSDP2 keeps its root unit gathered after a forward with no backward to follow; reshard it,
         # or model.parameters() would hand out the gathered copies instead of the trained shards.
@@ -648,11 +649,11 @@ def old_logprobs(model, samples, args, ctx):
             model.reshard()
 
 
-def _old_logprobs(model, samples, args, ctx):
+def _old_logprobs(model, samples, args, ctx, under_training_context):
     """The log-probs stay on the device until every micro-batch is done, then come to the host in one copy:
     a .cpu() per micro-batch would make the host wait for each forward in turn."""
     passes = []  # (micro-batch, attribute, log-probs (B, T) on the device)
-    for micro in micro_batches(samples, args.micro_batch):
+    for micro in micro_batches(samples if under_training_context else [], args.micro_batch):
         logp, _ = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
                                     args.temperature, ctx.device, [s.mask for s in micro])
         passes.append((micro, "old_logp", logp))
@@ -661,6 +662,12 @@ def _old_logprobs(model, samples, args, ctx):
         logp, _ = response_logprobs(model, [s.calib_context for s in micro], [s.response for s in micro],
                                     args.temperature, ctx.device, [s.mask for s in micro])
         passes.append((micro, "cond_logp", logp))
+    to_host(passes)
+
+
+def to_host(passes):
+    """Each (micro-batch, attribute, log-probs (B, T) on the device) into its samples, as rows cut to each
+    response: one device-to-host copy for all of them."""
     if not passes:
         return
     flat = torch.cat([logp.flatten() for _, _, logp in passes]).float().cpu()   # the one device-to-host copy
@@ -679,16 +686,24 @@ def pad_rows(rows, T):
     return out
 
 
-def sample_weights(micro, T, args):
-    """Token weights w of SPEC §2.8: 1 for first attempts and critiques, §2.7 for retries; 0 off the mask."""
-    mask = pad_rows([s.loss_mask for s in micro], T)
+def sample_weights(micro, T, args, old=None, device="cpu"):
+    """Token weights w of SPEC §2.8: 1 for first attempts and critiques, §2.7 for retries; 0 off the mask.
+    l_free is each retry's old_logp, or its row of `old` (B, T) (on `device`) where given."""
+    mask = to_device(pad_rows([s.loss_mask for s in micro], T), device)
     weights = mask.clone()
     retries = [i for i, s in enumerate(micro) if s.calib_context is not None]
     if retries:
-        free = pad_rows([micro[i].old_logp for i in retries], T)
-        cond = pad_rows([micro[i].cond_logp for i in retries], T)
+        free = old[retries] if old is not None else to_device(pad_rows([micro[i].old_logp for i in retries], T), device)
+        cond = to_device(pad_rows([micro[i].cond_logp for i in retries], T), device)
         weights[retries] = calibration_weights(free, cond, mask[retries], args.calib, args.calib_clip)
     return weights
+
+
+def one_update_per_step(args):
+    """One optimizer step per training step: the weights of the update's forward are pi_old's, so its
+    log-probs (detached) are l_old (and a retry's l_free) and no separate pass is needed (SPEC §2.8: rho = 1,
+    as the separate pass gives on a first update). Saves one forward over every trained sample."""
+    return args.ppo_epochs == 1 and args.minibatch >= args.batch_prompts
 
 
 def update(model, optimizer, samples_by_query, args, ctx, step):
@@ -713,6 +728,7 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
     # loss_solver, loss_critic, clipped tokens, tokens, grad_norm summed over updates: float64, on the device
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     updates = skipped = 0
+    own_old = []  # (micro-batch, "old_logp", log-probs): l_old from the update's own forward, where not given
     for u, minibatch in enumerate(minibatches):
         n_solver, n_critic = counts[2 * u], counts[2 * u + 1]
         micros = micro_batches(minibatch, args.micro_batch)
@@ -722,8 +738,11 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
                 logp, mask = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
                                                args.temperature, device, [s.mask for s in micro])
                 T = mask.shape[1]
-                old = to_device(pad_rows([s.old_logp for s in micro], T), device)
-                weight = to_device(sample_weights(micro, T, args), device)
+                given = micro[0].old_logp is not None   # else one_update_per_step: pi_theta is pi_old here
+                old = to_device(pad_rows([s.old_logp for s in micro], T), device) if given else logp.detach()
+                if not given:
+                    own_old.append((micro, "old_logp", old))
+                weight = sample_weights(micro, T, args, None if given else old, device)
                 adv = to_device(torch.tensor([s.adv for s in micro]), device)
                 is_critic = to_device(torch.tensor([s.is_critic for s in micro]), device)
                 token_loss = clipped_token_loss(logp, old, adv, weight, mask, args.clip_low, args.clip_high)
@@ -755,6 +774,7 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
             skipped += 1
             print0(ctx, f"warning: step {step}: non-finite loss or gradient, update skipped")
         optimizer.zero_grad(set_to_none=True)
+    to_host(own_old)  # for the step's metrics (logprob_gap, calibration summary)
     loss_solver, loss_critic, clipped, tokens, grad_norm = sums.tolist()
     return dict(loss_solver=loss_solver, loss_critic=loss_critic, clipped=clipped, tokens=tokens,
                 grad_norm=grad_norm, updates=updates, skipped=skipped)
@@ -869,15 +889,15 @@ def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=
 # Supervised warm start for the randomly initialised default model
 # ==================================================================================================
 
-def expert_episode(task, tokenizer, example, observation_markers):
-    """(tokens, loss mask) of the task's expert episode from a reset: each expert action and its
+def expert_episode(task, tokenizer, example, observation_markers, actions=None):
+    """(tokens, loss mask) of the task's expert episode from a reset (or of `actions`): each action and its
     end-of-turn (trained), then the observation in the template's user-turn form (context), as a sampled
     episode would read (SPEC §1)."""
     stop, (before, after) = end_of_turn_id(tokenizer), observation_markers
     env = task.env(example)
     env.reset()
     tokens, mask = [], []
-    for action in task.expert_actions(example):
+    for action in task.expert_actions(example) if actions is None else actions:
         ids = tokenizer.encode(action, add_special_tokens=False) + [stop]
         tokens, mask = tokens + ids, mask + [1] * len(ids)
         observation, _, done = env.step(action)
@@ -910,7 +930,9 @@ def warm_start_pairs(task, tokenizer, example, think, observation_markers, attem
     critique_ids = tokenizer.encode(critique, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
     pairs.append((critic_context(tokenizer, task_text, first_observation, summary, think), critique_ids,
                   [1] * len(critique_ids)))
-    pairs.append((solver_context(tokenizer, task_text, first_observation, critique, think), tokens, mask))
+    retry_tokens, retry_mask = expert_episode(task, tokenizer, example, observation_markers,
+                                              task.retry_expert_actions(example, critique))
+    pairs.append((solver_context(tokenizer, task_text, first_observation, critique, think), retry_tokens, retry_mask))
     return pairs
 
 
@@ -1722,7 +1744,7 @@ def train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step):
     samples_by_query = build_samples(rollouts, args.adv, train_critic=not args.no_critic_train)
     samples = [s for qs in samples_by_query for s in qs]
     with autocast_for(model, args):
-        old_logprobs(unwrap(model), samples, args, ctx)
+        old_logprobs(unwrap(model), samples, args, ctx, under_training_context=not one_update_per_step(args))
     stats = update(model, optimizer, samples_by_query, args, ctx, step)
     times["train"] = time.perf_counter() - t
     return step_metrics(rollouts, samples, stats, times, args, ctx)

@@ -200,6 +200,23 @@ def test_guess_mistakes_are_visible():
     assert env.step("6") == ("6 is too low. It is from 10 to 20.", 0.0, False)   # a useless guess keeps the range
 
 
+def test_guess_retry_expert_searches_the_critique_range():
+    """The warm start's retry target after "It is from a to b.": the binary search (lower midpoint) within
+    that range, which holds the secret 14 of [5, 20]; a tip without a range, or one that misses the secret,
+    gets the expert's search of the whole range."""
+    task = load_task("guess", n=1)
+    assert task.retry_expert_actions(GUESS, "It is from 13 to 16.") == ["14"]             # (13 + 16) // 2
+    assert task.retry_expert_actions(GUESS, "It is from 10 to 20.") == ["15", "12", "13", "14"]
+    assert task.retry_expert_actions(GUESS, "It is from 1 to 30.") == ["12", "16", "14"]  # cut to [5, 20]
+    whole = task.expert_actions(GUESS)
+    assert whole == ["12", "16", "14"]
+    assert task.retry_expert_actions(GUESS, "It is from 15 to 16.") == whole              # 14 is not in it
+    assert task.retry_expert_actions(GUESS, "Try lower.") == whole
+    env = GuessEnv(GUESS, max_guesses=6, hints="range")
+    env.reset()
+    assert [env.step(a)[1] for a in ["15", "12", "13", "14"]] == [0.0, 0.0, 0.0, 1.0]
+
+
 def test_guess_plain_hints_and_no_tries_left():
     env = GuessEnv(GUESS, max_guesses=3, hints="plain")
     assert env.reset() == ("Guess my number in 3 tries. Reply with one number.", "It is from 5 to 20.")

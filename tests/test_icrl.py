@@ -157,6 +157,36 @@ def test_retry_trained_under_solver_context_with_calibration_weights(monkeypatch
             assert icrl.sample_weights([s], len(s.response), args)[0].tolist() == [1.0] * len(s.response)
 
 
+def test_one_update_per_step_takes_old_logprobs_from_its_own_forward(monkeypatch, char_tokenizer):
+    """With one optimizer step per training step (--ppo_epochs 1, one minibatch) the update's own forward is
+    pi_old's, so the separate l_old pass is skipped: the same weights after the update as with it (rho = 1
+    either way), and the same l_old and l_free left on the samples for the step's metrics."""
+    ro, _ = scripted_rollout(monkeypatch, char_tokenizer, K3_ANSWERS, retry_chains=[1, 2], rounds=2, gate="failure")
+    args = icrl.parse_args(["--temperature", "0.8", "--micro_batch", "2", "--lr", "1e-2", "--lr_warmup", "1"])
+    assert icrl.one_update_per_step(args)
+    assert not icrl.one_update_per_step(icrl.parse_args(["--ppo_epochs", "2"]))
+    assert not icrl.one_update_per_step(icrl.parse_args(["--batch_prompts", "16", "--minibatch", "8"]))
+    results = []
+    for separate in (True, False):
+        model = tiny_model(len(char_tokenizer), seed=1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        samples = icrl.build_samples([ro])[0]
+        icrl.old_logprobs(model, samples, args, icrl.Dist(), under_training_context=separate)
+        assert all((s.old_logp is not None) == separate for s in samples)
+        assert all(s.cond_logp is not None for s in samples if s.calib_context is not None)
+        stats = icrl.update(model, optimizer, [samples], args, icrl.Dist(), step=0)
+        assert stats["updates"] == 1 and stats["clipped"] == 0
+        results.append((model.state_dict(), [s.old_logp for s in samples], stats["loss_solver"]))
+    (a, old_a, loss_a), (b, old_b, loss_b) = results
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7, msg=name)
+    for x, y in zip(old_a, old_b):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    assert abs(loss_a - loss_b) < 1e-6
+    assert max(float((v - tiny_model(len(char_tokenizer), seed=1).state_dict()[k]).abs().max())
+               for k, v in a.items()) > 1e-3  # the update moved the weights (10^4 x the tolerance)
+
+
 def test_loss_table_by_hand():
     """SPEC §2.8 for one query: first attempt (A = 1, w = 1), retry (A = -1, w from §2.7), critique
     (A = 0.5, w = 1), one token each at rho = 1.1 (first), 0.7 (retry), 1.5 (critique).
@@ -501,7 +531,8 @@ def test_bad_environment_replies_stop_with_a_message(monkeypatch, char_tokenizer
 def test_warm_start_pairs_expert_episode_and_own_failure(char_tokenizer):
     """The warm start's solver target is the expert's whole episode (actions trained, observations
     context); a failed attempt of the model's own gets the task's critique, and the retry the expert
-    episode under S(x, c). A success adds no pair under the failure gate."""
+    episode under S(x, c), one that uses the tip where the task has one (guess: searching its range). A
+    success adds no pair under the failure gate."""
     from data import load_task, observation_turn
     task = load_task("guess", split="test", n=3)
     example = task.examples[0]
@@ -518,6 +549,12 @@ def test_warm_start_pairs_expert_episode_and_own_failure(char_tokenizer):
     assert "Reward of the attempt: 0\nAction: 1\nObservation: 1 is too low" in char_tokenizer.decode(c_ctx)
     assert "Tips from the previous critique: It is from 3 to 9." in char_tokenizer.decode(r_ctx)
     assert (r_tokens, r_mask) == (tokens, mask) and "Tips" not in char_tokenizer.decode(s_ctx)
+    # a tip that holds the secret (14 of [10, 14]): the retry's target searches within it, 13 then 14
+    near = icrl.Episode([], actions=["12", "16"], observations=["12 is too low. It is from 13 to 14.",
+                                                               "16 is outside 10 to 14. It is from 13 to 14."], reward=0.0)
+    retry_tokens, retry_mask = icrl.warm_start_pairs(task, char_tokenizer, example, False, markers, near)[2][1:]
+    assert example.id == "guess:10-14:14"
+    assert char_tokenizer.decode([t for t, m in zip(retry_tokens, retry_mask) if m]) == "13<|im_end|>14<|im_end|>"
     won = icrl.Episode([], actions=actions, observations=[""], reward=1.0)
     assert len(icrl.warm_start_pairs(task, char_tokenizer, example, False, markers, won)) == 1
     # a one-turn task names the failed answer
