@@ -188,7 +188,9 @@ class Runner:
         record_path = os.path.join(run, "compare_run.json")
         record = read_json(record_path, {})
         if is_complete(run, steps) and not force:
-            if all(record.get(k, v) == v for k, v in setting.items()):  # no record: made by hand, trusted
+            # No record: made by hand, trusted. A record without the setting (its evaluation's alone, from a
+            # compare.py that did not record training runs yet) cannot vouch for the code that trained it.
+            if not record or all(k in record and record[k] == v for k, v in setting.items()):
                 print(f"  {run}: complete, skipped")
                 return "skipped"
             print(f"  {run}: complete, but made by other code, flags or process count (code {record.get('code')}, "

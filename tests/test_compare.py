@@ -186,6 +186,24 @@ def test_runs_with_other_flags_or_code_and_runs_of_a_redone_warm_start_are_redon
     assert compare.main(argv[:-1] + ["--group_size 4", "--eval_args", "--n 2"]) == 0 and len(calls) == 4
 
 
+def test_a_complete_run_whose_record_lacks_its_setting_is_redone(tmp_path, monkeypatch):
+    """A record with its evaluation's fields alone says nothing of the code that trained the run: redone; a
+    run with no record at all (made by hand) is trusted."""
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "compare" / "arithmetic"
+    write_run(out / "warm_start" / "seed0", steps=0, start=0.3, eval_summary=ev(0.3, 0.0, 0.3), warm=True)
+    write_run(out / "icrl" / "seed0", curve={2: 0.6}, eval_summary=ev(0.6, 0.0, 0.6))
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS),
+            "--out", str(tmp_path / "compare"), "--no_plot"]
+    assert compare.main(argv) == 0 and calls == []          # no records: trusted, nothing ran
+    (out / "warm_start" / "seed0" / "compare_run.json").write_text(json.dumps(
+        {"eval_flags": ["--model", "x"], "eval_code": "old", "eval_wall_s": 9.0}))
+    assert compare.main(argv) == 0
+    trained = [c[c.index("--out") + 1] for c in calls if not c[1].endswith("eval.py")]
+    assert trained == [str(out / "warm_start" / "seed0"), str(out / "icrl" / "seed0")]  # and its variant after it
+
+
 def test_interrupted_run_with_a_checkpoint_resumes(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(compare, "run_command", fake_runner(calls))
