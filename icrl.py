@@ -653,7 +653,7 @@ def _old_logprobs(model, samples, args, ctx, under_training_context):
     """The log-probs stay on the device until every micro-batch is done, then come to the host in one copy:
     a .cpu() per micro-batch would make the host wait for each forward in turn."""
     passes = []  # (micro-batch, attribute, log-probs (B, T) on the device)
-    for micro in micro_batches(samples if under_training_context else [], args.micro_batch):
+    for micro in micro_batches(samples, args.micro_batch) if under_training_context else []:
         logp, _ = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
                                     args.temperature, ctx.device, [s.mask for s in micro])
         passes.append((micro, "old_logp", logp))
@@ -688,7 +688,7 @@ def pad_rows(rows, T):
 
 def sample_weights(micro, T, args, old=None, device="cpu"):
     """Token weights w of SPEC §2.8: 1 for first attempts and critiques, §2.7 for retries; 0 off the mask.
-    l_free is each retry's old_logp, or its row of `old` (B, T) (on `device`) where given."""
+    l_free is each retry's row of `old` (B, T) (on `device`) where given, else its old_logp."""
     mask = to_device(pad_rows([s.loss_mask for s in micro], T), device)
     weights = mask.clone()
     retries = [i for i, s in enumerate(micro) if s.calib_context is not None]
@@ -742,7 +742,7 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
                 old = to_device(pad_rows([s.old_logp for s in micro], T), device) if given else logp.detach()
                 if not given:
                     own_old.append((micro, "old_logp", old))
-                weight = sample_weights(micro, T, args, None if given else old, device)
+                weight = sample_weights(micro, T, args, old, device)
                 adv = to_device(torch.tensor([s.adv for s in micro]), device)
                 is_critic = to_device(torch.tensor([s.is_critic for s in micro]), device)
                 token_loss = clipped_token_loss(logp, old, adv, weight, mask, args.clip_low, args.clip_high)

@@ -629,8 +629,9 @@ class Decoder:
 
     def _attend(self, q, k, v, mask):
         """Attention of one query token per row: q (B, 1, H, D); k, v (B, H_kv, S, D); mask None or additive
-        (B, 1, 1, S) -> (B, H * D). The `rep` query heads that share a kv head go on the query axis (no K/V
-        copies); head h uses kv head h // rep, as transformers' repeat_kv.
+        (B, 1, 1, S) -> (B, H * D). On CPU the `rep` query heads that share a kv head go on the query axis (no K/V
+        copies); on GPU SDPA's enable_gqa pairs them. Either way head h uses kv head h // rep, as transformers'
+        repeat_kv.
 
         On CPU, SDPA spends ~1.5 us per (row, kv head) on problems this small. Matmul attention is two batched
         matmuls, over the transposed key cache, (D, S) per head, and the values, (S, D): both MKL's untransposed
