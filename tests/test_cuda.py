@@ -5,8 +5,8 @@ takes only `tmp_path`, so tests/gpu_check.py can also run them without pytest on
 
     bf16 logits parity with transformers on CUDA; greedy generate equal to transformers (float32, ragged
     prompts); chunked log-probs on CUDA; a few ICRL steps with NCCL at world size 1 under DDP and under
-    --fsdp (bfloat16, --grad_ckpt); a checkpoint round trip through transformers; host syncs of update()
-    independent of the number of micro-batches.
+    --fsdp (bfloat16, --grad_ckpt), and an --fsdp resume against the run straight through; a checkpoint round
+    trip through transformers; host syncs of update() independent of the number of micro-batches.
 
 GPU_CHECK_DEVICE=cpu runs the same code on the CPU (gloo instead of NCCL, no sync counting): a dry run of
 the checks themselves, for a machine without a GPU; it proves nothing about CUDA.
@@ -15,6 +15,7 @@ import collections
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -152,15 +153,20 @@ TINY_RUN = ["--warm_start_steps", "2", "--warm_start_role_steps", "1", "--batch_
             "--micro_batch", "4", "--steps", "2", "--dtype", "bfloat16", "--grad_ckpt"]
 
 
-@functools.cache
-def icrl_run(fsdp: bool) -> Path:
-    """`torchrun --nproc_per_node 1 icrl.py` on the GPU (NCCL, world size 1): DDP, or FSDP2 with --fsdp."""
-    out = Path(tempfile.mkdtemp(prefix="gpu-check-")) / ("fsdp" if fsdp else "ddp")
+def torchrun_icrl(*argv):
+    """`torchrun --nproc_per_node 1 icrl.py ARGV` on the GPU (NCCL, world size 1)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           str(ROOT / "icrl.py"), "--out", str(out), *TINY_RUN, *(["--fsdp"] if fsdp else [])]
+           str(ROOT / "icrl.py"), *map(str, argv)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     result = subprocess.run(cmd, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@functools.cache
+def icrl_run(fsdp: bool) -> Path:
+    """TINY_RUN's 2 steps: DDP, or FSDP2 with --fsdp."""
+    out = Path(tempfile.mkdtemp(prefix="gpu-check-")) / ("fsdp" if fsdp else "ddp")
+    torchrun_icrl("--out", out, *TINY_RUN, *(["--fsdp"] if fsdp else []))
     return out
 
 
@@ -181,6 +187,67 @@ def test_icrl_steps_nccl_ddp():
 
 def test_icrl_steps_nccl_fsdp():
     check_run(icrl_run(fsdp=True))
+
+
+# metrics.jsonl keys that are wall times, so differ between any two runs
+TIMINGS = {"step", "tok_per_s", "t_sample", "t_env", "t_train"}
+# TINY_RUN's arithmetic never earns a reward after 2 warm-start steps, so its RL steps have zero advantages and
+# never move the weights; guess with 3 tries at numbers up to 6, after 4 warm-start steps, does (grad_norm
+# ~0.9-1.1 on the CPU). Later flags override TINY_RUN's.
+RESUME_RUN = [*TINY_RUN, "--fsdp", "--task", "guess", "--task_knob", "max_number=6", "--task_knob", "max_guesses=3",
+              "--warm_start_steps", "4"]
+
+
+def weight_differences(a_folder, b_folder):
+    """(max |a - b| over every weight, tensors that differ in any bit, tensors) of two checkpoints."""
+    from safetensors.torch import load_file
+    a, b = (load_file(str(Path(f) / "model.safetensors")) for f in (a_folder, b_folder))
+    assert a.keys() == b.keys()
+    return (max((a[k].double() - b[k].double()).abs().max().item() for k in a),
+            sum(not torch.equal(a[k], b[k]) for k in a), len(a))
+
+
+def test_resume_continues_the_run_on_cuda(tmp_path):
+    """RESUME_RUN (--fsdp, bf16, --grad_ckpt) with NCCL: 3 steps straight (--save_every 1) against 2 steps resumed
+    to step 3 (`--resume RUN --steps 3`). Step 3's metrics (wall times aside) and the final weights agree; the
+    straight run's step_2 against the checkpoint the resume read says whether a difference arose before the
+    resume or in it. The maxima are printed.
+
+    Not asserted bit for bit on CUDA. icrl.py seeds every random draw from (seed, step, rank) with generators of
+    its own, so on the CPU the resume is exact (asserted here under GPU_CHECK_DEVICE=cpu); but it sets no
+    determinism flag (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG), and some CUDA backward
+    kernels add with atomics in no fixed order (gather's backward, FlashAttention's dq over several key
+    blocks). That is float noise: AdamW divides a gradient by its own root mean square, which does not amplify
+    a relative error, so the weights would differ by about a float32 rounding. On the CPU, one step moves the
+    weights by up to 1.5e-4 and a resume that lost the AdamW moments ends 2.7e-4 away; one that lost the data
+    order or the seeds changes the metrics outright. The tolerances (1e-6 on weights, 1e-3 relative on metrics)
+    sit between. A sampled token that flips on a bf16 near tie would exceed them too: the printed step_2 line
+    then shows whether the runs had drifted before the resume."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun_icrl("--out", straight, *RESUME_RUN, "--steps", "3", "--save_every", "1")
+    torchrun_icrl("--out", resumed, *RESUME_RUN, "--steps", "2")
+    torchrun_icrl("--resume", resumed, "--steps", "3")
+    runs = [[json.loads(line) for line in open(out / "metrics.jsonl")] for out in (straight, resumed)]
+    assert [[m["step"] for m in lines] for lines in runs] == [[1, 2, 3]] * 2
+    a, b = runs[0][2], runs[1][2]
+    assert set(a) == set(b)
+    metric_diff = {k: abs(a[k] - b[k]) if isinstance(a[k], (int, float)) and isinstance(b[k], (int, float))
+                   else (0.0 if a[k] == b[k] else float("inf")) for k in sorted(set(a) - TIMINGS)}
+    worst = max(metric_diff, key=metric_diff.get)
+    before = weight_differences(straight / "step_2", resumed / "step_2")
+    after = weight_differences(straight / "final", resumed / "final")
+    moved = weight_differences(straight / "step_2", straight / "final")
+    print(f"resume ({DEVICE}): step 3 moved the weights by up to {moved[0]:.3g} (grad_norm {a['grad_norm']:.3f}); "
+          f"step 3 metrics, {len(metric_diff)} keys: max |straight - resumed| {metric_diff[worst]:.3g} ({worst}), "
+          f"{sum(d > 0 for d in metric_diff.values())} keys differ; weights at step 2 (straight's step_2 vs the "
+          f"checkpoint resumed from): max |diff| {before[0]:.3g}, {before[1]} of {before[2]} tensors differ; final "
+          f"weights at step 3: max |diff| {after[0]:.3g}, {after[1]} of {after[2]} tensors differ")
+    assert a["grad_norm"] > 0 and moved[0] > 1e-5   # else the comparison below proves nothing
+    if DEVICE == "cpu":
+        assert max(metric_diff.values()) == 0 and before[1] == after[1] == 0
+    for k, d in metric_diff.items():
+        assert d <= 1e-3 * max(1.0, abs(a[k])), (k, a[k], b[k])
+    assert after[0] <= 1e-6 and before[0] <= 1e-6
 
 
 def test_checkpoint_round_trip_through_transformers(tmp_path):
