@@ -15,7 +15,7 @@ ARGS    ?=
 # `make gpu-check` uses the machine's own Python packages (a GPU image's torch and transformers), not .venv.
 GPU_PY  ?= python3
 
-.PHONY: test train eval bench compare gpu-check clean
+.PHONY: test train eval bench compare gpu-check gpu-memory clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	python3 -m venv .venv
@@ -44,6 +44,11 @@ bench: $(STAMP)
 # On one CUDA GPU, < 8 minutes: tests/test_cuda.py, then the GPU sampler benchmark (README, "Tests and benchmarks").
 gpu-check:
 	$(GPU_PY) tests/gpu_check.py
+
+# On one CUDA GPU, ~2 minutes: README's worked memory table measured at Qwen3-4B/8B shapes (tests/memory_gpu.py).
+# Apart from gpu-check: figures to quote, not a pass/fail check, and gpu-check's 8 minutes are nearly spent.
+gpu-memory:
+	$(GPU_PY) tests/memory_gpu.py
 
 # ICRL against GRPO and the ablations over seeds, then a table and curves (README, "Does it work?").
 # SEEDS=, VARIANTS= and TASK= narrow it (TASK= only when given: train's default does not apply here);

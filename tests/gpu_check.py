@@ -1,8 +1,10 @@
 """`make gpu-check`: everything that needs one CUDA GPU, in under 8 minutes, with the Python packages the
 machine already has (not this project's pins): tests/test_cuda.py (bf16 logits parity with transformers,
 greedy generate equal to transformers, chunked log-probs, ICRL steps with NCCL at world size 1 under DDP and
-under --fsdp, a checkpoint round trip through transformers, host syncs of the update loop), then the GPU
-sampler benchmark (tests/bench_gpu.py, Qwen3-0.6B and 4B shapes, batch 1/16/64/256, with the bandwidth floor).
+under --fsdp, an --fsdp resume against the run straight through, a checkpoint round trip through
+transformers, host syncs of the update loop), then the GPU sampler benchmark (tests/bench_gpu.py, Qwen3-0.6B
+and 4B shapes, batch 1/16/64/256, with the bandwidth floor). The memory measurements are apart, in `make
+gpu-memory` (tests/memory_gpu.py): figures to quote rather than checks, and this budget is nearly spent.
 
 Without a GPU it says so and exits with status 2: nothing was checked.
 
