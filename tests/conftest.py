@@ -7,8 +7,12 @@ save_pretrained and returns (folder, hf_model); use it wherever a test needs a r
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+
+try:
+    import pytest
+except ImportError:  # tests/gpu_check.py runs test_cuda.py without pytest on a GPU image that lacks it
+    pytest = None
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -43,7 +47,10 @@ def make_hf_qwen3(tmp_dir, seed: int = 0, dtype: torch.dtype = torch.float32, **
     return folder, hf
 
 
-@pytest.fixture
 def hf_qwen3(tmp_path):
     """The default tiny checkpoint: (folder, transformers model)."""
     return make_hf_qwen3(tmp_path)
+
+
+if pytest is not None:
+    hf_qwen3 = pytest.fixture(hf_qwen3)

@@ -294,14 +294,22 @@ def saved_optimizer(checkpoint):
     return {name: optimizer.state[p] for name, p in model.named_parameters()}
 
 
+# TINY_RUN's arithmetic earns no reward after 2 warm-start steps, so its RL steps have zero advantages and never
+# move the weights; guess with 3 tries at numbers up to 6, after 4 warm-start steps, does.
+MOVING_RUN = TINY_RUN + ["--task", "guess", "--task_knob", "max_number=6", "--task_knob", "max_guesses=3",
+                         "--warm_start_steps", "4"]
+
+
 def test_resume_ends_with_the_same_weights(tmp_path):
     straight, first = str(tmp_path / "straight"), str(tmp_path / "first")
-    icrl.main(TINY_RUN + ["--steps", "3", "--out", straight])
-    icrl.main(TINY_RUN + ["--steps", "1", "--out", first, "--save_every", "1"])
-    icrl.main(TINY_RUN + ["--steps", "3", "--out", first, "--resume", first])
+    icrl.main(MOVING_RUN + ["--steps", "3", "--out", straight])
+    icrl.main(MOVING_RUN + ["--steps", "1", "--out", first, "--save_every", "1"])
+    icrl.main(MOVING_RUN + ["--steps", "3", "--out", first, "--resume", first])
     a = load_file(os.path.join(straight, "final", "model.safetensors"))
     b = load_file(os.path.join(first, "final", "model.safetensors"))
     assert a.keys() == b.keys()
+    rl_start = load_file(os.path.join(straight, "warm_start", "model.safetensors"))
+    assert max((a[k] - rl_start[k]).abs().max().item() for k in a) > 1e-5   # RL moved them: the equality means something
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # and so is the AdamW state, read back as a resume reads it (one process: DCP without a process group)
