@@ -30,11 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from model import Qwen3, Qwen3Config, generate  # noqa: E402
 
-CONFIGS = {  # Qwen3-0.6B and Qwen3-4B's shapes (config.json of the released checkpoints)
+CONFIGS = {  # Qwen3-0.6B, 4B and 8B's shapes (config.json of the released checkpoints); tests/memory_gpu.py too
     "0.6B": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
     "4B": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "8B": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,   # dry runs
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
 }

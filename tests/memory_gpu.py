@@ -39,16 +39,10 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import icrl  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
+from bench_gpu import CONFIGS  # noqa: E402  (the Qwen3 shapes, and a tiny one for dry runs)
 from model import Decoder, Qwen3, Qwen3Config, generate  # noqa: E402
 
-CONFIGS = {  # config.json of the released checkpoints
-    "4B": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "8B": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,   # dry runs
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
-}
 # README's worked figures (GB, 8 GPUs, --fsdp), to print beside the measured ones
 WORKED = {
     "4B": dict(state=8.0, weights=8.0, cache=26, rollout_peak=42, kept=1.7, layer=2.0, gathered=2.2, logprobs=4.1,
