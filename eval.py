@@ -29,6 +29,7 @@ Figures (summary.json and the printed table), over all chains; null where a rate
     critique_value       on chains whose first attempt failed and was critiqued: P(round-2 retry = 1) minus
                          P(second critique-free attempt = 1), i.e. failed_retry_acc - second_attempt_acc
                          over the same `failed_chains` chains
+    critique_value_se    its standard error, clustered by example (clustered_standard_error); null under 2 examples
     internalisation_gap  acc_round_K - acc_round_1
     critique_tokens      mean generated tokens per critique (stop token included, as icrl.py counts)
     critiqued_frac       share of chains critiqued at least once
@@ -93,6 +94,20 @@ def critiqued_failure(row):
     return row["rounds"][0]["reward"] < 1.0 and len(row["rounds"]) > 1
 
 
+def clustered_standard_error(values, clusters):
+    """The standard error of mean(values) where values sharing a cluster (the chains of one example: the same
+    instance, so not independent draws) may be correlated: the sandwich estimator
+    sqrt(G / (G - 1) * sum over clusters of (sum of its values - mean)^2) / n, over G clusters. None below 2."""
+    groups = defaultdict(list)
+    for value, cluster in zip(values, clusters):
+        groups[cluster].append(value)
+    if len(groups) < 2:
+        return None
+    n, mean, G = len(values), sum(values) / len(values), len(groups)
+    spread = sum(sum(v - mean for v in group) ** 2 for group in groups.values())
+    return math.sqrt(G / (G - 1) * spread) / n
+
+
 def figures(rows, ks, rounds):
     """SPEC §4 figures from per-chain rows (`chain_row`, samples.jsonl's lines); `rounds` is K."""
     wins = lambda rewards: sum(r == 1.0 for r in rewards)
@@ -115,6 +130,9 @@ def figures(rows, ks, rounds):
     out["failed_retry_acc"] = ratio(wins(row["rounds"][1]["reward"] for row in failed), len(failed))
     out["second_attempt_acc"] = ratio(wins(row["second_attempt_reward"] for row in failed), len(failed))
     out["critique_value"] = (None if not failed else out["failed_retry_acc"] - out["second_attempt_acc"])
+    out["critique_value_se"] = clustered_standard_error(
+        [(row["rounds"][1]["reward"] == 1.0) - (row["second_attempt_reward"] == 1.0) for row in failed],
+        [row["example"] for row in failed])
     first, last = out["acc_round_1"], out[f"acc_round_{rounds}"]
     out["internalisation_gap"] = None if first is None else last - first
     critique_tokens = [ep["critique_tokens"] for row in rows for ep in row["rounds"]
@@ -264,7 +282,7 @@ def figure_keys(ks, rounds):
     """summary.json's figures in the table's order."""
     keys = [f"pass@{k}" for k in ks] + [f"acc_round_{k}" for k in range(1, rounds + 1)] + ["retry_acc"]
     keys += [f"retry_acc_r{k}" for k in range(2, rounds + 1)] if rounds > 2 else []
-    return keys + ["critique_value", "failed_retry_acc", "second_attempt_acc", "failed_chains",
+    return keys + ["critique_value", "critique_value_se", "failed_retry_acc", "second_attempt_acc", "failed_chains",
                    "internalisation_gap", "critique_tokens", "critiqued_frac", "turns", "trunc_frac"]
 
 

@@ -103,6 +103,11 @@ def test_figures_by_hand():
     assert f["failed_chains"] == 5
     assert f["failed_retry_acc"] == pytest.approx(2 / 5) and f["second_attempt_acc"] == pytest.approx(1 / 5)
     assert f["critique_value"] == pytest.approx(1 / 5)
+    # Its standard error, clustered by example: retry minus second attempt per failed chain is (1, 0) for example
+    # 0 and (0, 0, 0) for example 1, mean 1/5; cluster sums of deviations 0.6 and -0.6; G = 2 clusters:
+    # sqrt(2 / 1 * (0.36 + 0.36)) / 5 = 1.2 / 5.
+    assert f["critique_value_se"] == pytest.approx(0.24)   # the i.i.d. formula would give 0.2
+    assert ev.clustered_standard_error([1, 0, -1], [7, 7, 7]) is None   # one example: no spread between examples
     assert f["critique_tokens"] == pytest.approx((4 + 6 + 2 + 3 + 5 + 7 + 1 + 2) / 8)
     assert f["critiqued_frac"] == pytest.approx(5 / 6)
     assert f["turns"] == pytest.approx((10 * 1 + 2 * 2 + 2 * 3) / 14)       # 14 episodes
@@ -115,8 +120,8 @@ def test_figures_nulls():
     # Every first attempt succeeds: nothing is critiqued, so every retry and critique figure is undefined.
     solved = [row(0, 0, ep(1.)), row(0, 1, ep(1.))]
     f = ev.figures(solved, [1], 3)
-    for key in ("retry_acc", "retry_acc_r2", "retry_acc_r3", "critique_value", "failed_retry_acc",
-                "second_attempt_acc", "critique_tokens"):
+    for key in ("retry_acc", "retry_acc_r2", "retry_acc_r3", "critique_value", "critique_value_se",
+                "failed_retry_acc", "second_attempt_acc", "critique_tokens"):
         assert f[key] is None, key
     assert f["failed_chains"] == 0 and f["critiqued_frac"] == 0.0
     assert f["acc_round_1"] == f["acc_round_3"] == 1.0 and f["internalisation_gap"] == 0.0
@@ -291,7 +296,7 @@ def test_end_to_end(checkpoints, tmp_path, capsys, monkeypatch):
     for key in ev.figure_keys([1, 2], 3):
         assert key in on_disk, key
         v = on_disk[key]
-        if key not in ("failed_chains", "critique_tokens", "turns"):
+        if key not in ("failed_chains", "critique_tokens", "turns", "critique_value_se"):
             assert v is None or (-1.0 if key in ("critique_value", "internalisation_gap") else 0.0) <= v <= 1.0, key
     assert 1 <= on_disk["critique_tokens"] <= 5 and on_disk["turns"] == 1.0
     assert (on_disk["n"], on_disk["rounds"], on_disk["critic_gate"], on_disk["rollout_batch"]) == (2, 3, "failure", 2)
