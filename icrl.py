@@ -287,12 +287,17 @@ def run_episodes(sampler, envs, critiques, phase):
     out). Each environment is reset first; `critiques[i]` (or None) puts the tips section into its context.
     Returns (episodes, the S(x) context of each reset)."""
     cfg, tok = sampler.cfg, sampler.tokenizer
-    episodes, free_contexts = [], []
+    episodes, free_contexts, rendered = [], [], {}
+
+    def context_of(*message):  # a query's G resets render the same S(x): through the chat template once
+        if message not in rendered:
+            rendered[message] = solver_context(tok, *message, enable_thinking=cfg.enable_thinking)
+        return list(rendered[message])
+
     for env, critique in zip(envs, critiques):
         task_text, first_observation = sampler.env_call(env, "reset")
-        free = solver_context(tok, task_text, first_observation, enable_thinking=cfg.enable_thinking)
-        context = free if critique is None else solver_context(tok, task_text, first_observation, critique,
-                                                               enable_thinking=cfg.enable_thinking)
+        free = context_of(task_text, first_observation)
+        context = free if critique is None else context_of(task_text, first_observation, critique)
         episodes.append(Episode(context, task_text, first_observation))
         free_contexts.append(free)
     # The episodes go through in groups of one sampling call each (--rollout_batch), every turn of a group
