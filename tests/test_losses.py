@@ -70,6 +70,17 @@ def test_group_advantages_constant_and_singleton_groups_are_zero():
     assert torch.isfinite(out).all()
 
 
+def test_group_advantages_eps_beside_the_std_not_inside_a_root():
+    """SPEC §2.6 adds eps to the std, (v - mean) / (std + 1e-6); sqrt(var + eps) instead is the same only
+    while the spread is large. Partial rewards 0.01 apart (a score out of 100): {0, 0.01}: mean 0.005, Bessel
+    var = 2 * 0.005^2 / 1 = 5e-5, std = 0.01 / sqrt(2) = 0.0070711; A = +/-0.005 / (0.0070711 + 1e-6) =
+    +/-0.70701 (sqrt(5e-5 + 1e-6) = 0.0071414 would give +/-0.70014)."""
+    values = torch.tensor([0.0, 0.01], dtype=torch.float64)
+    s = 0.01 / math.sqrt(2)
+    close(group_advantages(values, torch.tensor([0, 0])), [-0.005 / (s + EPS), 0.005 / (s + EPS)])
+    close(0.005 / (s + EPS), 0.70701, tol=1e-5)
+
+
 # --- §2.7 distribution-calibration weights --------------------------------------------------------
 
 def test_calibration_weights_token_mode_default_clip_is_two():
