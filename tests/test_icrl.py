@@ -35,8 +35,9 @@ class ScriptedSampler:
     """Stands in for model.generate: solver turns answer from `answers[(round, chain)]`, critics write
     `Wrong, it is 5.`; each reply ends with <|im_end|>. Records every prompt it was given."""
 
-    def __init__(self, tokenizer, answers):
+    def __init__(self, tokenizer, answers, critic_replies=None):
         self.tok, self.answers, self.calls = tokenizer, answers, []
+        self.critic_replies = critic_replies or {}   # call number -> the critic's reply in that call
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def __call__(self, model, prompts, max_new_tokens, **kwargs):
@@ -46,7 +47,7 @@ class ScriptedSampler:
         out = []
         for i, text in enumerate(texts):
             if "Critique the attempt" in text:
-                reply = "Wrong, it is 5."
+                reply = self.critic_replies.get(len(self.calls), "Wrong, it is 5.")
             else:
                 round_ = 1 + text.count("Tips from the previous critique")
                 chain = self.retry_chains[i] if round_ > 1 else i
@@ -56,12 +57,12 @@ class ScriptedSampler:
         return out
 
 
-def scripted_rollout(monkeypatch, tokenizer, answers, retry_chains, rounds, gate, G=3):
+def scripted_rollout(monkeypatch, tokenizer, answers, retry_chains, rounds, gate, G=3, critic_replies=None):
     from data import load_task
     task = load_task("arithmetic", n=1)
     example = task.examples[0]
     example = type(example)("arithmetic:2+3", "2+3", "5")
-    script = ScriptedSampler(tokenizer, answers)
+    script = ScriptedSampler(tokenizer, answers, critic_replies)
     script.retry_chains = retry_chains
     monkeypatch.setattr(icrl, "generate", script)
     cfg = icrl.SamplingConfig(group_size=G, rounds=rounds, critic_gate=gate)
@@ -133,6 +134,20 @@ def test_always_gate_critiques_successes(monkeypatch, char_tokenizer):
     # with the failure gate and K = 2, only chain 1 is critiqued
     ro, _ = scripted_rollout(monkeypatch, char_tokenizer, answers, retry_chains=[1], rounds=2, gate="failure")
     assert [len(c.critiques) for c in ro.chains] == [0, 1, 0]
+
+
+def test_each_retry_reads_the_latest_critique(monkeypatch, char_tokenizer):
+    """SPEC §2.3-2.4: tau_{k+1} ~ pi(. | S(x, c_k)): the round-3 retry reads c_2, the critique of the failed
+    round-2 retry, not c_1. K3_ANSWERS (chain 1 fails twice), the critic writing "Tip one." in call 2 (round 1)
+    and "Tip two." in call 4 (round 2); the retry's l_cond context S(x, c) is the one it was sampled in."""
+    ro, script = scripted_rollout(monkeypatch, char_tokenizer, K3_ANSWERS, retry_chains=[1, 2], rounds=3,
+                                  gate="failure", critic_replies={2: "Tip one.", 4: "Tip two."})
+    assert [c.text for c in ro.chains[1].critiques] == ["Tip one.", "Tip two."]
+    round3 = script.calls[4][0]   # call 5: chain 1's round-3 retry
+    assert "Tips from the previous critique: Tip two." in round3 and "Tip one." not in round3
+    retries = [s for s in icrl.build_samples([ro])[0] if s.calib_context is not None]
+    tips = [char_tokenizer.decode(s.calib_context) for s in retries]   # chain 1 rounds 2 and 3, chain 2 round 2
+    assert ["Tip one." in t for t in tips] == [True, False, True] and ["Tip two." in t for t in tips] == [False, True, False]
 
 
 def test_retry_trained_under_solver_context_with_calibration_weights(monkeypatch, char_tokenizer):
