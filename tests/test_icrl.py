@@ -150,6 +150,24 @@ def test_each_retry_reads_the_latest_critique(monkeypatch, char_tokenizer):
     assert ["Tip one." in t for t in tips] == [True, False, True] and ["Tip two." in t for t in tips] == [False, True, False]
 
 
+def chain_of(rewards):
+    """A chain whose episodes have these rewards, a critique between each two (SPEC §2.1-2.4)."""
+    return icrl.Chain([icrl.Episode([1], reward=r, tokens=[5], mask=[1], sampler_logprobs=[0.0]) for r in rewards],
+                      [icrl.Critique([2], [6], [0.0], True, "tip") for _ in rewards[1:]], [[1]] * len(rewards))
+
+
+def test_critic_reward_compares_a_retry_with_the_episode_critiqued():
+    """SPEC §2.5: g_k = 1 if r_{k+1} = 1, else r_{k+1} - r_k, r_k the reward of the episode c_k read (the one
+    just before the retry), not the first attempt's. With 0/1 rewards and the failure gate r_k is always 0, so
+    only partial rewards (multi-turn) and K = 3 tell them apart:
+    [0, 0.5, 0.75] -> [0.5 - 0, 0.75 - 0.5] = [0.5, 0.25]; [0.5, 0.25, 1] -> [0.25 - 0.5, 1] = [-0.25, 1];
+    [1, 0.5, 0.25] (--critic_gate always) -> [-0.5, -0.25]; mean critic reward (SPEC §3) 0.75 / 6 = 0.125."""
+    chains = [chain_of([0.0, 0.5, 0.75]), chain_of([0.5, 0.25, 1.0]), chain_of([1.0, 0.5, 0.25])]
+    assert [icrl.chain_values(c)[1] for c in chains] == [[0.5, 0.25], [-0.25, 1.0], [-0.5, -0.25]]
+    sums = icrl.rollout_sums([icrl.QueryRollout("x", chains)], rounds=3)
+    assert sums["critic_reward"] / sums["critiques"] == pytest.approx(0.125)
+
+
 def test_retry_trained_under_solver_context_with_calibration_weights(monkeypatch, char_tokenizer):
     """A retry's l_old is l_free (under S(x)), its weights min(exp(l_free - l_cond), W) with l_cond under
     S(x, c); a first attempt and a critique have weight 1 on every token."""
