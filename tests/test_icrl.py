@@ -168,6 +168,26 @@ def test_critic_reward_compares_a_retry_with_the_episode_critiqued():
     assert sums["critic_reward"] / sums["critiques"] == pytest.approx(0.125)
 
 
+def test_advantage_groups_are_per_query():
+    """SPEC §2.6: two groups per query x, its solver group and its critic group; no group spans two queries.
+    Query 0: chains [0 -> 1], [1]; query 1: chains [0 -> 1], [0 -> 0].
+    q0 solver {0, 1, 1}: mean 2/3, Bessel var (4/9 + 1/9 + 1/9) / 2 = 1/3: A = -1.1547, 0.57735, 0.57735.
+    q0 critic {g = 1}: a group of one: A = 0 (pooled with q1's gains {1, 1, 0} it would not be).
+    q1 solver {0, 1, 0, 0}: mean 1/4, var (3/16 + 9/16) / 3 = 1/4, std 1/2: A = -0.5, 1.5, -0.5, -0.5.
+    q1 critic {1, 0}: mean 1/2, var 1/2: A = +/-0.5 / sqrt(1/2) = +/-0.70711.
+    Sample order: per chain its episodes, then its critiques."""
+    rollouts = [icrl.QueryRollout("q0", [chain_of([0.0, 1.0]), chain_of([1.0])]),
+                icrl.QueryRollout("q1", [chain_of([0.0, 1.0]), chain_of([0.0, 0.0])])]
+    q0, q1 = icrl.build_samples(rollouts)
+    s, e = math.sqrt(1 / 3), 1e-6
+    assert [x.adv for x in q0] == pytest.approx([-2 / 3 / (s + e), 1 / 3 / (s + e), 0.0, 1 / 3 / (s + e)], abs=1e-6)
+    c = 0.5 / (math.sqrt(0.5) + e)
+    assert [x.adv for x in q1] == pytest.approx([-0.25 / (0.5 + e), 0.75 / (0.5 + e), c,
+                                                 -0.25 / (0.5 + e), -0.25 / (0.5 + e), -c], abs=1e-6)
+    assert [x.is_critic for x in q1] == [False, False, True, False, False, True]
+    assert (-2 / 3 / s, c) == pytest.approx((-1.1547, 0.70711), abs=1e-5)
+
+
 def test_retry_trained_under_solver_context_with_calibration_weights(monkeypatch, char_tokenizer):
     """A retry's l_old is l_free (under S(x)), its weights min(exp(l_free - l_cond), W) with l_cond under
     S(x, c); a first attempt and a critique have weight 1 on every token."""
