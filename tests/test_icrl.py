@@ -524,6 +524,13 @@ def test_episode_end_conditions(monkeypatch, char_tokenizer):
     assert (ep.end, ep.reward, len(ep.actions)) == ("context", 0.5, 1)
 
 
+def test_repeats_end_an_episode_only_in_a_row(monkeypatch, char_tokenizer):
+    """SPEC §1: the same action 3 times *in a row* ends the episode; 3 times with other actions between them
+    does not: go, a, go, a, go, stop runs its 6 turns and the environment ends it (reward 1)."""
+    ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["go"], ["a"], ["go"], ["a"], ["go"], ["stop"]], max_turns=9)
+    assert (ep.end, ep.reward, ep.actions) == ("done", 1.0, ["go", "a", "go", "a", "go", "stop"])
+
+
 def test_multi_turn_masks_cover_model_output_only(monkeypatch, char_tokenizer):
     ep, script = echo_rollout(monkeypatch, char_tokenizer, [["half"], ["Big"], ["stop"]], max_turns=5)
     (sample,) = icrl.build_samples([icrl.QueryRollout("x", [icrl.Chain([ep], [], [ep.context])])])[0]
