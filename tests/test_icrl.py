@@ -531,6 +531,28 @@ def test_repeats_end_an_episode_only_in_a_row(monkeypatch, char_tokenizer):
     assert (ep.end, ep.reward, ep.actions) == ("done", 1.0, ["go", "a", "go", "a", "go", "stop"])
 
 
+def test_a_cut_off_answer_scores_zero(monkeypatch, char_tokenizer):
+    """SPEC §1: a single-turn response cut off by max_new_tokens (no stop token) scores 0, even when its text
+    holds the right answer. 2+3 answered \\boxed{5} twice: with <|im_end|> (reward 1, done), and cut off
+    before it (reward 0, cutoff, never sent to the environment: no observation)."""
+    from data import Example, load_task
+    from model import Generation
+    im_end = char_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answer = char_tokenizer.encode("\\boxed{5}", add_special_tokens=False)
+
+    def generate(model, prompts, max_new_tokens, **kwargs):
+        return [Generation(answer + [im_end], [-0.1] * (len(answer) + 1), True),
+                Generation(answer, [-0.1] * len(answer), False)]
+
+    monkeypatch.setattr(icrl, "generate", generate)
+    cfg = icrl.SamplingConfig(group_size=2, max_new_tokens=len(answer), rounds=1)
+    rollouts, _ = icrl.rollout(tiny_model(len(char_tokenizer)), char_tokenizer, load_task("arithmetic", n=1),
+                               [Example("arithmetic:2+3", "2+3", "5")], cfg, seed=0, critique=False)
+    done, cut = (c.episodes[0] for c in rollouts[0].chains)
+    assert done.actions == cut.actions == ["\\boxed{5}"]
+    assert (done.reward, done.end, cut.reward, cut.end, cut.observations) == (1.0, "done", 0.0, "cutoff", [""])
+
+
 def test_multi_turn_masks_cover_model_output_only(monkeypatch, char_tokenizer):
     ep, script = echo_rollout(monkeypatch, char_tokenizer, [["half"], ["Big"], ["stop"]], max_turns=5)
     (sample,) = icrl.build_samples([icrl.QueryRollout("x", [icrl.Chain([ep], [], [ep.context])])])[0]
