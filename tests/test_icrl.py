@@ -335,6 +335,26 @@ def test_non_finite_loss_skips_the_update(capsys):
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_non_finite_gradient_with_a_finite_loss_skips_the_update(capsys):
+    """update's contract: a non-finite loss *or gradient* skips the update. Here the loss is finite and a
+    hook makes the (tied) embedding's gradient infinite: no weight and no AdamW moment may change."""
+    model = tiny_model(40)
+    args = icrl.parse_args(["--batch_prompts", "1", "--lr", "0.1"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    samples = [icrl.TrainSample([1, 2], [3, 4], False, 1.0), icrl.TrainSample([1, 2], [5], False, -1.0)]
+    icrl.old_logprobs(model, samples, args, icrl.Dist())
+    hook = model.model.embed_tokens.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    stats = icrl.update(model, optimizer, [samples], args, icrl.Dist(), step=0)
+    hook.remove()
+    assert math.isfinite(stats["loss_solver"])   # the loss was finite: only the gradient was not
+    assert stats["skipped"] == 1 and stats["updates"] == 0
+    assert "update skipped" in capsys.readouterr().out
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not optimizer.state
+
+
 TINY_RUN = ["--warm_start_steps", "2", "--warm_start_role_steps", "1", "--batch_prompts", "2", "--group_size", "2", "--max_new_tokens", "6",
             "--critic_max_new_tokens", "6", "--eval_examples", "4", "--eval_every", "0", "--micro_batch", "8"]
 
