@@ -355,6 +355,24 @@ def test_non_finite_gradient_with_a_finite_loss_skips_the_update(capsys):
     assert not optimizer.state
 
 
+def test_data_order_is_a_function_of_seed_and_step():
+    """step_queries: a step's queries depend on (--seed, step) alone, so a resumed run, in a new process with
+    another global RNG state, sees the queries the run straight through saw; each pass over the data is a
+    permutation of it; --seed seeds the data order (README). 10 examples, 4 queries a step: steps 0-4 hold two
+    passes of 10, each every example once. With 2 ranks, rank r takes the r-th half of the step's queries."""
+    examples = list(range(10))
+    args = icrl.parse_args(["--batch_prompts", "4"])
+    torch.manual_seed(1)
+    straight = [q for step in range(5) for q in icrl.step_queries(examples, step, args, icrl.Dist())]
+    assert sorted(straight[:10]) == sorted(straight[10:]) == examples
+    torch.manual_seed(2)   # a resumed process: another global RNG state; it goes on from step 3
+    assert [q for step in (3, 4) for q in icrl.step_queries(examples, step, args, icrl.Dist())] == straight[12:]
+    halves = [icrl.step_queries(examples, 1, args, icrl.Dist(rank=r, world=2)) for r in (0, 1)]
+    assert halves == [straight[4:6], straight[6:8]]
+    other_seed = icrl.parse_args(["--batch_prompts", "4", "--seed", "1"])
+    assert [q for step in range(5) for q in icrl.step_queries(examples, step, other_seed, icrl.Dist())] != straight
+
+
 TINY_RUN = ["--warm_start_steps", "2", "--warm_start_role_steps", "1", "--batch_prompts", "2", "--group_size", "2", "--max_new_tokens", "6",
             "--critic_max_new_tokens", "6", "--eval_examples", "4", "--eval_every", "0", "--micro_batch", "8"]
 
