@@ -373,6 +373,29 @@ def test_data_order_is_a_function_of_seed_and_step():
     assert [q for step in range(5) for q in icrl.step_queries(examples, step, other_seed, icrl.Dist())] != straight
 
 
+def test_grpo_samples_no_critique(monkeypatch, char_tokenizer):
+    """SPEC §2: --algo grpo is one round and no critique, whatever --rounds: a GRPO step whose first attempts
+    all fail (what the failure gate would send to the critic) makes one sampling call, the G first attempts."""
+    from data import load_task
+    from model import Generation
+    im_end = char_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    calls = []
+
+    def generate(model, prompts, max_new_tokens, **kwargs):
+        calls.append([char_tokenizer.decode(p) for p in prompts])
+        ids = char_tokenizer.encode("\\boxed{-1}", add_special_tokens=False) + [im_end]   # never a sum of two positives
+        return [Generation(ids, [-0.1] * len(ids), True) for _ in prompts]
+
+    monkeypatch.setattr(icrl, "generate", generate)
+    args = icrl.parse_args(["--algo", "grpo", "--rounds", "2", "--batch_prompts", "1", "--group_size", "2"])
+    args.max_turns = 1   # train() sets the task's own
+    model = tiny_model(len(char_tokenizer))
+    metrics = icrl.train_step(model, torch.optim.AdamW(model.parameters()), char_tokenizer,
+                              load_task("arithmetic", n=4), icrl.sampling_config(args), args, icrl.Dist(), step=0)
+    assert [len(c) for c in calls] == [2] and not any("Critique the attempt" in p for c in calls for p in c)
+    assert metrics["acc"] == 0.0 and "critiqued_frac" not in metrics
+
+
 TINY_RUN = ["--warm_start_steps", "2", "--warm_start_role_steps", "1", "--batch_prompts", "2", "--group_size", "2", "--max_new_tokens", "6",
             "--critic_max_new_tokens", "6", "--eval_examples", "4", "--eval_every", "0", "--micro_batch", "8"]
 
