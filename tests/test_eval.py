@@ -163,15 +163,18 @@ def char_tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def scripted_run(monkeypatch, tokenizer, *flags):
+def scripted_run(monkeypatch, tokenizer, *flags, seeds=None):
     """eval.evaluate with icrl.generate replaced by a script: critics write <critic>ok</critic>, a solver
     reading the tips answers R, any other solver F. Example a is fixed by a critique (F 0, R 1), b is solved
-    at once and broken by one (F 1, R 0), c is never solved. Returns (rows, args, sizes of the sampling calls)."""
+    at once and broken by one (F 1, R 0), c is never solved. Returns (rows, args, sizes of the sampling calls);
+    `seeds`, a list, receives each call's seed."""
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     sizes = []
 
     def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(), seed=None):
         sizes.append(len(prompts))
+        if seeds is not None:
+            seeds.append(seed)
         out = []
         for p in prompts:
             text = tokenizer.decode(p)
@@ -213,6 +216,17 @@ def test_failure_gate_rounds_and_critique_value(monkeypatch, char_tokenizer):
     assert f["internalisation_gap"] == pytest.approx(2 / 6)
     assert f["critique_tokens"] == critique_tokens and f["critiqued_frac"] == pytest.approx(4 / 6)
     assert (f["turns"], f["trunc_frac"]) == (1.0, 0.0)
+
+
+def test_second_attempts_are_new_draws(monkeypatch, char_tokenizer):
+    """SPEC §4: the critique value measures the critique beyond a *second* critique-free draw. Sampling is
+    seeded per call, so a second-attempt call seeded like the first attempts' would repeat their draws (token
+    for token where a batch holds one chain: --n 1 --batch_examples 1) and fail wherever the first attempt
+    failed, inflating the critique value. Every sampling call of an evaluation has a seed of its own: the six
+    calls of scripted_run (solve, critique, retry, critique, retry, second attempts) six seeds."""
+    seeds = []
+    _, _, sizes = scripted_run(monkeypatch, char_tokenizer, seeds=seeds)
+    assert sizes == [6, 4, 4, 2, 2, 4] and None not in seeds and len(set(seeds)) == 6
 
 
 def test_always_gate_critiques_successes(monkeypatch, char_tokenizer):
