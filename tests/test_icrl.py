@@ -262,6 +262,37 @@ def test_loss_table_by_hand():
     assert float(loss) == pytest.approx(-0.39, abs=1e-6)
 
 
+def rho_batch(model, rhos=(1.1, 0.7, 1.5)):
+    """test_loss_table_by_hand's three one-token samples for `update`: l_old set under `model` so that rho =
+    1.1 (first attempt, A = 1), 0.7 (retry, A = -1, l_free - l_cond = ln 3) and 1.5 (critique, A = 0.5)."""
+    first = icrl.TrainSample([1, 2], [5], False, 1.0)
+    retry = icrl.TrainSample([1, 2], [6], False, -1.0, None, [1, 9, 2])
+    critique = icrl.TrainSample([3, 4], [7], True, 0.5)
+    for sample, rho in zip((first, retry, critique), rhos):
+        with torch.no_grad():   # l_old is a constant of the loss, as old_logprobs computes it
+            logp, _ = icrl.response_logprobs(model, [sample.context], [sample.response], 1.0, "cpu")
+        sample.old_logp = logp[0] - math.log(rho)
+    retry.cond_logp = retry.old_logp - math.log(3)
+    return [first, retry, critique]
+
+
+@pytest.mark.parametrize("flags, loss_solver, loss_critic", [
+    ([], (-1.1 + 1.6) / 2, -0.64),                        # test_loss_table_by_hand: w = min(3, W = 2) = 2
+    (["--calib", "none"], (-1.1 + 0.8) / 2, -0.64),       # w = 1: retry -1 * min(-0.7, -0.8) = 0.8
+    (["--calib_clip", "1.5"], (-1.1 + 1.2) / 2, -0.64),   # w = min(3, 1.5): 1.5 * 0.8
+    # clip to [0.6, 1.1]: first -min(1.1, 1.1) = -1.1; retry -2 * min(-0.7, -0.7) = 1.4; critique -min(0.75, 0.55)
+    (["--clip_low", "0.4", "--clip_high", "0.1"], (-1.1 + 1.4) / 2, -0.55),
+], ids=["defaults", "calib-none", "calib_clip", "clip-bounds"])
+def test_update_takes_the_loss_flags(flags, loss_solver, loss_critic):
+    """SPEC §2.7-2.8 through `update` and the command line: --calib, --calib_clip, --clip_low and --clip_high
+    reach the loss (the ablation --calib none included). The per-role losses update reports are the role-wise
+    token means, here of one token per sample: solver (first + retry) / 2, critic / 1."""
+    model = tiny_model(40)
+    args = icrl.parse_args(["--batch_prompts", "1", "--lr", "1e-9"] + flags)
+    stats = icrl.update(model, torch.optim.SGD(model.parameters(), lr=1e-9), [rho_batch(model)], args, icrl.Dist(), 0)
+    assert (stats["loss_solver"], stats["loss_critic"]) == pytest.approx((loss_solver, loss_critic), abs=1e-5)
+
+
 def test_masks_come_from_lengths_when_pad_equals_eos():
     eos = 0  # the pad id used by pad_batch
     ids, targets, mask, positions = icrl.pad_batch([[5, 6], [7]], [[8, eos], [9, 9, eos]], "cpu")
