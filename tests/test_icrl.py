@@ -293,6 +293,26 @@ def test_update_takes_the_loss_flags(flags, loss_solver, loss_critic):
     assert (stats["loss_solver"], stats["loss_critic"]) == pytest.approx((loss_solver, loss_critic), abs=1e-5)
 
 
+def test_critic_coef_scales_the_critic_term_of_the_update():
+    """SPEC §2.8: L = L_solver + lambda_c * L_critic (--critic_coef). Under plain SGD (no gradient clip) a step moves
+    the weights by -lr * (g_solver + lambda_c * g_critic): linear in lambda_c, so the moves at lambda_c = 0, 1, 2
+    are evenly spaced, and lambda_c = 0 moves them as the batch without its critique does. rho = 1 on every
+    token, so no term is clipped (a clipped token has no gradient)."""
+    def move(coef, batch=slice(None)):
+        model = tiny_model(40)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        args = icrl.parse_args(["--batch_prompts", "1", "--lr", "0.1", "--lr_warmup", "1", "--grad_clip", "1e9",
+                                "--critic_coef", str(coef)])
+        stats = icrl.update(model, torch.optim.SGD(model.parameters(), lr=0.1), [rho_batch(model, (1, 1, 1))[batch]], args,
+                            icrl.Dist(), 0)
+        assert stats["updates"] == 1
+        return torch.cat([(v - start[k]).flatten() for k, v in model.state_dict().items()])
+    d0, d1, d2 = move(0.0), move(1.0), move(2.0)
+    assert (d1 - d0).abs().max() > 1e-2                     # the critique moves the weights (~0.1)
+    torch.testing.assert_close(d2 - d1, d1 - d0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(d0, move(1.0, slice(0, 2)), rtol=0, atol=1e-6)
+
+
 def test_masks_come_from_lengths_when_pad_equals_eos():
     eos = 0  # the pad id used by pad_batch
     ids, targets, mask, positions = icrl.pad_batch([[5, 6], [7]], [[8, eos], [9, 9, eos]], "cpu")
