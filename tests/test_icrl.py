@@ -313,6 +313,44 @@ def test_critic_coef_scales_the_critic_term_of_the_update():
     torch.testing.assert_close(d0, move(1.0, slice(0, 2)), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("flags", [[], ["--adv", "pooled"], ["--no_critic_train"]], ids=["rolewise", "pooled", "frozen"])
+def test_train_step_takes_the_advantage_and_critic_flags(monkeypatch, char_tokenizer, flags):
+    """SPEC §2.6 and its ablations through a training step: --adv pooled and --no_critic_train reach the trained
+    batch. K3_ANSWERS with K = 2, G = 3 on 2+3: chains [1], [0, 0] (g = 0), [0, 1] (g = 1).
+    rolewise: solver {1, 0, 0, 0, 1}: mean 0.4, Bessel var (2 * 0.36 + 3 * 0.16) / 4 = 0.3, A = 0.6 or -0.4 over
+      (sqrt(0.3) + eps); critic {0, 1}: A = -/+0.5 / (sqrt(0.5) + eps).
+    pooled: {1, 0, 0, 0, 0, 1, 1} (solver and critic values): mean 3/7, var (3 * 16/49 + 4 * 9/49) / 6 = 2/7,
+      A = 4/7 or -3/7 over (sqrt(2/7) + eps).
+    frozen (--no_critic_train): rolewise advantages, no critique trained.
+    Sample order: per chain its episodes, then its critiques."""
+    from data import Example, load_task
+    script = ScriptedSampler(char_tokenizer, K3_ANSWERS)
+    script.retry_chains = [1, 2]
+    monkeypatch.setattr(icrl, "generate", script)
+    built, real_build = [], icrl.build_samples
+    monkeypatch.setattr(icrl, "build_samples", lambda *a, **kw: built.append(real_build(*a, **kw)) or built[-1])
+    task = load_task("arithmetic", n=1)
+    task.examples = [Example("arithmetic:2+3", "2+3", "5")]
+    args = icrl.parse_args(["--batch_prompts", "1", "--group_size", "3", "--rounds", "2"] + flags)
+    args.max_turns = 1   # train() sets the task's own
+    model = tiny_model(len(char_tokenizer))
+    icrl.train_step(model, torch.optim.AdamW(model.parameters()), char_tokenizer, task, icrl.sampling_config(args),
+                    args, icrl.Dist(), step=0)
+    (samples,) = built[0]
+    e = 1e-6
+    if flags == ["--adv", "pooled"]:
+        hi, lo = 4 / 7 / (math.sqrt(2 / 7) + e), -3 / 7 / (math.sqrt(2 / 7) + e)
+        expected = [hi, lo, lo, lo, lo, hi, hi]
+    else:
+        hi, lo, c = 0.6 / (math.sqrt(0.3) + e), -0.4 / (math.sqrt(0.3) + e), 0.5 / (math.sqrt(0.5) + e)
+        expected = [hi, lo, lo, -c, lo, hi, c]
+    is_critic = [False, False, False, True, False, False, True]
+    if flags == ["--no_critic_train"]:
+        expected, is_critic = [a for a, k in zip(expected, is_critic) if not k], [False] * 5
+    assert [s.is_critic for s in samples] == is_critic
+    assert [s.adv for s in samples] == pytest.approx(expected, abs=1e-6)
+
+
 def test_masks_come_from_lengths_when_pad_equals_eos():
     eos = 0  # the pad id used by pad_batch
     ids, targets, mask, positions = icrl.pad_batch([[5, 6], [7]], [[8, eos], [9, 9, eos]], "cpu")
