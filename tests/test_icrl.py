@@ -188,6 +188,20 @@ def test_advantage_groups_are_per_query():
     assert (-2 / 3 / s, c) == pytest.approx((-1.1547, 0.70711), abs=1e-5)
 
 
+def test_step_reports_by_hand():
+    """SPEC §3 on a K = 3 batch of four chains with rewards [1], [0, 0, 1], [0, 1], [0, 0, 0]:
+    critique-free accuracy (mean r_1) 1/4; share critiqued 3/4; retries 0, 1 | 1 | 0, 0: retry success 2/5,
+    per round r2 1/3 (chains 2-4) and r3 1/2 (chains 2, 4); accuracy after the last round (1 + 1 + 1 + 0) / 4;
+    critic rewards g = 0, 1 | 1 | 0, 0: mean 2/5; one token per critique."""
+    rollouts = [icrl.QueryRollout("x", [chain_of([1.0]), chain_of([0.0, 0.0, 1.0]), chain_of([0.0, 1.0]),
+                                        chain_of([0.0, 0.0, 0.0])])]
+    args = icrl.parse_args(["--rounds", "3"])
+    stats = dict(loss_solver=0.0, loss_critic=0.0, clipped=0.0, tokens=1.0, grad_norm=0.0, updates=1, skipped=0)
+    m = icrl.step_metrics(rollouts, [], stats, {"sample": 1.0, "env": 0.0, "train": 1.0}, args, icrl.Dist())
+    assert (m["acc"], m["critiqued_frac"], m["retry_acc"], m["retry_acc_r2"], m["retry_acc_r3"], m["final_acc"],
+            m["critic_reward"], m["len_critic"]) == pytest.approx((1 / 4, 3 / 4, 2 / 5, 1 / 3, 1 / 2, 3 / 4, 2 / 5, 1.0))
+
+
 def test_retry_trained_under_solver_context_with_calibration_weights(monkeypatch, char_tokenizer):
     """A retry's l_old is l_free (under S(x)), its weights min(exp(l_free - l_cond), W) with l_cond under
     S(x, c); a first attempt and a critique have weight 1 on every token."""
