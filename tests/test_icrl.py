@@ -202,6 +202,19 @@ def test_step_reports_by_hand():
             m["critic_reward"], m["len_critic"]) == pytest.approx((1 / 4, 3 / 4, 2 / 5, 1 / 3, 1 / 2, 3 / 4, 2 / 5, 1.0))
 
 
+def test_sampling_config_takes_the_episode_flags():
+    """The training rollout's SamplingConfig carries SPEC §1-2's episode and chain flags (K, the gate, the
+    limits), as eval.py's does (test_eval.test_round_and_episode_flags)."""
+    args = icrl.parse_args(["--group_size", "3", "--rounds", "4", "--critic_gate", "always", "--max_turns", "5",
+                            "--max_context", "900", "--obs_chars", "50", "--rollout_batch", "12",
+                            "--max_new_tokens", "7", "--critic_max_new_tokens", "9", "--temperature", "0.7",
+                            "--top_p", "0.9", "--enable_thinking"])
+    cfg = icrl.sampling_config(args)
+    assert (cfg.group_size, cfg.rounds, cfg.critic_gate, cfg.max_turns, cfg.max_context, cfg.obs_chars,
+            cfg.max_batch, cfg.max_new_tokens, cfg.critic_max_new_tokens, cfg.temperature, cfg.top_p,
+            cfg.enable_thinking) == (3, 4, "always", 5, 900, 50, 12, 7, 9, 0.7, 0.9, True)
+
+
 def test_retry_trained_under_solver_context_with_calibration_weights(monkeypatch, char_tokenizer):
     """A retry's l_old is l_free (under S(x)), its weights min(exp(l_free - l_cond), W) with l_cond under
     S(x, c); a first attempt and a critique have weight 1 on every token."""
