@@ -693,15 +693,18 @@ def pad_rows(rows, T):
 
 def sample_weights(micro, T, args, old=None, device="cpu"):
     """Token weights w of SPEC §2.8: 1 for first attempts and critiques, §2.7 for retries; 0 off the mask.
-    l_free is each retry's row of `old` (B, T) (on `device`) where given, else its old_logp."""
+    l_free is each retry's row of `old` (B, T) (on `device`) where given, else its old_logp. The weights are
+    computed on every row (each row's on its own) and kept on the retries' by a row flag: indexing a device
+    tensor with a Python list of rows would copy that list from pageable memory, a host sync per micro-batch."""
     mask = to_device(pad_rows([s.loss_mask for s in micro], T), device)
-    weights = mask.clone()
-    retries = [i for i, s in enumerate(micro) if s.calib_context is not None]
-    if retries:
-        free = old[retries] if old is not None else to_device(pad_rows([micro[i].old_logp for i in retries], T), device)
-        cond = to_device(pad_rows([micro[i].cond_logp for i in retries], T), device)
-        weights[retries] = calibration_weights(free, cond, mask[retries], args.calib, args.calib_clip)
-    return weights
+    is_retry = [s.calib_context is not None for s in micro]
+    if not any(is_retry):
+        return mask
+    rows = lambda attribute: [getattr(s, attribute) if retry else [] for s, retry in zip(micro, is_retry)]
+    free = old if old is not None else to_device(pad_rows(rows("old_logp"), T), device)
+    cond = to_device(pad_rows(rows("cond_logp"), T), device)
+    calibrated = calibration_weights(free, cond, mask, args.calib, args.calib_clip)
+    return torch.where(to_device(torch.tensor(is_retry), device)[:, None], calibrated, mask)
 
 
 def one_update_per_step(args):
