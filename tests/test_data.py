@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from data import (ANSWER_FORMAT, CHAR_PHRASES, COUNTDOWN_ANSWER_FORMAT, CRITIC_INSTRUCTION, MAX_ANSWER_CHARS,
-                  MAX_PAREN_DEPTH, Example, build_char_tokenizer, critic_context, encode_observation,
+                  MAX_EXPRESSION_CHARS, MAX_PAREN_DEPTH, Example, build_char_tokenizer, critic_context, encode_observation,
                   episode_summary, evaluate_expression, extract_critique, final_answer, last_boxed, load_task,
                   observation_turn, parse_exact_number, parse_knobs, solver_context, split_of, visible_response)
 
@@ -254,6 +254,11 @@ def test_expression_evaluator_and_exact_numbers():
     assert evaluate_expression("(" + nested + ")") is None  # one level too deep
     for bad in ["", "2 3", "-2", "2**3", "2^3", "1/0", "1/(2-2)", "1e3", "2.5", "10000000*10000000", "(2"]:
         assert evaluate_expression(bad) is None, bad
+    # The length bound holds on its own (the docstring's "too long"), not only through the other bounds: at
+    # MAX_EXPRESSION_CHARS "1+1" padded with spaces is 2; one space more is None.
+    padded = "1+" + " " * (MAX_EXPRESSION_CHARS - 3) + "1"
+    assert len(padded) == MAX_EXPRESSION_CHARS and evaluate_expression(padded) == (Fraction(2), [1, 1])
+    assert evaluate_expression(padded + " ") is None
     assert [parse_exact_number(t) for t in ["18.00", ".5", "-1,234.5", "3/6", "-\\frac{1}{4}", "5."]] == \
         [18, Fraction(1, 2), Fraction(-2469, 2), Fraction(1, 2), Fraction(-1, 4), 5]
     for bad in ["1e5", "1_000", "inf", "nan", "\u0665", "1/0", "\\frac{1}{0}", "12,34", ".", "", "9" * 101]:
