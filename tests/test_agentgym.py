@@ -334,6 +334,25 @@ def test_an_error_reply_recreates_once_then_raises(servers, flavor):
     assert fake.count("/create") == 2 and fake.count("/step") == 2
 
 
+def test_an_error_key_fails_the_call_even_beside_the_expected_fields(servers):
+    """AGENTGYM.md: an `error` key in an HTTP 200 reply is a failure, whatever else the reply holds; a reply
+    with it and a well-formed observation must not be taken as a step (recreated once, then raised)."""
+    fake, = servers("alfworld")
+    task = task_on([fake])
+    env = task.env(task.examples[0])
+    env.reset()
+    answer = fake.answer
+
+    def with_error(path, payload):
+        status, reply = answer(path, payload)
+        return (status, dict(reply, error="The task has finished.")) if path == "/step" else (status, reply)
+
+    fake.answer = with_error
+    with pytest.raises(RuntimeError, match="The task has finished") as e:
+        env.step("Action: apple")
+    assert "recreating the instance once" in str(e.value) and fake.count("/step") == 2
+
+
 def test_timeouts(servers):
     fake, = servers("alfworld")
     task = task_on([fake], **parse_knobs(["timeout=0.5"]))   # from the command line: a string
