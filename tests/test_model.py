@@ -248,6 +248,11 @@ def test_sample_next_kept_sets_and_frequencies():
     assert torch.allclose(logp, p.log()[token], atol=1e-6)
     token, logp = sample_next(logits.clone(), 0, 0, 1.0, g)               # greedy
     assert torch.all(token == 0) and torch.allclose(logp, p.log()[0].expand(20000), atol=1e-6)
+    # The nucleus always holds the top token, however small top_p: the draw is token 0 with log-prob 0, not a
+    # NaN from an empty set (1 - 1e-9 is 1.0 in float32, where the cumulative sum can reach 1.0 itself).
+    for top_p in (1e-9, 1e-3):
+        token, logp = sample_next(logits.clone(), 1.0, 0, top_p, g)
+        assert torch.all(token == 0) and torch.allclose(logp, torch.zeros(20000), atol=1e-6), top_p
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.1), (0, 0.5), (0, 0.9), (0, 0.99), (7, 1.0), (1, 1.0), (10, 0.8)])
@@ -422,6 +427,19 @@ def test_max_new_tokens_cut_is_not_finished(tiny):
     gens = generate(model, random_prompts([4, 6], seed=11), max_new_tokens=5, temperature=0, stop_ids=(VOCAB + 1,))
     assert all(len(g.tokens) == 5 and len(g.logprobs) == 5 and not g.finished for g in gens)
     assert generate(model, [[1, 2]], max_new_tokens=0)[0].tokens == []
+
+
+def test_a_stop_on_the_last_allowed_token_is_finished(tiny):
+    """Generation.finished is "a stop id was hit": a stop sampled as the max_new_tokens-th token ends the
+    response, which is complete (SPEC §1 scores only a cut-off response 0), not cut off."""
+    model, _ = tiny
+    (prompt,) = random_prompts([5], seed=12)
+    free = generate(model, [prompt], max_new_tokens=30, temperature=0)[0].tokens
+    j = next(i for i in range(2, 30) if free[i] not in free[:i])            # a token first seen at step j
+    gen = generate(model, [prompt], max_new_tokens=j + 1, temperature=0, stop_ids=(free[j],))[0]
+    assert gen.tokens == free[:j + 1] and gen.finished
+    gen = generate(model, [prompt], max_new_tokens=j, temperature=0, stop_ids=(free[j],))[0]
+    assert gen.tokens == free[:j] and not gen.finished
 
 
 def test_generate_rejects_bad_arguments(tiny):
