@@ -274,3 +274,86 @@ def _has_matplotlib():
         return True
     except ImportError:
         return False
+
+
+def test_a_run_with_final_but_short_of_the_steps_is_not_complete(tmp_path, monkeypatch):
+    """final/ alone does not make a run complete: its metrics must reach --steps (a run made with fewer
+    steps, by hand, say) or it is left out of the summary and, with no record to vouch for it, redone."""
+    out = tmp_path / "compare"
+    a = out / "arithmetic"
+    write_run(a / "icrl" / "seed0", curve={2: 0.6}, eval_summary=ev(0.6, 0.0, 0.6))
+    write_run(a / "icrl" / "seed1", steps=1, curve={1: 0.9}, eval_summary=ev(0.9, 0.0, 0.9))   # final/ kept
+    assert not compare.is_complete(str(a / "icrl" / "seed1"), STEPS)
+    write_run(a / "warm_start" / "seed0", steps=0)                       # a warm start needs its warm_start/
+    assert not compare.is_complete(str(a / "warm_start" / "seed0"), 0)
+    assert compare.summarize(str(out), STEPS)["tasks"]["arithmetic"]["rows"]["icrl"]["seeds"] == [0]
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    write_run(a / "warm_start" / "seed1", steps=0, start=0.3, eval_summary=ev(0.3, 0.0, 0.3), warm=True)
+    assert compare.main(["--seeds", "1", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS),
+                         "--out", str(out), "--no_plot"]) == 0
+    assert [c[c.index("--out") + 1] for c in calls] == [str(a / "icrl" / "seed1"), str(a / "icrl" / "seed1" / "eval")]
+
+
+def test_resumable_checkpoint_only_strictly_inside_the_run(tmp_path):
+    """resumable_checkpoint's contract: a step_N with trainer_state.json and 0 < N < steps; the last step's
+    checkpoint or a longer run's is no point to resume a run of `steps` from, and a step_N folder without
+    trainer_state.json is a checkpoint cut off while being written."""
+    run = tmp_path / "run"
+    os.makedirs(run / "step_1")
+    (run / "latest").write_text("step_1\n")
+    assert compare.resumable_checkpoint(str(run), 2) is None
+    os.rmdir(run / "step_1")
+    for n in (1, 2, 3):
+        os.makedirs(run / f"step_{n}")
+        (run / f"step_{n}" / "trainer_state.json").write_text(json.dumps({"step": n}))
+    found = {}
+    for n in (1, 2, 3):
+        (run / "latest").write_text(f"step_{n}\n")
+        found[n] = compare.resumable_checkpoint(str(run), 2)
+    assert found == {1: str(run / "step_1"), 2: None, 3: None}
+
+
+def test_an_interrupted_run_of_other_flags_is_not_resumed(tmp_path, monkeypatch):
+    """A checkpoint recorded under other icrl.py flags (or code, or process count) must not be continued with
+    this setting: the run is removed and started over, not resumed into a mix of two settings."""
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "c" / "guess"
+    write_run(out / "warm_start" / "seed1", steps=0, start=0.3, eval_summary=ev(0.3, 0.0, 0.3), warm=True)
+    run = out / "icrl" / "seed1"
+    write_run(run, steps=1)
+    os.rmdir(run / "final")
+    os.makedirs(run / "step_1")
+    (run / "step_1" / "trainer_state.json").write_text('{"step": 1}')
+    (run / "latest").write_text("step_1\n")
+    (run / "compare_run.json").write_text(json.dumps({"flags": ["--other"], "nproc": 2, "code": compare.code_version(),
+                                                      "attempts": [1.0]}))
+    assert compare.main(["--seeds", "1", "--variants", "icrl", "--tasks", "guess", "--steps", str(STEPS),
+                         "--out", str(tmp_path / "c"), "--no_plot", "--icrl_args", "--save_every 1"]) == 0
+    train = calls[0]
+    assert "--resume" not in train and "--overwrite" in train and train[train.index("--out") + 1] == str(run)
+    assert len(json.loads((run / "compare_run.json").read_text())["attempts"]) == 1   # a new run's attempts
+
+
+def test_code_version_hashes_each_of_the_four_files(tmp_path, monkeypatch):
+    """A run made by other code is redone: a change to any of icrl.py, model.py, data.py or eval.py must change
+    code_version (and nothing else in the folder does)."""
+    for name in ("icrl.py", "model.py", "data.py", "eval.py"):
+        (tmp_path / name).write_text(f"# {name}\n")
+    monkeypatch.setattr(compare, "ROOT", str(tmp_path))
+
+    def version():
+        compare.code_version.cache_clear()
+        return compare.code_version()
+
+    try:
+        seen = {version()}
+        (tmp_path / "README.md").write_text("not code")
+        assert version() in seen
+        for name in ("icrl.py", "model.py", "data.py", "eval.py"):
+            (tmp_path / name).write_text(f"# {name}, changed\n")
+            seen.add(version())
+        assert len(seen) == 5
+    finally:
+        compare.code_version.cache_clear()
