@@ -152,6 +152,8 @@ MATH_CASES = [
     (math_example("2"), "\\boxed{2\\text{ hundred}}", 0), (math_example("2"), "\\boxed{2\\text{ squared}}", 0),
     (math_example("2"), "\\boxed{2\\text{i}}", 0), (math_example("2"), "\\boxed{2\\text{ and }}", 0),
     (math_example("2"), "\\boxed{2\\text{ square feet}}", 1), (math_example("2"), "\\boxed{2\\mbox{ km}^2}", 1),
+    # "x=5" -> "5" only for a left side of at most 2 characters (normalize_math_answer): an equation is no label
+    (math_example("7"), "\\boxed{2x+3=7}", 0), (math_example("7"), "\\boxed{y_1=7}", 0), (math_example("7"), "\\boxed{y1=7}", 1),
 ]
 
 
