@@ -204,9 +204,8 @@ def test_a_complete_run_whose_record_lacks_its_setting_is_redone(tmp_path, monke
     assert trained == [str(out / "warm_start" / "seed0"), str(out / "icrl" / "seed0")]  # and its variant after it
 
 
-def test_interrupted_run_with_a_checkpoint_resumes(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+def interrupted_run(tmp_path):
+    """guess seed 1: a complete warm start, and an icrl run stopped after its step_1 checkpoint (no final/)."""
     out = tmp_path / "c" / "guess"
     write_run(out / "warm_start" / "seed1", steps=0, start=0.3, eval_summary=ev(0.3, 0.0, 0.3), warm=True)
     run = out / "icrl" / "seed1"
@@ -215,6 +214,13 @@ def test_interrupted_run_with_a_checkpoint_resumes(tmp_path, monkeypatch):
     os.makedirs(run / "step_1")
     (run / "step_1" / "trainer_state.json").write_text('{"step": 1}')
     (run / "latest").write_text("step_1\n")
+    return run
+
+
+def test_interrupted_run_with_a_checkpoint_resumes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    run = interrupted_run(tmp_path)
     assert compare.main(["--seeds", "1", "--variants", "icrl", "--tasks", "guess", "--steps", str(STEPS),
                          "--out", str(tmp_path / "c"), "--no_plot", "--icrl_args", "--save_every 1"]) == 0
     train = calls[0]
@@ -319,14 +325,7 @@ def test_an_interrupted_run_of_other_flags_is_not_resumed(tmp_path, monkeypatch)
     this setting: the run is removed and started over, not resumed into a mix of two settings."""
     calls = []
     monkeypatch.setattr(compare, "run_command", fake_runner(calls))
-    out = tmp_path / "c" / "guess"
-    write_run(out / "warm_start" / "seed1", steps=0, start=0.3, eval_summary=ev(0.3, 0.0, 0.3), warm=True)
-    run = out / "icrl" / "seed1"
-    write_run(run, steps=1)
-    os.rmdir(run / "final")
-    os.makedirs(run / "step_1")
-    (run / "step_1" / "trainer_state.json").write_text('{"step": 1}')
-    (run / "latest").write_text("step_1\n")
+    run = interrupted_run(tmp_path)
     (run / "compare_run.json").write_text(json.dumps({"flags": ["--other"], "nproc": 2, "code": compare.code_version(),
                                                       "attempts": [1.0]}))
     assert compare.main(["--seeds", "1", "--variants", "icrl", "--tasks", "guess", "--steps", str(STEPS),
