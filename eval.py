@@ -95,8 +95,8 @@ def critiqued_failure(row):
 
 
 def clustered_standard_error(values, clusters):
-    """The standard error of SPEC §4's critique value, a mean(values) where values sharing a cluster (the chains of one example: the same
-    instance, so not independent draws) may be correlated: the sandwich estimator
+    """The standard error of SPEC §4's critique value, a mean(values) where values sharing a cluster (the chains
+    of one example: the same instance, so not independent draws) may be correlated: the sandwich estimator
     sqrt(G / (G - 1) * sum over clusters of (sum of its values - mean)^2) / n, over G clusters. None below 2."""
     groups = defaultdict(list)
     for value, cluster in zip(values, clusters):
