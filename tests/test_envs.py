@@ -1,13 +1,13 @@
-"""Built-in multi-turn environments of data.py: gridworld and guess (SPEC §1, §5)."""
+"""Built-in multi-turn environments of data.py: gridworld, guess and boxes (SPEC §1, §5)."""
 import random
 import time
 
 import pytest
 
-from data import (CHAR_ALPHABET, GAME_OVER, GRIDWORLD_MOVES, MAX_ACTION_CHARS, SYNTHETIC_TASKS,
-                  TRAINER_REPEAT_LIMIT, Example, GridworldEnv, GuessEnv, load_task, parse_knobs, split_of)
+from data import (BOXES_EXPERT_READS, CHAR_ALPHABET, GAME_OVER, GRIDWORLD_MOVES, MAX_ACTION_CHARS, SYNTHETIC_TASKS,
+                  TRAINER_REPEAT_LIMIT, BoxesEnv, Example, GridworldEnv, GuessEnv, load_task, parse_knobs, split_of)
 
-ENV_TASKS = ["gridworld", "guess"]
+ENV_TASKS = ["gridworld", "guess", "boxes"]
 # Actions a policy might send: right ones, near misses and noise.
 SOME_ACTIONS = ["up", "down", "left", "right", "Right.", "\\boxed{left}", "jump", "", "7", "12", "I guess 10.",
                 "1 2", "25", "-3", "<think>hm</think>\n\ndown"]
@@ -28,7 +28,9 @@ def tasks():
     return {("gridworld", "train"): load_task("gridworld", split="train", seed=0, n=300),
             ("gridworld", "test"): load_task("gridworld", split="test", seed=0, n=300),
             ("guess", "train"): load_task("guess", split="train", seed=0),
-            ("guess", "test"): load_task("guess", split="test", seed=0)}
+            ("guess", "test"): load_task("guess", split="test", seed=0),
+            ("boxes", "train"): load_task("boxes", split="train", seed=0, n=1000),
+            ("boxes", "test"): load_task("boxes", split="test", seed=0)}
 
 
 def test_registered_and_loadable():
@@ -64,7 +66,8 @@ def test_deterministic_per_example(tasks, name):
 
 @pytest.mark.parametrize("name, knobs", [("gridworld", {"n": 300}), ("gridworld", {"size": 3}),
                                          ("gridworld", {"size": 5, "walls": 4, "holes": 3, "n": 200}),
-                                         ("guess", {}), ("guess", {"max_number": 50, "hints": "plain"})])
+                                         ("guess", {}), ("guess", {"max_number": 50, "hints": "plain"}),
+                                         ("boxes", {}), ("boxes", {"boxes": 6, "tries": 3, "notes": 1})])
 def test_train_and_test_are_disjoint(name, knobs):
     train = {e.id for seed in (0, 1) for e in load_task(name, split="train", seed=seed, **knobs).examples}
     test = {e.id for seed in (0, 1) for e in load_task(name, split="test", seed=seed, **knobs).examples}
@@ -255,7 +258,7 @@ def test_random_play_rewards_done_and_short_texts(tasks, name):
     """Random policies: rewards in [0, 1], reward 1 only on done, episodes end within the env's own cap,
     and every text is short printable ASCII (one character-model token per character)."""
     task = tasks[name, "test"]
-    cap = task.max_moves if name == "gridworld" else task.max_guesses
+    cap = task.max_turns
     rng = random.Random(1)
     for example in task.examples[:100]:
         env = task.env(example)
@@ -280,7 +283,9 @@ def test_random_play_rewards_done_and_short_texts(tasks, name):
     ("gridworld", {"n": 0}, "n"), ("gridworld", {"colour": 3}, "colour"),
     ("guess", {"max_number": 1}, "max_number"), ("guess", {"max_number": 101}, "max_number"),
     ("guess", {"max_guesses": 0}, "max_guesses"), ("guess", {"max_guesses": "six"}, "max_guesses"),
-    ("guess", {"hints": "loud"}, "hints"), ("guess", {"n": -1}, "n"), ("guess", {"digits": 2}, "digits")])
+    ("guess", {"hints": "loud"}, "hints"), ("guess", {"n": -1}, "n"), ("guess", {"digits": 2}, "digits"),
+    ("boxes", {"boxes": 1}, "boxes"), ("boxes", {"boxes": 10}, "boxes"), ("boxes", {"tries": 0}, "tries"),
+    ("boxes", {"notes": 4}, "notes"), ("boxes", {"boxes": 3, "notes": 3}, "notes"), ("boxes", {"keys": 2}, "keys")])
 def test_knob_errors_name_the_knob(name, knobs, knob):
     with pytest.raises(ValueError, match=f"{name}.*{knob}"):
         load_task(name, split="train", **knobs)
@@ -293,3 +298,75 @@ def test_knobs_from_the_command_line():
     assert task.env(task.examples[0]).reset()[0] == "Guess my number in 5 tries. Reply with one number."
     with pytest.raises(ValueError, match="size"):
         load_task("gridworld", **parse_knobs(["size=four"]))
+
+
+BOXES = Example("boxes:1,4,3,5:3:4,5", "", "3", {"boxes": [1, 4, 3, 5], "key": 3, "notes": [4, 5]})
+
+
+def test_boxes_mistakes_are_visible():
+    """The docstring's example, step by step, and what ends an episode."""
+    env = BoxesEnv(BOXES, tries=9)
+    assert env.reset() == ("Find the key in 9 tries: reply with the number of a box to open.", "The boxes are 1, 4, 3, 5.")
+    assert env.step("1") == ("Box 1 is empty.", 0.0, False)
+    assert env.step("Open box 4.") == ("Box 4 has no key. A note says the key is in box 3.", 0.0, False)
+    assert env.step("8") == ("There is no box 8.", 0.0, False)
+    assert env.step("hi") == env.step("4 or 5") == ("Reply with one box number.", 0.0, False)
+    assert env.step("\\boxed{3}") == ("You found the key in box 3!", 1.0, True)
+    assert env.step("3") == (GAME_OVER, 1.0, True)
+    env = BoxesEnv(BOXES, tries=2)
+    env.reset()
+    assert env.step("1") == ("Box 1 is empty.", 0.0, False)
+    assert env.step("5") == ("Box 5 has no key. A note says the key is in box 3. No tries left.", 0.0, True)
+    assert env.step("3") == (GAME_OVER, 0.0, True)                 # the note came on the last try
+
+
+def play_reward(task, example, actions):
+    env = task.env(example)
+    env.reset()
+    for action in actions:
+        _, reward, done = env.step(action)
+        if done:
+            return reward
+    return 0.0
+
+
+def test_boxes_best_play_fails_only_where_a_note_came_too_late(tasks):
+    """The expert without rng (best play: in order, following the first note) wins on the 5/6 the docstring
+    says, and every instance it loses has the empty box first and a note second; there the warm start's
+    critique is that note and its retry opens the key at once."""
+    task = tasks["boxes", "test"]
+    lost = []
+    for example in task.examples:
+        labels, key, notes = example.meta["boxes"], example.meta["key"], example.meta["notes"]
+        actions = task.expert_actions(example)
+        assert actions[0] == str(labels[0]) and len(actions) <= task.tries
+        if play_reward(task, example, actions) == 0.0:
+            lost.append(example)
+            assert labels[0] not in notes + [key] and labels[1] in notes, example.id
+            env = task.env(example)
+            env.reset()
+            observations = [env.step(action)[0] for action in actions]
+            critique = task.warm_start_critique(example, actions, observations)
+            assert critique == f"A note says the key is in box {key}."
+            assert task.retry_expert_actions(example, critique) == [str(key)]
+            assert play_reward(task, example, [str(key)]) == 1.0
+        else:
+            assert labels[0] in notes + [key] or labels[1] == key, example.id
+    assert abs(len(lost) / len(task.examples) - 1 / 6) < 0.05
+    assert task.warm_start_critique(BOXES, ["8", "9"], ["There is no box 8.", "There is no box 9."]) == "Read the notes."
+    # no note, or one that names another box: the retry plays best (here it reads box 4's note too late)
+    assert task.retry_expert_actions(BOXES, "Read the notes.") == ["1", "4"]
+    assert task.retry_expert_actions(BOXES, "A note says the key is in box 5.") == ["1", "4"]
+
+
+def test_boxes_warm_start_expert_reads_a_note_by_chance():
+    """With the warm start's rng the expert follows a note with probability BOXES_EXPERT_READS on every draw,
+    the same instance included, and is reproducible from the seed."""
+    task = load_task("boxes", split="train", n=1)
+    note_first = Example("boxes:4,1,3,5:3:4,5", "", "3", {"boxes": [4, 1, 3, 5], "key": 3, "notes": [4, 5]})
+    rng = random.Random(0)
+    draws = [task.expert_actions(note_first, rng) for _ in range(2000)]
+    assert set(map(tuple, draws)) == {("4", "3"), ("4", "1")}
+    assert abs(draws.count(["4", "3"]) / len(draws) - BOXES_EXPERT_READS) < 0.03
+    assert draws == [task.expert_actions(note_first, r) for r in [random.Random(0)] for _ in range(2000)]
+    assert task.expert_actions(note_first) == ["4", "3"]          # best play always reads
