@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-test.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The embedded default: tiny Qwen3 on `arithmetic` (TASK=guess or gridworld: multi-turn), 2 CPU processes
+# The embedded default: tiny Qwen3 on `arithmetic` (TASK=guess, boxes or gridworld: multi-turn), 2 CPU processes
 # with gloo (README, "Training").
 train: $(STAMP)
 	OMP_NUM_THREADS=1 $(TORCHRUN) --standalone --nproc_per_node $(NPROC) icrl.py --task $(TASK) --algo $(ALGO) --out $(OUT) $(ARGS)

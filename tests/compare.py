@@ -48,8 +48,8 @@ VARIANTS = {
     "no_critic_train": ["--no_critic_train"],
     "gate_always": ["--critic_gate", "always"],
 }
-# the embedded default gets every variant; one built-in multi-turn environment gets ICRL against GRPO
-TASKS = {"arithmetic": list(VARIANTS), "guess": ["icrl", "grpo"]}
+# the embedded default gets every variant; the built-in multi-turn guess and boxes get ICRL against GRPO
+TASKS = {"arithmetic": list(VARIANTS), "guess": ["icrl", "grpo"], "boxes": ["icrl", "grpo"]}
 BASELINE = "grpo"
 WARM = "warm_start"
 # flags compare.py sets itself; --icrl_args may not carry them
