@@ -1154,7 +1154,7 @@ class GuessTask(Task):
 BOXES_TASK = "Find the key in {tries} tries: reply with the number of a box to open."
 BOXES_NOTE = "A note says the key is in box {key}."
 BOXES_NO_NOTE = "Read the notes."
-BOXES_EXPERT_READS = 0.25     # how often the warm start's expert follows a note it read (BoxesTask)
+BOXES_EXPERT_READS = 0.5      # how often the warm start's expert follows a note it read (BoxesTask)
 _NOTE = re.compile(re.escape(BOXES_NOTE).replace(r"\{key\}", "([0-9]+)"))
 
 

@@ -192,6 +192,14 @@ def test_bad_flags_fail_in_one_line_before_the_model_loads(tmp_path, monkeypatch
     assert flag in err, err
 
 
+def test_warm_start_role_steps_default_to_the_tasks_own():
+    """A task may need a longer role phase of the warm start (boxes: 400); a given flag wins."""
+    assert icrl.parse_args([]).warm_start_role_steps == 100
+    assert icrl.parse_args(["--task", "boxes"]).warm_start_role_steps == 400
+    assert icrl.parse_args(["--task", "boxes", "--warm_start_role_steps", "7"]).warm_start_role_steps == 7
+    assert icrl.parse_args(["--task", "nosuchtask"]).warm_start_role_steps == 100   # load_tasks names it later
+
+
 def test_unknown_knob_lists_the_valid_ones(tmp_path, monkeypatch, capsys, no_model):
     monkeypatch.chdir(tmp_path)
     err = usage_error(capsys, FAST + ["--task_knob", "colour=red"])
