@@ -1191,17 +1191,18 @@ class BoxesEnv(Environment):
             return GAME_OVER, self.reward, True
         self.used += 1
         numbers = _INTEGER.findall(_action_text(action))
+        box = int(numbers[0]) if len(numbers) == 1 and len(numbers[0]) <= 6 else None   # int() of a bounded string
         if len(numbers) != 1:
             status = "Reply with one box number."
-        elif len(numbers[0]) > 6 or int(numbers[0]) not in self.labels:
-            status = f"There is no box {numbers[0] if len(numbers[0]) <= 6 else 'like that'}."
-        elif int(numbers[0]) == self.key:
+        elif box not in self.labels:
+            status = f"There is no box {numbers[0] if box is not None else 'like that'}."
+        elif box == self.key:
             self.done, self.reward = True, 1.0
             return f"You found the key in box {self.key}!", 1.0, True
-        elif int(numbers[0]) in self.notes:
-            status = f"Box {int(numbers[0])} has no key. " + BOXES_NOTE.format(key=self.key)
+        elif box in self.notes:
+            status = f"Box {box} has no key. " + BOXES_NOTE.format(key=self.key)
         else:
-            status = f"Box {int(numbers[0])} is empty."
+            status = f"Box {box} is empty."
         if self.used >= self.tries:
             self.done = True
             status += " No tries left."

@@ -35,9 +35,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (CRITIQUE_RIGHT, FILE_TASKS, SYNTHETIC_TASKS, AgentGymTask, Task, build_char_tokenizer,
-                  critic_context, encode_observation, end_of_turn_id, episode_summary, extract_critique, load_task,
-                  observation_turn, solver_context, solver_message, task_class, typed_knobs)
+from data import (CRITIQUE_RIGHT, AgentGymTask, Task, build_char_tokenizer, critic_context, encode_observation,
+                  end_of_turn_id, episode_summary, extract_critique, load_task, observation_turn, solver_context,
+                  solver_message, task_class, typed_knobs)
 from model import Qwen3, Qwen3Config, Session, check_pretrained, generate
 
 
@@ -1396,8 +1396,10 @@ def parse_args(argv=None):
     if args.warm_start_steps is None:
         args.warm_start_steps = 1200 if args.model == "tiny" else 0
     if args.warm_start_role_steps is None:  # the task's own (an unknown --task is reported by load_tasks)
-        known = args.task in SYNTHETIC_TASKS or args.task in FILE_TASKS or args.task.startswith("agentgym:")
-        args.warm_start_role_steps = (task_class(args.task) if known else Task).warm_start_role_steps
+        try:
+            args.warm_start_role_steps = task_class(args.task).warm_start_role_steps
+        except ValueError:
+            args.warm_start_role_steps = Task.warm_start_role_steps
     if args.micro_batch is None:
         args.micro_batch = 64 if args.model == "tiny" else 2
     if args.minibatch is None:
