@@ -52,11 +52,10 @@ gpu-memory:
 
 # ICRL against GRPO and the ablations over seeds, then a table and curves (README, "Does it work?").
 # SEEDS=, VARIANTS= and TASK= narrow it (TASK= only when given: train's default does not apply here);
-# complete runs are skipped. ICRL_ARGS= / EVAL_ARGS= add icrl.py / eval.py flags to every run.
+# STEPS= replaces every task's own RL steps; complete runs are skipped. ICRL_ARGS= / EVAL_ARGS= add icrl.py / eval.py flags to every run.
 SEEDS   ?= 0 1 2
-STEPS   ?= 60
 compare: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) tests/compare.py --seeds $(SEEDS) --steps $(STEPS) --nproc $(NPROC) \
+	OMP_NUM_THREADS=1 $(PY) tests/compare.py --seeds $(SEEDS) $(if $(STEPS),--steps $(STEPS)) --nproc $(NPROC) \
 		$(if $(VARIANTS),--variants $(VARIANTS)) $(if $(filter-out file undefined,$(origin TASK)),--tasks $(TASK)) \
 		$(if $(ICRL_ARGS),--icrl_args '$(ICRL_ARGS)') $(if $(EVAL_ARGS),--eval_args '$(EVAL_ARGS)')
 

@@ -1354,7 +1354,7 @@ def build_parser():
     p.add_argument("--grad_ckpt", action="store_true", help="recompute each layer in the backward pass")
     p.add_argument("--seed", type=int, default=0, help="seeds init, data order and every sampling call")
     # schedule and output
-    p.add_argument("--steps", type=int, default=60, help="RL steps")
+    p.add_argument("--steps", type=int, default=None, help="RL steps (default: the task's own, 60; boxes 150)")
     p.add_argument("--eval_every", type=int, default=10, help="held-out critique-free accuracy every N steps")
     p.add_argument("--eval_examples", type=int, default=256, help="held-out examples per evaluation")
     p.add_argument("--eval_samples", type=int, default=4, help="attempts per held-out example for pass@1 "
@@ -1395,11 +1395,14 @@ def parse_args(argv=None):
         continue_run(args, given_flags(argv))
     if args.warm_start_steps is None:
         args.warm_start_steps = 1200 if args.model == "tiny" else 0
-    if args.warm_start_role_steps is None:  # the task's own (an unknown --task is reported by load_tasks)
-        try:
-            args.warm_start_role_steps = task_class(args.task).warm_start_role_steps
-        except ValueError:
-            args.warm_start_role_steps = Task.warm_start_role_steps
+    try:  # the task's own defaults (an unknown --task is reported by load_tasks)
+        defaults = task_class(args.task)
+    except ValueError:
+        defaults = Task
+    if args.warm_start_role_steps is None:
+        args.warm_start_role_steps = defaults.warm_start_role_steps
+    if args.steps is None:
+        args.steps = defaults.rl_steps
     if args.micro_batch is None:
         args.micro_batch = 64 if args.model == "tiny" else 2
     if args.minibatch is None:

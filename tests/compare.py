@@ -6,7 +6,8 @@
 
 For each task and seed: one warm start (`icrl.py --steps 0`: the supervised warm start of the tiny
 default model, written to DIR/warm_start), then from those same weights every variant for the same
-number of RL steps (`--model DIR/warm_start --warm_start_steps 0`), each as
+number of RL steps (the task's own, `data.Task.rl_steps`, unless --steps; `--model DIR/warm_start
+--warm_start_steps 0`), each as
 `torchrun --standalone --nproc_per_node NPROC icrl.py ...` with OMP_NUM_THREADS=1; then `eval.py` on
 the warm start and on every final checkpoint, all with the same held-out set and seeds (eval.py's
 `--task_seed 0 --seed 0`, its default 200 examples x 4 chains, K = 2, the failure gate).
@@ -21,7 +22,7 @@ latest step checkpoint when it has one (`--resume`, only with --save_every in --
 its folder is removed and the run redone. A complete run whose compare_run.json records other icrl.py
 flags, another process count or other code (code_version) is redone, and so is every run of a seed whose warm start was redone;
 an evaluation is redone when its flags changed. Wall time is measured here, per run, and kept in the run's
-compare_run.json. The summary covers every complete run under OUT (with --steps RL steps), not only
+compare_run.json. The summary covers every complete run under OUT (with the task's RL steps), not only
 the seeds and variants of this invocation, so SEEDS=3 after a 3-seed comparison gives a 4-seed table.
 """
 import argparse
@@ -38,6 +39,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from data import task_class  # noqa: E402  (pure Python: no torch in this process)
 
 # variant name -> icrl.py flags (SPEC §2: the baseline and the ablations)
 VARIANTS = {
@@ -262,6 +265,7 @@ def run_comparison(args):
         if not variants:
             print(f"{task}: none of {args.variants} is compared on {task} ({', '.join(TASKS[task])}); skipped")
             continue
+        steps = task_steps(task, args.steps)
         for seed in args.seeds:
             print(f"{task}, seed {seed}:", flush=True)
             common = ["--task", task, "--seed", str(seed)] + args.icrl_flags
@@ -273,9 +277,9 @@ def run_comparison(args):
             for variant in variants:
                 run = os.path.join(args.out, task, variant, f"seed{seed}")
                 flags = common + ["--model", os.path.join(warm, WARM), "--warm_start_steps", "0",
-                                  "--steps", str(args.steps), "--out", run] + VARIANTS[variant]
+                                  "--steps", str(steps), "--out", run] + VARIANTS[variant]
                 # a warm start (re)made now makes every earlier run of this seed stale
-                if runner.train(run, flags, args.steps, force=status == "ran"):
+                if runner.train(run, flags, steps, force=status == "ran"):
                     runner.evaluate(run, "final", task)
     return runner
 
@@ -330,16 +334,23 @@ def run_figures(run):
             "wall_s": record.get("wall_s"), "eval_wall_s": record.get("eval_wall_s")}
 
 
-def summarize(out, steps):
-    """Every complete run under out (tasks and variants known to this script), as summary.json's dict."""
-    summary = {"steps": steps, "tasks": {}}
+def task_steps(task, steps=None):
+    """RL steps of every run of `task`: `steps` when given (--steps), else the task's own."""
+    return steps or task_class(task).rl_steps
+
+
+def summarize(out, steps=None):
+    """Every complete run under out (tasks and variants known to this script), as summary.json's dict;
+    a run counts when it has its task's RL steps (task_steps)."""
+    summary = {"tasks": {}}
     for task, task_variants in TASKS.items():
+        task_rl_steps = task_steps(task, steps)
         warm = {seed: run_figures(run) for seed, run in seed_folders(os.path.join(out, task, WARM)).items()
                 if is_complete(run, 0)}
         variants = {}
         for variant in task_variants:
             runs = {seed: run_figures(run) for seed, run in seed_folders(os.path.join(out, task, variant)).items()
-                    if is_complete(run, steps)}
+                    if is_complete(run, task_rl_steps)}
             if runs:
                 variants[variant] = runs
         if not variants and not warm:
@@ -367,7 +378,7 @@ def summarize(out, steps):
                 source = "pass1" if key == "pass1_end" else key
                 table[variant][key] = mean_std(f[source] for f in per_seed.values())
             table[variant]["per_seed"] = per_seed
-        summary["tasks"][task] = {"rows": table, "curves": {v: curve_stats(r) for v, r in variants.items()},
+        summary["tasks"][task] = {"steps": task_rl_steps, "rows": table, "curves": {v: curve_stats(r) for v, r in variants.items()},
                                   "total_wall_s": total_wall(table)}
     return summary
 
@@ -406,7 +417,7 @@ def fmt_seconds(stat):
 def markdown(summary):
     lines = []
     for task, t in summary["tasks"].items():
-        lines += [f"### {task} ({summary['steps']} RL steps)", "",
+        lines += [f"### {task} ({t['steps']} RL steps)", "",
                   "| variant | seeds | pass@1 when RL began (%) | pass@1 at the end (%) | gain (points) | "
                   "Δ to GRPO at the end (points) | critique_value (points) | acc_round_2 (%) | "
                   "training-log eval_acc at the end (%) | wall time per run |",
@@ -480,7 +491,7 @@ def plot_curves(task, curves, steps, path):
     return True
 
 
-def write_summary(out, steps, plot=True):
+def write_summary(out, steps=None, plot=True):
     summary = summarize(out, steps)
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "summary.json"), summary)
@@ -490,7 +501,7 @@ def write_summary(out, steps, plot=True):
     pngs = []
     if plot:
         for task, t in summary["tasks"].items():
-            if t["curves"] and plot_curves(task, t["curves"], steps, os.path.join(out, f"{task}.png")):
+            if t["curves"] and plot_curves(task, t["curves"], t["steps"], os.path.join(out, f"{task}.png")):
                 pngs.append(f"{task}.png")
     return summary, text, pngs
 
@@ -505,7 +516,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                    help="only these variants (make compare VARIANTS=); default: every variant of each task")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="make compare TASK=")
-    p.add_argument("--steps", type=int, default=60, help="RL steps of every variant (the embedded default's 60)")
+    p.add_argument("--steps", type=int, default=None, help="RL steps of every variant of every task (default: "
+                   "each task's own, as make train uses: 60; boxes 150)")
     p.add_argument("--nproc", type=int, default=2, help="torchrun --nproc_per_node (make compare NPROC=)")
     p.add_argument("--out", default="runs/compare", help="the compare folder")
     p.add_argument("--icrl_args", default="", help="extra icrl.py flags for every run, warm start included, "
@@ -520,7 +532,7 @@ def parse_args(argv=None):
     if managed:
         p.error(f"--icrl_args may not set {', '.join(managed)}: compare.py sets it (use --steps, --seeds, --tasks, "
                 "--variants, --out)")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
     return args
 

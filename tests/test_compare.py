@@ -228,6 +228,28 @@ def test_interrupted_run_with_a_checkpoint_resumes(tmp_path, monkeypatch):
     assert "--save_every" in train
 
 
+def test_each_task_gets_its_own_rl_steps_unless_steps_is_given(tmp_path, monkeypatch):
+    """Without --steps, every run of a task has that task's RL steps (arithmetic and guess 60, boxes 150),
+    and only such runs enter its table; --steps replaces them all."""
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "c"
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "boxes", "--out", str(out), "--no_plot"]
+    assert compare.main(argv) == 0
+    steps = {(c[c.index("--task") + 1], c[c.index("--steps") + 1]) for c in calls if "--steps" in c}
+    assert steps == {("arithmetic", "0"), ("arithmetic", "60"), ("boxes", "0"), ("boxes", "150")}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tasks"]["boxes"]["steps"] == 150 and summary["tasks"]["arithmetic"]["steps"] == 60
+    assert summary["tasks"]["boxes"]["rows"]["icrl"]["seeds"] == [0]
+    assert "### boxes (150 RL steps)" in (out / "summary.md").read_text()
+    # the 150-step boxes run is not a complete 2-step run: with --steps 2 it is redone, and counts then
+    calls.clear()
+    assert compare.main(argv[:4] + ["--tasks", "boxes", "--out", str(out), "--no_plot", "--steps", str(STEPS)]) == 0
+    assert any(c[c.index("--task") + 1] == "boxes" and c[c.index("--steps") + 1] == str(STEPS)
+               for c in calls if "--steps" in c)
+    assert json.loads((out / "summary.json").read_text())["tasks"]["boxes"]["steps"] == STEPS
+
+
 def test_shared_flags_reach_eval():
     flags = ["--group_size", "2", "--max_new_tokens", "6", "--task_knob", "digits=3", "--enable_thinking",
              "--critic_max_new_tokens=5", "--lr", "1e-3", "--rounds", "3"]

@@ -200,6 +200,15 @@ def test_warm_start_role_steps_default_to_the_tasks_own():
     assert icrl.parse_args(["--task", "nosuchtask"]).warm_start_role_steps == 100   # load_tasks names it later
 
 
+def test_rl_steps_default_to_the_tasks_own():
+    """boxes learns to read its notes over 150 RL steps, the others get 60; a given flag wins."""
+    assert icrl.parse_args([]).steps == 60
+    assert icrl.parse_args(["--task", "guess"]).steps == 60
+    assert icrl.parse_args(["--task", "boxes"]).steps == 150
+    assert icrl.parse_args(["--task", "boxes", "--steps", "7"]).steps == 7
+    assert icrl.parse_args(["--task", "boxes", "--steps", "0"]).steps == 0   # a warm start alone
+
+
 def test_unknown_knob_lists_the_valid_ones(tmp_path, monkeypatch, capsys, no_model):
     monkeypatch.chdir(tmp_path)
     err = usage_error(capsys, FAST + ["--task_knob", "colour=red"])
