@@ -51,8 +51,9 @@ VARIANTS = {
     "no_critic_train": ["--no_critic_train"],
     "gate_always": ["--critic_gate", "always"],
 }
-# the embedded default gets every variant; the built-in multi-turn guess and boxes get ICRL against GRPO
-TASKS = {"arithmetic": list(VARIANTS), "guess": ["icrl", "grpo"], "boxes": ["icrl", "grpo"]}
+# the embedded default and boxes (where the critique is worth something) get every variant; guess gets ICRL
+# against GRPO
+TASKS = {"arithmetic": list(VARIANTS), "guess": ["icrl", "grpo"], "boxes": list(VARIANTS)}
 BASELINE = "grpo"
 WARM = "warm_start"
 # flags compare.py sets itself; --icrl_args may not carry them
