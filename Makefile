@@ -52,7 +52,8 @@ gpu-memory:
 
 # ICRL against GRPO and the ablations over seeds, then a table and curves (README, "Does it work?").
 # SEEDS=, VARIANTS= and TASK= narrow it (TASK= only when given: train's default does not apply here);
-# STEPS= replaces every task's own RL steps; complete runs are skipped. ICRL_ARGS= / EVAL_ARGS= add icrl.py / eval.py flags to every run.
+# STEPS= replaces every task's own RL steps; complete runs are skipped. ICRL_ARGS= / EVAL_ARGS= add
+# icrl.py / eval.py flags to every run.
 SEEDS   ?= 0 1 2
 compare: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) tests/compare.py --seeds $(SEEDS) $(if $(STEPS),--steps $(STEPS)) --nproc $(NPROC) \

@@ -379,7 +379,8 @@ def summarize(out, steps=None):
                 source = "pass1" if key == "pass1_end" else key
                 table[variant][key] = mean_std(f[source] for f in per_seed.values())
             table[variant]["per_seed"] = per_seed
-        summary["tasks"][task] = {"steps": task_rl_steps, "rows": table, "curves": {v: curve_stats(r) for v, r in variants.items()},
+        summary["tasks"][task] = {"steps": task_rl_steps, "rows": table,
+                                  "curves": {v: curve_stats(r) for v, r in variants.items()},
                                   "total_wall_s": total_wall(table)}
     return summary
 
