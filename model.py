@@ -468,7 +468,7 @@ class Decoder:
     graph_kv_slots = 64    # static steps read slots in multiples of this: one graph serves 64 steps
 
     def __init__(self, model: "Qwen3", batch: int, max_len: int, decode_rows: int | None = None,
-                 decode_steps: int | None = None, static: bool = False):
+                 decode_steps: int | None = None, static: bool = False, compile: bool = False):
         params = list(model.parameters())
         if any(type(p.data) is not torch.Tensor for p in params):
             raise ValueError("generate needs the full weights as plain tensors (got a sharded/DTensor "
@@ -497,7 +497,7 @@ class Decoder:
                 post_norm=layer.post_attention_layernorm.weight, gate=layout(mlp.gate_proj.weight),
                 up=layout(mlp.up_proj.weight), down=layout(mlp.down_proj.weight)))
         # See _attend: below ~64 (row, kv head) pairs CPU SDPA is as fast or faster.
-        self.matmul_attention = self.cpu and (decode_rows or batch) * H_kv >= 64
+        self.matmul_attention = self.cpu and (decode_rows or batch) * H_kv >= 64 and not compile
         self.max_len = max_len
         self.cache = [self._new_cache(batch) for _ in self.layers]
         self.slots = torch.arange(max_len, device=weight.device)
@@ -508,6 +508,10 @@ class Decoder:
         self.static = static
         self.graph = None   # (rows, slots, graph, its input tokens, positions, output logits): the one in use
         self.graph_pool = None
+        # `compile`: a static step's layers go through torch.compile, one compiled layer for every layer and
+        # every slot count (dynamic shapes), so its norms, RoPE and elementwise ops fuse into fewer kernels.
+        self.step_layer = (torch.compile(self._step_layer, dynamic=True, fullgraph=True) if compile
+                           else self._step_layer)
 
     def _new_cache(self, batch: int) -> "_KVCache":
         """One layer's zeroed cache for `batch` rows, laid out for the decode attention (see _attend): for
@@ -653,6 +657,37 @@ class Decoder:
         weights = scores.softmax(-1, dtype=torch.float).to(q.dtype)
         return torch.bmm(weights, v.flatten(0, 1)).view(B, H * D)
 
+    def _qkv(self, x, w: _LayerWeights, cos, sin, B: int, T: int):
+        """A layer's attention inputs from x (B * T, C): q (B, T, H, D) and k|v (B, T, 2 * H_kv, D), q and k
+        normed per head and rotated."""
+        H, H_kv, D = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
+        qkv = _mm(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias).view(B, T, H + 2 * H_kv, D)
+        qk, normed = qkv[:, :, :H + H_kv], self._rms_norm(qkv[:, :, :H + H_kv], w.qk_norm)
+        if torch.compiler.is_compiling():  # dynamo takes no strided out=; inductor fuses the copy anyway
+            qk.copy_(apply_rope(normed, cos, sin))
+        else:
+            apply_rope(normed, cos, sin, out=qk)                                  # back into qkv
+        return qkv[:, :, :H], qkv[:, :, H:]
+
+    def _attention_out_and_mlp(self, x, out, w: _LayerWeights):
+        """The rest of a layer after attention's output `out`: the o projection and the MLP, each added to x.
+        In place: x is this call's own, and prefill has fewer large temporaries."""
+        x += _mm(out, w.o, w.o_bias)
+        h = self._rms_norm(x, w.post_norm)
+        x += torch.mm(F.silu(torch.mm(h, w.gate), inplace=True).mul_(torch.mm(h, w.up)), w.down)
+        return x
+
+    def _step_layer(self, x, w: _LayerWeights, kv_cache, cos, sin, rows, positions, mask):
+        """One layer of a static step (one token per row, positions (B, 1), keys and values in one cache
+        tensor (B, T_max, 2 * H_kv, D), the slots read given by the mask (B, 1, 1, S)): the unit `compile`
+        hands to torch.compile (see __init__). S comes from a tensor's shape: an int argument would be
+        compiled in as a constant first."""
+        B, S, H_kv = x.shape[0], mask.shape[-1], self.config.num_key_value_heads
+        q, kv = self._qkv(x, w, cos, sin, B, 1)
+        kv_cache[rows, positions] = kv.to(kv_cache.dtype)                         # autocast: bfloat16
+        k, v = kv_cache[:B, :S, :H_kv].transpose(1, 2), kv_cache[:B, :S, H_kv:].transpose(1, 2)
+        return self._attention_out_and_mlp(x, self._attend(q, k, v, mask), w)
+
     def _forward(self, tokens, positions, kv_len: int, logits_index, cache_rows=slice(None)):
         """The layers, without the final norm: (B, T) -> (B * T, C), or (B, C) at `logits_index` (B,).
         positions: None (prefill from slot 0), an int (a step, every row at that slot), or (B, T), each
@@ -673,10 +708,10 @@ class Decoder:
             mask = torch.where(visible, 0.0, -math.inf).to(x.dtype)[:, None]      # (B, 1, T, S), all layers
             rows = torch.arange(r0, r0 + B, device=x.device)[:, None]
         for w, cache in zip(self.layers, self.cache):
-            qkv = _mm(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias).view(B, T, H + 2 * H_kv, D)
-            qk = qkv[:, :, :H + H_kv]
-            apply_rope(self._rms_norm(qk, w.qk_norm), cos, sin, out=qk)          # back into qkv
-            q, kv = qkv[:, :, :H], qkv[:, :, H:]                                  # (B, T, H or 2 * H_kv, D)
+            if T == 1 and cache.kv is not None and torch.is_tensor(positions):  # a static step, on GPU a graph's
+                x = self.step_layer(x, w, cache.kv, cos, sin, rows, positions, mask)
+                continue
+            q, kv = self._qkv(x, w, cos, sin, B, T)
             if positions is None:
                 k, v = kv[:, :, :H_kv].transpose(1, 2), kv[:, :, H_kv:].transpose(1, 2)  # (B, H_kv, T, D)
                 cache.k[cache_rows, :, :T], cache.v[cache_rows, :, :T] = k, v
@@ -699,10 +734,7 @@ class Decoder:
             if logits_index is not None and w is self.layers[-1]:  # only these positions reach the logits
                 picked = torch.arange(B, device=x.device), logits_index
                 x, out = x.view(B, T, -1)[picked], out.view(B, T, -1)[picked]      # (B, C), (B, H * D)
-            # In place where the tensor is this call's own: fewer large temporaries in prefill.
-            x += _mm(out, w.o, w.o_bias)
-            h = self._rms_norm(x, w.post_norm)
-            x += torch.mm(F.silu(torch.mm(h, w.gate), inplace=True).mul_(torch.mm(h, w.up)), w.down)
+            x = self._attention_out_and_mlp(x, out, w)
         return x
 
 
@@ -804,7 +836,7 @@ class Session:
 def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, stop_ids=(), seed: int | None = None,
              check_every: int = 8, graphs: bool | None = None, session: Session | None = None,
-             continues: list[int] | None = None) -> list[Generation]:
+             continues: list[int] | None = None, compile: bool = False) -> list[Generation]:
     """Sample a completion for each prompt (token-id lists, ragged allowed), in order.
 
     Identical prompts (group sampling) are prefilled once and their cache rows copied. Every `check_every`
@@ -813,7 +845,8 @@ def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temper
 
     `graphs`: decode steps of fixed shapes (Decoder's `static`), replayed as CUDA graphs; None: on CUDA.
     True on CPU runs the same shapes eagerly (tests); False on CUDA launches every kernel (the peer in
-    tests/bench_gpu.py). `session`, `continues`: keep the KV cache for the next call (Session)."""
+    tests/bench_gpu.py). `compile`: each layer of a step through torch.compile (Decoder). `session`, `continues`:
+    keep the KV cache for the next call (Session)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 0:
@@ -843,7 +876,8 @@ def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temper
         last = torch.tensor(lengths, device=device) - 1
         U = len(distinct)
         static = device.type == "cuda" if graphs is None else graphs
-        decoder = Decoder(model, U, L + max_new_tokens, decode_rows=N, decode_steps=max_new_tokens, static=static)
+        decoder = Decoder(model, U, L + max_new_tokens, decode_rows=N, decode_steps=max_new_tokens, static=static,
+                          compile=compile)
         logits = decoder.prefill(ids, last)                                       # (U, V)
         if U < N:
             source_t = torch.tensor(source, device=device)

@@ -2,9 +2,11 @@
 
 Random Qwen3-0.6B- (and with --configs 0.6B,4B, Qwen3-4B-) shaped weights, bfloat16, on one CUDA GPU; the same
 weights and prompts for every peer; greedy; every row decodes exactly `--new` tokens (no stop id; transformers
-with min_new_tokens = max_new_tokens). Batch 1, 16, 64 and 256 by default. Peers: ours (decode steps replayed
-as CUDA graphs, generate's default on CUDA; graph captures are inside the timed call), ours with graphs=False
-(every kernel launched), and transformers.
+with min_new_tokens = max_new_tokens). Batch 1, 16, 64 and 256 by default. Peers (`--peers`): ours (decode
+steps replayed as CUDA graphs, generate's default on CUDA; graph captures are inside the timed call), compiled
+(the same with each layer of a step through torch.compile, generate(compile=True); its warm-up is a whole call,
+so compilation is outside the timed calls), eager (ours with graphs=False: every kernel launched; not run by
+default), and transformers (hf).
 
 same 1st: rows whose first new token equals transformers' (from the prefill's logits). Whole sequences differ:
 random weights give near-uniform logits over 151,936 tokens, so bfloat16 rounding flips near-ties; greedy
@@ -41,6 +43,7 @@ CONFIGS = {  # Qwen3-0.6B, 4B and 8B's shapes (config.json of the released check
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
 }
 DEVICE = "cuda"
+PEERS = ("ours", "compiled", "eager", "hf")
 
 
 def sync():
@@ -92,6 +95,7 @@ def main():
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
     parser.add_argument("--new", type=int, default=128, help="new tokens per row")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per peer after a warm-up; the best counts")
+    parser.add_argument("--peers", default="ours,compiled,hf", help="comma-separated subset of " + ",".join(PEERS))
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "gpu.json"))
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script (--configs tiny), no figures")
     args = parser.parse_args()
@@ -107,8 +111,13 @@ def main():
     print(f"{device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"measured copy bandwidth {bytes_per_s / 1e9:.0f} GB/s; bfloat16, greedy, prompt {args.prompt} + "
           f"{args.new} new tokens; best of {args.repeats} after a warm-up")
-    header = (f"{'config':<6} {'batch':>5} {'ours tok/s':>11} {'eager tok/s':>11} {'hf tok/s':>9} {'vs hf':>7} "
-              f"{'floor tok/s':>11} {'ours/floor':>10} {'same 1st':>8}")
+    peers = [p for p in PEERS if p in args.peers.split(",")]
+    if "hf" not in peers:
+        parser.error("--peers must include hf: the speed-ups are against it")
+    ratios = [p for p in peers if p != "hf"]
+    header = (f"{'config':<6} {'batch':>5} " + " ".join(f"{p + ' tok/s':>14}" for p in peers) + " "
+              + " ".join(f"{p + ' vs hf':>14}" for p in ratios) + f" {'floor tok/s':>11} "
+              + " ".join(f"{p + '/floor':>14}" for p in ratios) + f" {'same 1st':>8}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -130,30 +139,39 @@ def main():
             ids = torch.randint(0, config["vocab_size"], (batch, args.prompt),
                                 generator=torch.Generator().manual_seed(1)).to(DEVICE)
             prompts = ids.tolist()
-            peers = {
+            runs = {
                 "ours": lambda n: generate(ours, prompts, n, temperature=0),
+                "compiled": lambda n: generate(ours, prompts, n, temperature=0, compile=True),
                 "eager": lambda n: generate(ours, prompts, n, temperature=0, graphs=False),
                 "hf": lambda n: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0),
             }
             seconds, outputs = {}, {}
             with torch.inference_mode():
-                for peer, run in peers.items():
-                    run(4)  # warm-up: kernels, allocator
-                    seconds[peer], outputs[peer] = timed(lambda: run(args.new), args.repeats)
+                for peer in peers:
+                    try:  # warm-up: kernels, allocator; compiled: every shape it compiles for, so a whole call
+                        runs[peer](args.new if peer == "compiled" else 4)
+                        seconds[peer], outputs[peer] = timed(lambda: runs[peer](args.new), args.repeats)
+                    except Exception as e:  # a peer that fails says why, and the others still run
+                        print(f"{name} batch {batch}: {peer} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            if "hf" not in seconds:
+                continue
             ref = outputs["hf"][:, args.prompt:].tolist()
-            same = sum(g.tokens[0] == r[0] for g, r in zip(outputs["ours"], ref)) / batch
+            same = {p: sum(g.tokens[0] == r[0] for g, r in zip(outputs[p], ref)) / batch
+                    for p in ratios if p in outputs}
             tokens = batch * args.new
             floor = floor_seconds(config, n_params, batch, args.prompt, args.new, bytes_per_s)
             row = dict(config=name, params=n_params, batch=batch, prompt=args.prompt, new=args.new,
-                       ours_tok_s=tokens / seconds["ours"], eager_tok_s=tokens / seconds["eager"],
-                       hf_tok_s=tokens / seconds["hf"], floor_tok_s=tokens / floor,
-                       speedup=seconds["hf"] / seconds["ours"], ours_over_floor=seconds["ours"] / floor,
-                       same_first_token=same, seconds=seconds)
+                       floor_tok_s=tokens / floor, seconds=seconds, same_first_token=same,
+                       **{f"{p}_tok_s": tokens / t for p, t in seconds.items()},
+                       **{f"{p}_vs_hf": seconds["hf"] / seconds[p] for p in ratios if p in seconds},
+                       **{f"{p}_over_floor": seconds[p] / floor for p in ratios if p in seconds})
             rows.append(row)
-            print(f"{name:<6} {batch:>5} {row['ours_tok_s']:>11.0f} {row['eager_tok_s']:>11.0f} {row['hf_tok_s']:>9.0f} "
-                  f"{row['speedup']:>6.2f}x {row['floor_tok_s']:>11.0f} {row['ours_over_floor']:>9.2f}x "
-                  f"{100 * same:>7.0f}%", flush=True)
+            cell = lambda key, fmt: f"{format(row[key], fmt) if key in row else '-':>14}"  # noqa: E731
+            print(f"{name:<6} {batch:>5} " + " ".join(cell(f"{p}_tok_s", ".0f") for p in peers) + " "
+                  + " ".join(cell(f"{p}_vs_hf", ".2f") for p in ratios) + f" {row['floor_tok_s']:>11.0f} "
+                  + " ".join(cell(f"{p}_over_floor", ".2f") for p in ratios) + " "
+                  + "/".join(f"{100 * v:.0f}%" for v in same.values()), flush=True)
         del hf, ours
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

@@ -101,8 +101,9 @@ def test_float32_logits_and_greedy_generate_equal_transformers(tmp_path):
 
 def test_cuda_graph_decode_equals_eager_decode(tmp_path):
     """generate's decode steps replayed as CUDA graphs (the default on CUDA) give the eager steps' tokens,
-    float32 with TF32 off: greedy and seeded sampling, ragged prompts, stop ids that compact the batch in
-    place, and slots read in several 64-slot buckets (24 new tokens after prompts of up to 60)."""
+    float32 with TF32 off: greedy and seeded sampling (the latter also with each layer through torch.compile),
+    ragged prompts, stop ids that compact the batch in place, and slots read in several 64-slot buckets (24 new
+    tokens after prompts of up to 60)."""
     from model import Qwen3, generate
     ours = Qwen3.from_pretrained(hf_checkpoint(tmp_path / "ckpt"), dtype=torch.float32, device=DEVICE).eval()
     gen = torch.Generator().manual_seed(2)
@@ -111,11 +112,11 @@ def test_cuda_graph_decode_equals_eager_decode(tmp_path):
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        for temperature in (0.0, 1.0):
+        for temperature, compile in ((0.0, False), (1.0, False), (1.0, True)):  # compiled once: the same code
             graphs, eager = (generate(ours, prompts, 24, temperature=temperature, stop_ids=stop_ids, seed=4,
-                                      check_every=4, graphs=g) for g in (None, False))
+                                      check_every=4, graphs=g, compile=compile and g is None) for g in (None, False))
             assert any(x.finished for x in eager) and any(not x.finished for x in eager)
-            assert [x.tokens for x in graphs] == [x.tokens for x in eager]
+            assert [x.tokens for x in graphs] == [x.tokens for x in eager], f"compile={compile}"
             for x, y in zip(graphs, eager):
                 assert max((abs(a - b) for a, b in zip(x.logprobs, y.logprobs)), default=0.0) < 1e-4
     finally:

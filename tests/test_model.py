@@ -4,6 +4,7 @@ All offline on CPU, on tiny random models built by conftest.make_hf_qwen3.
 Run: .venv/bin/python -m pytest -q tests/test_model.py
 """
 
+import functools
 import json
 
 import pytest
@@ -355,20 +356,41 @@ def test_static_steps_equal_eager_steps_across_slot_buckets_and_compaction(tiny,
             assert ours.shape == ref.shape and (ours - ref).abs().max() < 1e-5
 
 
-def test_generate_with_static_steps_equals_plain_generate(tiny, monkeypatch):
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inductor's own call
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "torch.compile"])
+def test_generate_with_static_steps_equals_plain_generate(tiny, monkeypatch, compile):
     """generate(graphs=True) on CPU (the shapes CUDA graphs replay, run eagerly) gives plain generate's tokens
-    and log-probs: greedy and seeded sampling, ragged prompts, stop ids and compaction, 3 slot buckets."""
+    and log-probs: greedy and seeded sampling, ragged prompts, stop ids and compaction, 3 slot buckets; with
+    `compile`, each layer of those steps goes through torch.compile (inductor's CPU code)."""
     model, _ = tiny
     monkeypatch.setattr(Decoder, "graph_kv_slots", 8)
     prompts = random_prompts([3 + i % 5 for i in range(24)], seed=9)
     stop_ids = tuple(range(0, VOCAB, 9))
+    if compile:
+        import torch._dynamo as dynamo
+        dynamo.reset()
+        calls = []
+        monkeypatch.setattr(torch, "compile", functools.partial(counting_compile, torch.compile, calls))
     for temperature in (0.0, 1.0):
         a, b = (generate(model, prompts, max_new_tokens=20, temperature=temperature, stop_ids=stop_ids, seed=5,
-                         check_every=4, graphs=graphs) for graphs in (True, False))
+                         check_every=4, graphs=graphs, compile=compile and graphs) for graphs in (True, False))
         assert any(g.finished for g in a) and any(not g.finished for g in a)
         assert [g.tokens for g in a] == [g.tokens for g in b]
         for x, y in zip(a, b):
             assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
+    if compile:  # the compiled layer really ran: every layer of every step after the first went through it
+        assert calls and sum(calls) >= 2 * 19 * model.config.num_hidden_layers
+
+
+def counting_compile(real_compile, calls, fn, **kwargs):
+    """torch.compile, its result counting the calls made to it into `calls`."""
+    compiled = real_compile(fn, **kwargs)
+    calls.append(0)
+
+    def counted(*args):
+        calls[-1] += 1
+        return compiled(*args)
+    return counted
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["plain", "static-steps"])
