@@ -212,7 +212,8 @@ def eval_config(args):
                           critic_max_new_tokens=args.critic_max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, enable_thinking=args.enable_thinking, max_batch=args.rollout_batch,
                           rounds=args.rounds, critic_gate=args.critic_gate, max_turns=args.max_turns,
-                          max_context=args.max_context, obs_chars=args.obs_chars)
+                          max_context=args.max_context, obs_chars=args.obs_chars,
+                          compile_sampler=args.compile_sampler)
 
 
 def chain_row(index, example, c, chain, tokenizer):

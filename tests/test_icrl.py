@@ -681,6 +681,21 @@ def echo_rollout(monkeypatch, tokenizer, actions, **cfg):
     return rollouts[0].chains[0].episodes[0], script
 
 
+def test_compile_sampler_reaches_generate(monkeypatch, char_tokenizer):
+    """--compile_sampler (icrl.py and eval.py) asks model.generate for compiled decode layers on every call;
+    without it the call is SPEC §5's, with no compile argument."""
+    import eval as ev
+    assert icrl.sampling_config(icrl.parse_args(["--compile_sampler"])).compile_sampler
+    assert not icrl.sampling_config(icrl.parse_args([])).compile_sampler
+    assert ev.eval_config(ev.parse_args(["--model", "m", "--compile_sampler"])).compile_sampler
+    for flag in (False, True):
+        script, seen = ScriptedActions(char_tokenizer, [["half"], ["stop"]]), []
+        monkeypatch.setattr(icrl, "generate", lambda *a, **kw: seen.append(kw) or script(*a, **kw))
+        config = icrl.SamplingConfig(group_size=1, max_new_tokens=8, max_turns=2, compile_sampler=flag)
+        icrl.rollout(tiny_model(len(char_tokenizer)), char_tokenizer, EchoTask(), ["x"], config, seed=0, critique=False)
+        assert len(seen) == 2 and all(kw.get("compile", "absent") == (True if flag else "absent") for kw in seen)
+
+
 def test_episode_end_conditions(monkeypatch, char_tokenizer):
     # done: the environment ends it, with its reward
     ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["half"], ["stop"]], max_turns=5)

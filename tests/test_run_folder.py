@@ -130,7 +130,8 @@ def test_resume_refusals_name_what_is_wrong(base_run, tmp_path, monkeypatch, cap
     assert e.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "may change on resume" in help_text
-    for flag in ("--steps", "--eval_every", "--save_every", "--micro_batch", "--rollout_batch", "--overwrite"):
+    for flag in ("--steps", "--eval_every", "--save_every", "--micro_batch", "--rollout_batch", "--compile_sampler",
+                 "--overwrite"):
         assert flag in help_text
 
 
