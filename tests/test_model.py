@@ -393,12 +393,15 @@ def counting_compile(real_compile, calls, fn, **kwargs):
     return counted
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["plain", "static-steps"])
-def test_session_turns_equal_full_prefills(tiny, monkeypatch, graphs):
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inductor's own call
+@pytest.mark.parametrize("graphs,compile", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "static-steps", "static-steps-compiled"])
+def test_session_turns_equal_full_prefills(tiny, monkeypatch, graphs, compile):
     """Multi-turn episodes through a Session (each turn prefills only the observation appended after the
     cached history) give the tokens and log-probs of prefilling every history from scratch: 3 turns, rows
     ending between turns, ragged observations, a prompt repeated (prefilled once), stop ids that compact
-    the batch mid-turn, and the cache grown past its first length."""
+    the batch mid-turn, and the cache grown past its first length; with static steps, their layers eager
+    and through torch.compile."""
     from model import Session
     model, _ = tiny
     monkeypatch.setattr(Decoder, "graph_kv_slots", 8)
@@ -411,7 +414,7 @@ def test_session_turns_equal_full_prefills(tiny, monkeypatch, graphs):
     for turn in range(3):
         prompts = [histories[i] for i in live]
         kw = dict(temperature=0.0, stop_ids=stop_ids, check_every=2, graphs=graphs)
-        ours = generate(model, prompts, 12, session=session, continues=prev, **kw)
+        ours = generate(model, prompts, 12, session=session, continues=prev, compile=compile, **kw)
         reference = generate(model, prompts, 12, **kw)
         assert [g.tokens for g in ours] == [g.tokens for g in reference]
         for a, b in zip(ours, reference):
