@@ -1289,8 +1289,8 @@ def add_episode_args(p):
 
 # Settings a resume may change; every other saved setting defines the run and must be given equal or not
 # at all (then the saved value is taken). --steps may only grow.
-RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "micro_batch", "rollout_batch", "compile_sampler", "grad_ckpt",
-                     "fsdp", "env_url")
+RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "micro_batch", "rollout_batch", "compile_sampler",
+                     "grad_ckpt", "fsdp", "env_url")
 NOT_SETTINGS = ("resume", "out", "overwrite")
 
 

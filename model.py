@@ -508,8 +508,9 @@ class Decoder:
         self.static = static
         self.graph = None   # (rows, slots, graph, its input tokens, positions, output logits): the one in use
         self.graph_pool = None
-        # `compile`: a static step's layers go through torch.compile, one compiled layer for every layer and
-        # every slot count (dynamic shapes), so its norms, RoPE and elementwise ops fuse into fewer kernels.
+        # `compile`: the layers of steps with per-row positions (every static step) go through torch.compile,
+        # one compiled layer for every layer, batch and slot count (dynamic shapes after a few compiles), so
+        # norms, RoPE, the cache write and the adds fuse into fewer kernels (README: 1.07-1.17x on an H100).
         self.step_layer = (torch.compile(self._step_layer, dynamic=True, fullgraph=True) if compile
                            else self._step_layer)
 
@@ -678,10 +679,10 @@ class Decoder:
         return x
 
     def _step_layer(self, x, w: _LayerWeights, kv_cache, cos, sin, rows, positions, mask):
-        """One layer of a static step (one token per row, positions (B, 1), keys and values in one cache
-        tensor (B, T_max, 2 * H_kv, D), the slots read given by the mask (B, 1, 1, S)): the unit `compile`
-        hands to torch.compile (see __init__). S comes from a tensor's shape: an int argument would be
-        compiled in as a constant first."""
+        """One layer of a step of one token per row at its own position (B, 1), as every static step is, with
+        keys and values in one cache tensor (B, T_max, 2 * H_kv, D) and the slots read given by the mask
+        (B, 1, 1, S): the unit `compile` hands to torch.compile (see __init__). S comes from a tensor's shape:
+        an int argument would be compiled in as a constant first."""
         B, S, H_kv = x.shape[0], mask.shape[-1], self.config.num_key_value_heads
         q, kv = self._qkv(x, w, cos, sin, B, 1)
         kv_cache[rows, positions] = kv.to(kv_cache.dtype)                         # autocast: bfloat16
@@ -708,7 +709,7 @@ class Decoder:
             mask = torch.where(visible, 0.0, -math.inf).to(x.dtype)[:, None]      # (B, 1, T, S), all layers
             rows = torch.arange(r0, r0 + B, device=x.device)[:, None]
         for w, cache in zip(self.layers, self.cache):
-            if T == 1 and cache.kv is not None and torch.is_tensor(positions):  # a static step, on GPU a graph's
+            if T == 1 and cache.kv is not None and torch.is_tensor(positions):  # every static step among them
                 x = self.step_layer(x, w, cache.kv, cos, sin, rows, positions, mask)
                 continue
             q, kv = self._qkv(x, w, cos, sin, B, T)

@@ -1,9 +1,10 @@
-"""`make gpu-check`: everything that needs one CUDA GPU, in under 8 minutes, with the Python packages the
+"""`make gpu-check`: everything that needs one CUDA GPU, within 8 minutes, with the Python packages the
 machine already has (not this project's pins): tests/test_cuda.py (bf16 logits parity with transformers,
-greedy generate equal to transformers, chunked log-probs, ICRL steps with NCCL at world size 1 under DDP and
-under --fsdp, an --fsdp resume against the run straight through, a checkpoint round trip through
-transformers, host syncs of the update loop), then the GPU sampler benchmark (tests/bench_gpu.py, Qwen3-0.6B
-and 4B shapes, batch 1/16/64/256, with the bandwidth floor; short: ours and transformers, one timed run each). The memory measurements are apart, in `make
+greedy generate equal to transformers, graph and compiled decode steps equal to eager ones, chunked
+log-probs, ICRL steps with NCCL at world size 1 under DDP and under --fsdp, an --fsdp resume against the run
+straight through, a checkpoint round trip through transformers, host syncs of the update loop), then the GPU
+sampler benchmark (tests/bench_gpu.py, Qwen3-0.6B and 4B shapes, batch 1/16/64/256, with the bandwidth
+floor; short: ours and transformers, one timed run each). The memory measurements are apart, in `make
 gpu-memory` (tests/memory_gpu.py): figures to quote rather than checks, and this budget is nearly spent.
 
 Without a GPU it says so and exits with status 2: nothing was checked.
@@ -102,8 +103,8 @@ def main():
 
     print("\n== tests/test_cuda.py")
     if "pytest" in found:
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-s", "-p", "no:cacheprovider", "--durations=0",  # each test's time
-               str(ROOT / "tests" / "test_cuda.py")]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-s", "-p", "no:cacheprovider",
+               "--durations=0", str(ROOT / "tests" / "test_cuda.py")]  # --durations=0: each test's time
         try:
             tests_ok = subprocess.run(cmd, cwd=ROOT, timeout=TESTS_S).returncode == 0
         except subprocess.TimeoutExpired:
