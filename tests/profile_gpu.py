@@ -4,7 +4,7 @@ decode layer timed alone, each replayed as a CUDA graph (so launch overhead is o
 Random Qwen3-0.6B-shaped weights (tests/bench_gpu.py's CONFIGS), bfloat16, greedy, batch 64, 64 prompt + 128
 new tokens by default. Prints the kernels by total GPU time and the per-op table; nothing is asserted.
 
-Run: python tests/profile_gpu.py [--config 0.6B] [--batch 64]
+Run: python tests/profile_gpu.py [--config 0.6B] [--batch 64] [--compile]
 """
 import argparse
 import sys
@@ -134,6 +134,7 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--compile", action="store_true", help="profile generate(compile=True) (--compile_sampler)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("profile_gpu: no CUDA GPU: nothing measured")
@@ -146,7 +147,7 @@ def main():
     model.reset_parameters()
     model.eval()
     prompts = torch.randint(0, cfg["vocab_size"], (args.batch, args.prompt)).tolist()
-    run = lambda: generate(model, prompts, args.new, temperature=0)  # noqa: E731
+    run = lambda: generate(model, prompts, args.new, temperature=0, compile=args.compile)  # noqa: E731
     run()
     torch.cuda.synchronize()
     start = time.perf_counter()
