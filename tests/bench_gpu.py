@@ -99,6 +99,13 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "gpu.json"))
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script (--configs tiny), no figures")
     args = parser.parse_args()
+    peers = [p for p in PEERS if p in args.peers.split(",")]
+    if unknown := set(args.peers.split(",")) - set(PEERS):
+        parser.error(f"--peers {args.peers}: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PEERS)})")
+    if "hf" not in peers:
+        parser.error("--peers must include hf: the speed-ups are against it")
+    if unknown := set(args.configs.split(",")) - set(CONFIGS):
+        parser.error(f"--configs {args.configs}: unknown {', '.join(sorted(unknown))} (choose from {', '.join(CONFIGS)})")
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -111,9 +118,6 @@ def main():
     print(f"{device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"measured copy bandwidth {bytes_per_s / 1e9:.0f} GB/s; bfloat16, greedy, prompt {args.prompt} + "
           f"{args.new} new tokens; best of {args.repeats} after a warm-up")
-    peers = [p for p in PEERS if p in args.peers.split(",")]
-    if "hf" not in peers:
-        parser.error("--peers must include hf: the speed-ups are against it")
     ratios = [p for p in peers if p != "hf"]
     header = (f"{'config':<6} {'batch':>5} " + " ".join(f"{p + ' tok/s':>14}" for p in peers) + " "
               + " ".join(f"{p + ' vs hf':>14}" for p in ratios) + f" {'floor tok/s':>11} "
