@@ -233,12 +233,12 @@ class Sampler:
             raise ValueError(f"a Session's turn holds at most {size} sequences, got {len(contexts)}")
         model = self.critic_model if critic else self.model
         # without a Session, SPEC §5's generate call exactly (a stand-in with only its arguments works)
-        turns = {} if session is None else {"session": session, "continues": continues}
+        options = {} if session is None else {"session": session, "continues": continues}
         if cfg.compile_sampler:
-            turns["compile"] = True
+            options["compile"] = True
         out = [g for i, part in enumerate(chunks(contexts, size))
                for g in generate(model, part, max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 stop_ids=self.stop_ids, seed=mix_seed(self.seed, *phase, call + i), **turns)]
+                                 stop_ids=self.stop_ids, seed=mix_seed(self.seed, *phase, call + i), **options)]
         self.times["sample"] += time.perf_counter() - t
         return out
 

@@ -663,7 +663,8 @@ class Decoder:
         normed per head and rotated."""
         H, H_kv, D = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
         qkv = _mm(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias).view(B, T, H + 2 * H_kv, D)
-        qk, normed = qkv[:, :, :H + H_kv], self._rms_norm(qkv[:, :, :H + H_kv], w.qk_norm)
+        qk = qkv[:, :, :H + H_kv]
+        normed = self._rms_norm(qk, w.qk_norm)
         if torch.compiler.is_compiling():  # dynamo takes no strided out=; inductor fuses the copy anyway
             qk.copy_(apply_rope(normed, cos, sin))
         else:
