@@ -4,8 +4,8 @@ TORCHRUN:= .venv/bin/torchrun
 STAMP   := .venv/.installed
 NPROC   ?= 2
 ALGO    ?= icrl
-TASK    ?= arithmetic
-ifeq ($(TASK),arithmetic)
+TASK    ?= boxes
+ifeq ($(TASK),boxes)
 OUT     ?= runs/$(ALGO)
 else
 OUT     ?= runs/$(TASK)-$(ALGO)
@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-test.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The embedded default: tiny Qwen3 on `arithmetic` (TASK=guess, boxes or gridworld: multi-turn), 2 CPU processes
+# The embedded default: tiny Qwen3 on the multi-turn `boxes` (TASK=arithmetic: one turn; guess, gridworld), 2 CPU processes
 # with gloo (README, "Training").
 train: $(STAMP)
 	OMP_NUM_THREADS=1 $(TORCHRUN) --standalone --nproc_per_node $(NPROC) icrl.py --task $(TASK) --algo $(ALGO) --out $(OUT) $(ARGS)

@@ -435,6 +435,12 @@ class Task:
         named = final_answer(actions[-1]) if actions else None
         return None if named is None else CRITIQUE_WRONG.format(attempt=named)
 
+    def warm_start_critic_target(self, example: Example, critique: str, rng: random.Random) -> str:
+        """What the warm start teaches the critic to write where `critique` (warm_start_critique) is the tip
+        its retry is taught with. By default the same text; a task may teach the critic the format alone and
+        leave what to say to RL (boxes)."""
+        return critique
+
     def retry_expert_actions(self, example: Example, critique: str) -> list[str]:
         """The expert's actions under S(x, c) after the warm start's `critique`: what a retry that uses the tip
         does (the warm start's retry target). By default the expert ignores it."""
@@ -1227,14 +1233,16 @@ class BoxesTask(Task):
     solver then reads a note now and then, and RL has to find that reading pays (an expert that always
     reads leaves RL nothing to learn, one that never does nothing to explore, and one that reads on a fixed
     half of the instances was learnt instance by instance, leaving every group's rewards constant). The
-    warm start's critique of a failed episode is the last note it read (`A note says the key is in box 3.`),
-    or `Read the notes.` when it read none; the retry then opens the named box at once, or plays best.
+    warm start teaches the retry with the last note the failed episode read as its tip (`A note says the key
+    is in box 3.`, or `Read the notes.` when it read none): the retry opens the named box at once, or plays
+    best. It teaches the critic only the format, a note naming a listed box drawn at random: which box
+    to name, RL has to find (warm_start_critic_target).
 
     Knobs: boxes (2..9, default 4), tries (turns per episode, 1..9, default 2), notes (boxes other than the
     key's that hold a note, 0..boxes-1, default 2), n."""
     name = "boxes"
-    # The critic and the retry learn to copy a note's box in about 400 warm-start steps: with 100, retries
-    # succeeded about 1 time in 5 when RL began.
+    # The retry learns to open the box its tip names in about 400 warm-start steps (measured when the critic
+    # was taught the note word for word too: with 100, retries succeeded about 1 time in 5 when RL began).
     warm_start_role_steps = 400
     # Chosen on the training split of seeds 1 and 2 (eval.py --split train every 30 of 180 steps): pass@1
     # stopped rising by step 150 under ICRL and GRPO alike (by 60 it was still 4-8 points short of that).
@@ -1280,9 +1288,16 @@ class BoxesTask(Task):
         return actions[:self.tries]
 
     def warm_start_critique(self, example, actions, observations):
-        """The last note the failed episode read, word for word; `Read the notes.` when it read none."""
+        """The retry's tip: the last note the failed episode read, word for word; `Read the notes.` when it
+        read none."""
         notes = [m for o in observations for m in _NOTE.findall(o)]
         return BOXES_NOTE.format(key=notes[-1]) if notes else BOXES_NO_NOTE
+
+    def warm_start_critic_target(self, example, critique, rng):
+        """The critic is taught the format alone: a note naming one of the listed boxes at random. Which box
+        to name is left to RL (the critic's reward, SPEC §2.5, pays a critique whose retry succeeds); taught
+        the note word for word, the critique's value came from the warm start and RL had nothing to add."""
+        return BOXES_NOTE.format(key=rng.choice(example.meta["boxes"]))
 
     def retry_expert_actions(self, example, critique):
         """The box the critique's note names, opened at once when it is the key's (the warm start's notes

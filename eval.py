@@ -3,10 +3,10 @@ folder): critique-free pass@k, test-time self-critique over K rounds with the tr
 value beyond a second draw, the critic swap and the internalisation gap.
 
 Run:
-    python eval.py --model runs/icrl/final --task arithmetic --out runs/icrl/eval          # `make eval`
+    python eval.py --model runs/icrl/final --task boxes --out runs/icrl/eval          # `make eval`
     python eval.py --model runs/icrl/final --rounds 3 --critic_gate always ...   # K = 3, successes critiqued too
     python eval.py ... --critic_model runs/other/final    # critic swap: another checkpoint critiques
-    torchrun --standalone --nproc_per_node 2 eval.py --model runs/icrl/final --task arithmetic --out runs/icrl/eval
+    torchrun --standalone --nproc_per_node 2 eval.py --model runs/icrl/final --task boxes --out runs/icrl/eval
         (under torchrun spell --n as --samples: torchrun takes `--n` for an abbreviation of its own flags)
     torchrun --nproc_per_node 8 eval.py --model runs/qwen3-8b/final --task math --eval_file test.jsonl \
         --samples 16 --k 1 --k 8 --k 16 --rounds 3 --batch_examples 16 --rollout_batch 64 \
@@ -315,7 +315,7 @@ def parse_args(argv=None):
                    "with its tokenizer files (icrl.py writes them)")
     p.add_argument("--critic_model", default=None, help="critic swap (SPEC §4): critiques from this checkpoint "
                    "(same vocabulary), attempts and retries from --model")
-    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math (one turn); "
+    p.add_argument("--task", default="boxes", help="arithmetic | countdown | gsm8k | math (one turn); "
                    "gridworld | guess | boxes (multi-turn); agentgym:<alfworld|webshop|sciworld|searchqa> with "
                    "--env_url (data.py)")
     p.add_argument("--env_url", default=None, help="agentgym tasks: comma-separated AgentGym server URLs, one "

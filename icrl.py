@@ -7,10 +7,10 @@ retry starts from a fresh reset under S(x, c), the critique as tips. The critic 
 succeeds, else r' - r; retries are trained under S(x), weighted by min(pi(y|S(x)) / pi(y|S(x, c)), W);
 advantages are normalised per query and role.
 
-Run (the embedded default: tiny random Qwen3 + character tokenizer on `arithmetic`, CPU):
+Run (the embedded default: tiny random Qwen3 + character tokenizer on the multi-turn `boxes`, CPU):
     python icrl.py                                             # one process
     torchrun --standalone --nproc_per_node 2 icrl.py           # what `make train` runs
-    torchrun --standalone --nproc_per_node 2 icrl.py --task guess   # a multi-turn built-in environment
+    torchrun --standalone --nproc_per_node 2 icrl.py --task arithmetic   # a one-turn task
 Real checkpoints on GPUs (README has the full commands for Qwen3-4B/8B and AgentGym's ALFWorld):
     torchrun --nproc_per_node 8 icrl.py --model /path/Qwen3-8B --task math --train_file train.jsonl \
         --eval_file test.jsonl --dtype bfloat16 --fsdp --grad_ckpt --out runs/qwen3-8b
@@ -922,9 +922,10 @@ def expert_episode(task, tokenizer, example, observation_markers, actions=None, 
 
 def warm_start_pairs(task, tokenizer, example, think, observation_markers, attempt=None, gate="failure", rng=None):
     """(context, tokens, loss mask) triples that teach the SPEC §1 roles: the solver's expert episode
-    under S(x); given the model's own sampled `attempt` (an Episode) that failed, the critique the task
-    teaches for it (`task.warm_start_critique`: a one-turn task names the failed answer, `Wrong, it is not
-    A.`) under C(x, tau), and the expert episode again under S(x, c). The attempt is the model's own, so
+    under S(x); given the model's own sampled `attempt` (an Episode) that failed, a critique under C(x, tau)
+    and the expert episode again under S(x, c) with the task's tip (`task.warm_start_critique`: a one-turn
+    task names the failed answer, `Wrong, it is not A.`). The critic's target is that tip, or what
+    `task.warm_start_critic_target` makes of it (boxes: the format alone, from `rng`). The attempt is the model's own, so
     a named answer is a real mistake and says nothing else about the right one (a made-up near miss would
     teach the retry to answer "the tip's number plus or minus a little"). Under critic_gate "failure" the
     critic never sees a success, so successes add no pair; under "always" the critic answers `Correct.`."""
@@ -938,7 +939,9 @@ def warm_start_pairs(task, tokenizer, example, think, observation_markers, attem
     if critique is None:
         return pairs
     summary = episode_summary(attempt.reward, attempt.actions, attempt.observations)
-    critique_ids = tokenizer.encode(critique, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
+    taught = critique if critique == CRITIQUE_RIGHT else task.warm_start_critic_target(
+        example, critique, rng or random.Random(example.id))
+    critique_ids = tokenizer.encode(taught, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
     pairs.append((critic_context(tokenizer, task_text, first_observation, summary, think), critique_ids,
                   [1] * len(critique_ids)))
     retry_tokens, retry_mask = expert_episode(task, tokenizer, example, observation_markers,
@@ -1304,7 +1307,7 @@ def build_parser():
     # model and task
     p.add_argument("--model", default="tiny", help="a Hugging Face Qwen3 folder, or `tiny`: a random 4-layer "
                    "Qwen3 with a character tokenizer (the embedded default)")
-    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | gsm8k | math (one turn); "
+    p.add_argument("--task", default="boxes", help="arithmetic | countdown | gsm8k | math (one turn); "
                    "gridworld | guess | boxes (multi-turn); agentgym:<alfworld|webshop|sciworld|searchqa> with "
                    "--env_url (data.py)")
     p.add_argument("--env_url", default=None, help="agentgym tasks: comma-separated AgentGym server URLs, one "

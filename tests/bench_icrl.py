@@ -1,4 +1,4 @@
-"""ICRL step / GRPO step at equal G on the tiny default config, in two states, with seconds by phase.
+"""ICRL step / GRPO step at equal G on the tiny model on `arithmetic`, in two states, with seconds by phase.
 
     .venv/bin/python tests/bench_icrl.py          # (make bench) prints a table, writes bench_results/icrl.json
 
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import icrl  # noqa: E402
 
 STEPS = 3
-FLAGS = ["--max_new_tokens", "16", "--critic_max_new_tokens", "16", "--max_turns", "1"]
+FLAGS = ["--task", "arithmetic", "--max_new_tokens", "16", "--critic_max_new_tokens", "16", "--max_turns", "1"]
 
 
 def bench(model, tokenizer, task, algo):

@@ -51,7 +51,7 @@ VARIANTS = {
     "no_critic_train": ["--no_critic_train"],
     "gate_always": ["--critic_gate", "always"],
 }
-# the embedded default and boxes (where the critique is worth something) get every variant; guess gets ICRL
+# the embedded default (boxes) and arithmetic get every variant; guess gets ICRL
 # against GRPO
 TASKS = {"arithmetic": list(VARIANTS), "guess": ["icrl", "grpo"], "boxes": list(VARIANTS)}
 BASELINE = "grpo"

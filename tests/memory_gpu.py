@@ -205,7 +205,7 @@ class ReductionPeaks:
 
 def training(name, config, layers, args):
     """One icrl.update over two micro-batches; the peak over the second, above the weights and grads."""
-    train_args = icrl.parse_args(["--fsdp", "--grad_ckpt", "--dtype", "bfloat16", "--micro_batch", str(args.micro),
+    train_args = icrl.parse_args(["--task", "arithmetic", "--fsdp", "--grad_ckpt", "--dtype", "bfloat16", "--micro_batch", str(args.micro),
                                   "--batch_prompts", "1", "--temperature", "1.0"])
     ctx = icrl.Dist(rank=0, world=1, device=torch.device(DEVICE))
     t = time.perf_counter()

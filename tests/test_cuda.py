@@ -279,7 +279,7 @@ def test_update_host_syncs_do_not_grow_with_micro_batches():
         samples = [s for qs in per_query for s in qs]
         torch.manual_seed(0)
         model = Qwen3(Qwen3Config(**SMALL)).to(DEVICE)
-        args = icrl.parse_args(["--batch_prompts", "4", "--minibatch", "2", "--ppo_epochs", "2",
+        args = icrl.parse_args(["--task", "arithmetic", "--batch_prompts", "4", "--minibatch", "2", "--ppo_epochs", "2",
                                 "--micro_batch", str(micro_batch)])
         ctx = icrl.Dist(device=torch.device(DEVICE))
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)

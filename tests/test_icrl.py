@@ -512,7 +512,7 @@ def test_grpo_samples_no_critique(monkeypatch, char_tokenizer):
     assert metrics["acc"] == 0.0 and "critiqued_frac" not in metrics
 
 
-TINY_RUN = ["--warm_start_steps", "2", "--warm_start_role_steps", "1", "--batch_prompts", "2", "--group_size", "2", "--max_new_tokens", "6",
+TINY_RUN = ["--task", "arithmetic", "--warm_start_steps", "2", "--warm_start_role_steps", "1", "--batch_prompts", "2", "--group_size", "2", "--max_new_tokens", "6",
             "--critic_max_new_tokens", "6", "--eval_examples", "4", "--eval_every", "0", "--micro_batch", "8"]
 
 
@@ -844,3 +844,33 @@ def test_warm_start_pairs_expert_episode_and_own_failure(char_tokenizer):
     wrong = icrl.Episode([], actions=["\\boxed{12}"], observations=[""], reward=0.0)
     pairs = icrl.warm_start_pairs(arithmetic, char_tokenizer, arithmetic.examples[0], False, markers, wrong)
     assert char_tokenizer.decode(pairs[1][1]) == "Wrong, it is not 12.<|im_end|>"
+
+
+def test_warm_start_pairs_boxes_teach_the_critic_the_format_and_the_retry_the_note(char_tokenizer):
+    """boxes: the retry's tip is the note the failed episode read and its target opens the key's box at once;
+    the critic's target is a note naming a listed box drawn from the warm start's rng, the key's no more
+    often than another (which box to name is left to RL), reproducible from the rng."""
+    import random
+    from data import Example, load_task, observation_turn
+    task = load_task("boxes", split="test", n=1)
+    example = Example("boxes:1,4,3,5:3:4,5", "", "3", {"boxes": [1, 4, 3, 5], "key": 3, "notes": [4, 5]})
+    markers = observation_turn(char_tokenizer, False)
+    failed = icrl.Episode([], actions=["1", "4"], reward=0.0,
+                          observations=["Box 1 is empty.", "Box 4 has no key. A note says the key is in box 3. No tries left."])
+    prefix = "A note says the key is in box "
+    rng, named = random.Random(0), []
+    for _ in range(400):
+        _, (c_ctx, critique, _), (r_ctx, r_tokens, r_mask) = icrl.warm_start_pairs(
+            task, char_tokenizer, example, False, markers, failed, rng=rng)
+        text = char_tokenizer.decode(critique)
+        assert text.startswith(prefix) and text.endswith(".<|im_end|>") and len(text) == len(prefix) + 12
+        named.append(int(text[len(prefix)]))
+        assert "Observation: Box 4 has no key. A note says the key is in box 3." in char_tokenizer.decode(c_ctx)
+        assert "Tips from the previous critique: A note says the key is in box 3." in char_tokenizer.decode(r_ctx)
+        assert char_tokenizer.decode([t for t, m in zip(r_tokens, r_mask) if m]) == "3<|im_end|>"
+    assert set(named) == {1, 4, 3, 5}
+    assert all(abs(named.count(box) / len(named) - 1 / 4) < 0.08 for box in (1, 4, 3, 5))
+    again = random.Random(0)
+    assert [char_tokenizer.decode(icrl.warm_start_pairs(task, char_tokenizer, example, False, markers, failed,
+                                                        rng=again)[1][1])[len(prefix)] for _ in range(5)] == \
+        [str(box) for box in named[:5]]

@@ -194,16 +194,18 @@ def test_bad_flags_fail_in_one_line_before_the_model_loads(tmp_path, monkeypatch
 
 
 def test_warm_start_role_steps_default_to_the_tasks_own():
-    """A task may need a longer role phase of the warm start (boxes: 400); a given flag wins."""
-    assert icrl.parse_args([]).warm_start_role_steps == 100
+    """A task may need a longer role phase of the warm start (boxes, the default: 400); a given flag wins."""
+    assert icrl.parse_args([]).warm_start_role_steps == 400
+    assert icrl.parse_args(["--task", "arithmetic"]).warm_start_role_steps == 100
     assert icrl.parse_args(["--task", "boxes"]).warm_start_role_steps == 400
     assert icrl.parse_args(["--task", "boxes", "--warm_start_role_steps", "7"]).warm_start_role_steps == 7
     assert icrl.parse_args(["--task", "nosuchtask"]).warm_start_role_steps == 100   # load_tasks names it later
 
 
 def test_rl_steps_default_to_the_tasks_own():
-    """boxes learns to read its notes over 150 RL steps, the others get 60; a given flag wins."""
-    assert icrl.parse_args([]).steps == 60
+    """boxes (the default) learns to read its notes over 150 RL steps, the others get 60; a given flag wins."""
+    assert icrl.parse_args([]).steps == 150
+    assert icrl.parse_args(["--task", "arithmetic"]).steps == 60
     assert icrl.parse_args(["--task", "guess"]).steps == 60
     assert icrl.parse_args(["--task", "boxes"]).steps == 150
     assert icrl.parse_args(["--task", "boxes", "--steps", "7"]).steps == 7

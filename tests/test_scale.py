@@ -357,7 +357,7 @@ def test_host_reads_once_per_optimizer_step(micro_batch):
     per_query = synthetic_batch()
     samples = [s for qs in per_query for s in qs]
     model = small_model(64)
-    args = icrl.parse_args(["--batch_prompts", "4", "--minibatch", "2", "--ppo_epochs", "2",
+    args = icrl.parse_args(["--task", "arithmetic", "--batch_prompts", "4", "--minibatch", "2", "--ppo_epochs", "2",
                             "--micro_batch", str(micro_batch), "--lr", "1e-3"])
     with HostReads() as logprob_pass:
         icrl.old_logprobs(model, samples, args, icrl.Dist())
