@@ -925,9 +925,9 @@ def warm_start_pairs(task, tokenizer, example, think, observation_markers, attem
     under S(x); given the model's own sampled `attempt` (an Episode) that failed, a critique under C(x, tau)
     and the expert episode again under S(x, c) with the task's tip (`task.warm_start_critique`: a one-turn
     task names the failed answer, `Wrong, it is not A.`). The critic's target is that tip, or what
-    `task.warm_start_critic_target` makes of it (boxes: the format alone, from `rng`). The attempt is the model's own, so
-    a named answer is a real mistake and says nothing else about the right one (a made-up near miss would
-    teach the retry to answer "the tip's number plus or minus a little"). Under critic_gate "failure" the
+    `task.warm_start_critic_target` makes of it (boxes: the format alone, from `rng`). The attempt is the
+    model's own, so a named answer is a real mistake and says nothing else about the right one (a made-up
+    near miss would teach the retry to answer "the tip's number plus or minus a little"). Under critic_gate "failure" the
     critic never sees a success, so successes add no pair; under "always" the critic answers `Correct.`."""
     tokens, mask = expert_episode(task, tokenizer, example, observation_markers, rng=rng)
     task_text, first_observation = task.env(example).reset()
