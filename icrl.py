@@ -934,13 +934,14 @@ def warm_start_pairs(task, tokenizer, example, think, observation_markers, attem
     pairs = [(solver_context(tokenizer, task_text, first_observation, enable_thinking=think), tokens, mask)]
     if attempt is None or (attempt.reward == 1.0 and gate == "failure"):
         return pairs
-    critique = CRITIQUE_RIGHT if attempt.reward == 1.0 else task.warm_start_critique(
-        example, attempt.actions, attempt.observations)
-    if critique is None:
-        return pairs
+    if attempt.reward == 1.0:
+        critique = taught = CRITIQUE_RIGHT
+    else:
+        critique = task.warm_start_critique(example, attempt.actions, attempt.observations)
+        if critique is None:
+            return pairs
+        taught = task.warm_start_critic_target(example, critique, rng or random.Random(example.id))
     summary = episode_summary(attempt.reward, attempt.actions, attempt.observations)
-    taught = critique if critique == CRITIQUE_RIGHT else task.warm_start_critic_target(
-        example, critique, rng or random.Random(example.id))
     critique_ids = tokenizer.encode(taught, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
     pairs.append((critic_context(tokenizer, task_text, first_observation, summary, think), critique_ids,
                   [1] * len(critique_ids)))

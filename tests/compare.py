@@ -51,8 +51,7 @@ VARIANTS = {
     "no_critic_train": ["--no_critic_train"],
     "gate_always": ["--critic_gate", "always"],
 }
-# the embedded default (boxes) and arithmetic get every variant; guess gets ICRL
-# against GRPO
+# the embedded default (boxes) and arithmetic get every variant; guess gets ICRL against GRPO
 TASKS = {"arithmetic": list(VARIANTS), "guess": ["icrl", "grpo"], "boxes": list(VARIANTS)}
 BASELINE = "grpo"
 WARM = "warm_start"
