@@ -519,6 +519,19 @@ def micro_batches(samples, size, key=lambda s: len(s.context) + len(s.response))
     return chunks(sorted(samples, key=key), size)
 
 
+def even_passes(passes, args, ctx):
+    """Each pass (a list of micro-batches) padded to the most micro-batches any rank has in it. FSDP2 gathers
+    every layer in each forward and reduce-scatters in each backward, collectives that every rank must call
+    equally often; the gate (SPEC §2.2) gives ranks different numbers of samples and of retries. A padding
+    micro-batch is one token with mask 0: no loss, no gradient, the same collectives. DDP calls none in a
+    forward and one all-reduce per update, so it needs none."""
+    if not args.fsdp or ctx.world == 1:
+        return passes
+    most = all_reduce([len(p) for p in passes], ctx, dist.ReduceOp.MAX)
+    padding = lambda: TrainSample([0], [0], False, 0.0, mask=[0], old_logp=torch.zeros(1))
+    return [p + [[padding()] for _ in range(int(n) - len(p))] for p, n in zip(passes, most)]
+
+
 # ==================================================================================================
 # Distributed: `python icrl.py` and `torchrun ... icrl.py` run the same code
 # ==================================================================================================
@@ -660,14 +673,17 @@ def old_logprobs(model, samples, args, ctx, under_training_context=True):
 def _old_logprobs(model, samples, args, ctx, under_training_context):
     """The log-probs stay on the device until every micro-batch is done, then come to the host in one copy:
     a .cpu() per micro-batch would make the host wait for each forward in turn."""
+    retries = [s for s in samples if s.calib_context is not None]
+    free, cond = even_passes([micro_batches(samples, args.micro_batch) if under_training_context else [],
+                              micro_batches(retries, args.micro_batch,
+                                            key=lambda s: len(s.calib_context) + len(s.response))], args, ctx)
     passes = []  # (micro-batch, attribute, log-probs (B, T) on the device)
-    for micro in micro_batches(samples, args.micro_batch) if under_training_context else []:
+    for micro in free:
         logp, _ = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
                                     args.temperature, ctx.device, [s.mask for s in micro])
         passes.append((micro, "old_logp", logp))
-    retries = [s for s in samples if s.calib_context is not None]
-    for micro in micro_batches(retries, args.micro_batch, key=lambda s: len(s.calib_context) + len(s.response)):
-        logp, _ = response_logprobs(model, [s.calib_context for s in micro], [s.response for s in micro],
+    for micro in cond:
+        logp, _ = response_logprobs(model, [s.calib_context or s.context for s in micro], [s.response for s in micro],
                                     args.temperature, ctx.device, [s.mask for s in micro])
         passes.append((micro, "cond_logp", logp))
     to_host(passes)
@@ -740,9 +756,9 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     updates = skipped = 0
     own_old = []  # (micro-batch, "old_logp", log-probs): l_old from the update's own forward, where not given
-    for u, minibatch in enumerate(minibatches):
+    micros_by_update = even_passes([micro_batches(mb, args.micro_batch) for mb in minibatches], args, ctx)
+    for u, micros in enumerate(micros_by_update):
         n_solver, n_critic = counts[2 * u], counts[2 * u + 1]
-        micros = micro_batches(minibatch, args.micro_batch)
         finite = torch.ones((), dtype=torch.bool, device=device)
         for i, micro in enumerate(micros):
             with no_grad_sync(model, args, sync=i == len(micros) - 1), autocast_for(model, args):

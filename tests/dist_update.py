@@ -21,7 +21,9 @@ QUERIES = 4
 
 
 def global_batch():
-    """4 queries; rank slices differ in length so a per-rank token mean would differ from the global one."""
+    """4 queries; rank slices differ in length so a per-rank token mean would differ from the global one, and
+    in size, as the gate makes them (SPEC §2.2: a success gets no critique, no retry): queries 0-1 (rank 0 of 2)
+    hold 10 samples and 2 retries, queries 2-3 (rank 1) 13 samples and 4 retries."""
     gen = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(1, 64, (n,), generator=gen).tolist()
     per_query = []
@@ -34,6 +36,10 @@ def global_batch():
             samples.append(icrl.TrainSample(context, ids(n), False, adv))
         samples.append(icrl.TrainSample(context, ids(4), False, 0.7, calib_context=ids(9)))   # a retry
         samples.append(icrl.TrainSample(ids(6), ids(1 + q), True, -0.4 + 0.3 * q))             # a critique
+        if q == QUERIES - 1:  # more chains critiqued on this query than on the others
+            samples.append(icrl.TrainSample(context, ids(3), False, -0.2, calib_context=ids(7)))
+            samples.append(icrl.TrainSample(context, ids(5), False, 0.9, calib_context=ids(11)))
+            samples.append(icrl.TrainSample(ids(8), ids(2), True, 0.5))
         per_query.append(samples)
     return per_query
 
