@@ -1293,7 +1293,7 @@ def one_line(error, limit=300):
 
 def add_episode_args(p):
     """Episode, chain and sampler flags, the same in training and in eval.py (SPEC §1, §2.1-2.4)."""
-    p.add_argument("--compile_sampler", action="store_true", help="decode steps' layers through torch.compile: "
+    p.add_argument("--compile_sampler", action=argparse.BooleanOptionalAction, default=False, help="decode steps' layers through torch.compile: "
                    "on an H100 1.07-1.17x faster sampling at 1-64 sequences (README), after a one-off compile")
     p.add_argument("--max_turns", type=int, default=0, help="most action turns per episode (SPEC §1; 0: the "
                    "task's own, 1 for one-turn tasks)")
@@ -1376,8 +1376,8 @@ def build_parser():
     p.add_argument("--warm_start_lr", type=float, default=3e-3, help="warm-start learning rate")
     p.add_argument("--warm_start_batch", type=int, default=64, help="warm-start examples per step, global")
     # systems
-    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
-    p.add_argument("--grad_ckpt", action="store_true", help="recompute each layer in the backward pass")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="shard with FSDP2 (fully_shard) instead of DDP")
+    p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, default=False, help="recompute each layer in the backward pass")
     p.add_argument("--seed", type=int, default=0, help="seeds init, data order and every sampling call")
     # schedule and output
     p.add_argument("--steps", type=int, default=None, help="RL steps (default: the task's own, 60; boxes 150)")
@@ -1545,19 +1545,21 @@ def load_tokenizer(args):
     (and --resume's checkpoint) have a readable config.json and safetensors headers, the tokenizer loads,
     has a chat template and fits the vocabulary. Each mistake is a UsageError naming the folder or file."""
     from transformers import AutoTokenizer
-    if args.model == "tiny":
-        folder = tempfile.mkdtemp(prefix="icrl-char-tokenizer-")
-        build_char_tokenizer(folder, args.task)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+    if args.resume:  # weights and tokenizer from the checkpoint, which saved both: --model may have changed since
+        flag, folder = "--resume", args.resume
+        config, tokenizer = checked_folder(flag, folder), checked_tokenizer(flag, folder)
+    elif args.model == "tiny":
+        flag = "--model"
+        with tempfile.TemporaryDirectory(prefix="icrl-char-tokenizer-") as folder:
+            build_char_tokenizer(folder, args.task)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
         config = Qwen3Config(vocab_size=len(tokenizer), **TINY_CONFIG)
-    else:  # a resumed run takes its weights from the checkpoint, and its tokenizer from --model, as at the start
-        config = checked_folder("--resume" if args.resume else "--model", args.resume or args.model)
-        tokenizer = checked_tokenizer("--model", args.model)
-    if args.resume and args.model == "tiny":
-        config = checked_folder("--resume", args.resume)
+    else:
+        flag, folder = "--model", args.model
+        config, tokenizer = checked_folder(flag, folder), checked_tokenizer(flag, folder)
     if len(tokenizer) > config.vocab_size:
-        raise UsageError(f"--model {args.model}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
-                         f"vocab_size {config.vocab_size}")
+        raise UsageError(f"{flag} {args.resume or args.model}: its tokenizer has {len(tokenizer)} tokens, more than "
+                         f"the model's vocab_size {config.vocab_size}")
     return tokenizer, config.max_position_embeddings
 
 
@@ -1730,7 +1732,7 @@ def train(args, ctx):
                     f"{acc:.3f} on training examples when the critic and retry formats were added)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if ctx.main and args.overwrite and not args.resume:
-        clear_run_folder(args.out)
+        clear_run_folder(args.out, args.model)
     os.makedirs(args.out, exist_ok=True)
     if args.warm_start_steps and not args.resume:  # RL's starting point, for --model or --resume
         save_checkpoint(model, optimizer, tokenizer, args, ctx, 0, "warm_start")
@@ -1857,16 +1859,19 @@ def check_run_folder(args):
                          f"or --resume {args.out} to continue it")
 
 
-def clear_run_folder(out):
+def clear_run_folder(out, model):
     """--overwrite: remove an old run's files from `out` (metrics, latest, final, every checkpoint folder,
-    leftovers of killed saves); anything else stays."""
+    leftovers of killed saves); anything else stays, and so does the folder `model` (the new run's --model,
+    e.g. the old run's warm_start)."""
     if not os.path.isdir(out):
         return
+    model = os.path.realpath(model)
     removed, kept = [], []
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name)
-        ours = (name in ("metrics.jsonl", "metrics.jsonl.tmp", "latest", "latest.tmp", "final") or name.startswith(".tmp-")
-                or is_checkpoint(path))
+        holds_model = model == os.path.realpath(path) or model.startswith(os.path.realpath(path) + os.sep)
+        ours = not holds_model and (name in ("metrics.jsonl", "metrics.jsonl.tmp", "latest", "latest.tmp", "final")
+                                    or name.startswith(".tmp-") or is_checkpoint(path))
         (removed if ours else kept).append(name)
         if ours:
             remove_path(path)

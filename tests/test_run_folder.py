@@ -135,6 +135,35 @@ def test_resume_refusals_name_what_is_wrong(base_run, tmp_path, monkeypatch, cap
         assert flag in help_text
 
 
+def test_resume_can_turn_the_boolean_settings_that_may_change_off(base_run, tmp_path):
+    """--fsdp, --grad_ckpt and --compile_sampler may change on resume: a run saved with them resumes with them,
+    and --no-fsdp, --no-grad_ckpt, --no-compile_sampler turn them off (else only turning on was possible)."""
+    run = copy_run(base_run, tmp_path / "a")
+    state_path = os.path.join(run, "final", icrl.TRAINER_STATE)
+    state = json.load(open(state_path))
+    state["args"].update(fsdp=True, grad_ckpt=True, compile_sampler=True)
+    json.dump(state, open(state_path, "w"))
+    kept = icrl.parse_args(["--resume", run, "--steps", "3"])
+    assert (kept.fsdp, kept.grad_ckpt, kept.compile_sampler) == (True, True, True)
+    off = icrl.parse_args(["--resume", run, "--steps", "3", "--no-fsdp", "--no-grad_ckpt", "--no-compile_sampler"])
+    assert (off.fsdp, off.grad_ckpt, off.compile_sampler) == (False, False, False)
+
+
+def test_overwrite_keeps_the_model_folder_and_a_resume_reads_its_own_tokenizer(base_run, tmp_path, monkeypatch):
+    """--overwrite clears the old run's checkpoints but never the --model folder the new run starts from (README:
+    variants start RL from RUN/warm_start), and the new run resumes with the tokenizer its checkpoints saved,
+    whatever became of --model."""
+    run = copy_run(base_run, tmp_path / "a")
+    model_folder = os.path.join(run, "warm_start")   # a run's RL starting point, as make compare's variants use it
+    shutil.copytree(os.path.join(run, "step_1"), model_folder)
+    icrl.main(FAST + ["--model", model_folder, "--steps", "1", "--out", run, "--overwrite"])
+    assert icrl.read_trainer_state(model_folder)["step"] == 1   # the starting point is still there, untouched
+    assert not os.path.exists(os.path.join(run, "step_2"))      # the old run's other checkpoints are gone
+    shutil.rmtree(model_folder)   # --model gone: the run still resumes, from its own checkpoint's tokenizer
+    icrl.main(["--resume", run, "--steps", "2"])
+    assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1, 2]
+
+
 def test_fresh_run_refuses_a_non_empty_out_unless_overwrite(base_run, tmp_path, monkeypatch, capsys):
     run = copy_run(base_run, tmp_path / "a")
     (tmp_path / "a" / "notes.txt").write_text("mine")
