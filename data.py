@@ -59,6 +59,7 @@ TIPS_SECTION = "Tips from the previous critique: {critique}"
 SUMMARY_REWARD = "Reward of the attempt: {reward}"
 SUMMARY_ACTION = "Action: {action}"
 SUMMARY_OBSERVATION = "Observation: {observation}"
+SUMMARY_LEFT_OUT = "({turns} earlier turns left out)"
 CRITIC_INSTRUCTION = "Critique the attempt: what went wrong and what to do instead, inside <critic></critic>."
 # What a supervised warm start teaches a critic that cannot critique yet (icrl.py, `--model tiny`): the
 # verdict and, for a failed attempt, which answer to avoid. (Naming the right answer instead asks a 1M-
@@ -298,10 +299,12 @@ def solver_context(tokenizer, task_text: str, first_observation: str, critique: 
                                                                             critique)}], enable_thinking)
 
 
-def episode_summary(reward: float, actions: list[str], observations: list[str], obs_chars: int = OBS_CHARS) -> str:
+def episode_summary(reward: float, actions: list[str], observations: list[str], obs_chars: int = OBS_CHARS,
+                    left_out: int = 0) -> str:
     """SPEC §1: the reward, then each action (visible text) with the observation that followed it, each
-    observation cut to `obs_chars` characters. An empty observation (a one-turn task's) is left out."""
-    lines = [SUMMARY_REWARD.format(reward=f"{reward:g}")]
+    observation cut to `obs_chars` characters. An empty observation (a one-turn task's) is left out.
+    `left_out`: how many earlier turns the caller dropped to fit the context (a line says so)."""
+    lines = [SUMMARY_REWARD.format(reward=f"{reward:g}")] + ([SUMMARY_LEFT_OUT.format(turns=left_out)] if left_out else [])
     for action, observation in zip(actions, observations):
         lines.append(SUMMARY_ACTION.format(action=visible_response(action)))
         if observation:

@@ -373,10 +373,7 @@ def rollout(model, tokenizer, task, examples, cfg, seed, critique=True, critic_m
         if not active:
             break
         # 3. Critique: c_k ~ pi(. | C(x, tau_k)).
-        contexts = [critic_context(tokenizer, ep.task_text, ep.first_observation,
-                                   episode_summary(ep.reward, ep.actions, ep.observations, cfg.obs_chars),
-                                   cfg.enable_thinking, cfg.obs_chars)
-                    for ep in (chains[c].episodes[-1] for c in active)]
+        contexts = [critic_context_within(tokenizer, chains[c].episodes[-1], cfg, sampler.max_context) for c in active]
         gens = sampler.sample(contexts, cfg.critic_max_new_tokens, (2, k), critic=True)
         for c, context, g in zip(active, contexts, gens):
             chains[c].critiques.append(Critique(context, g.tokens, full_softmax_logprobs(g), g.finished,
@@ -388,6 +385,25 @@ def rollout(model, tokenizer, task, examples, cfg, seed, critique=True, critic_m
             chains[c].free_contexts.append(f)
     rollouts = [QueryRollout(ex, chains[q * G:(q + 1) * G]) for q, ex in enumerate(examples)]
     return rollouts, sampler.times
+
+
+def critic_context_within(tokenizer, ep, cfg, limit):
+    """C(x, tau) (SPEC §1) with room for the critique within `limit` tokens: a summary too long for it (an
+    episode may fill the budget itself) leaves out as few of its earliest turns as it must; the reward and the
+    last turns stay. Fitting is monotone in the turns left out, so they are found by bisection."""
+    def context(skip):
+        summary = episode_summary(ep.reward, ep.actions[skip:], ep.observations[skip:], cfg.obs_chars, skip)
+        return critic_context(tokenizer, ep.task_text, ep.first_observation, summary, cfg.enable_thinking, cfg.obs_chars)
+
+    fits = lambda ids: len(ids) + cfg.critic_max_new_tokens <= limit
+    whole = context(0)
+    if fits(whole):
+        return whole
+    low, high = 1, len(ep.actions)   # with every turn left out it fits: prompt_limit kept S(x) short enough
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(context(mid)) else (mid + 1, high)
+    return context(low)
 
 
 def model_positions(model):

@@ -723,6 +723,29 @@ def test_repeats_end_an_episode_only_in_a_row(monkeypatch, char_tokenizer):
     assert (ep.end, ep.reward, ep.actions) == ("done", 1.0, ["go", "a", "go", "a", "go", "stop"])
 
 
+def test_the_critic_context_leaves_room_for_the_critique(char_tokenizer):
+    """C(x, tau) (SPEC §1) of a long episode within the context budget: the earliest turns of the summary are
+    left out, with a line that says how many, until the context and the critique's token limit fit; the reward
+    and the last turns stay. An episode whose summary fits is summarised whole."""
+    ep = icrl.Episode([], "Say words.", "Go.", actions=[f"word{i}<|im_end|>" for i in range(5)],
+                      observations=[f"seen word{i} " + "x" * 40 for i in range(5)], reward=0.5)
+    cfg = icrl.SamplingConfig(group_size=1, max_new_tokens=8, critic_max_new_tokens=8)
+    whole = icrl.critic_context(char_tokenizer, "Say words.", "Go.", icrl.episode_summary(0.5, ep.actions,
+                                ep.observations, cfg.obs_chars), False, cfg.obs_chars)
+    assert icrl.critic_context_within(char_tokenizer, ep, cfg, len(whole) + 8) == whole
+    limit = len(whole) + 8 - 100   # about two turns too long
+    fitted = icrl.critic_context_within(char_tokenizer, ep, cfg, limit)
+    text = char_tokenizer.decode(fitted)
+    assert len(fitted) + 8 <= limit
+    assert "Reward of the attempt: 0.5" in text and "word4" in text and "word0" not in text
+    left_out = int(text.split(" earlier turns left out")[0].rsplit("(", 1)[1])
+    assert 1 <= left_out <= 4 and f"word{left_out - 1}" not in text and f"word{left_out}" in text
+    # one turn more would not have fitted: as few turns as possible are left out
+    more = icrl.critic_context(char_tokenizer, "Say words.", "Go.", icrl.episode_summary(
+        0.5, ep.actions[left_out - 1:], ep.observations[left_out - 1:], cfg.obs_chars, left_out - 1), False, cfg.obs_chars)
+    assert len(more) + 8 > limit
+
+
 def test_a_cut_off_answer_scores_zero(monkeypatch, char_tokenizer):
     """SPEC §1: a single-turn response cut off by max_new_tokens (no stop token) scores 0, even when its text
     holds the right answer. 2+3 answered \\boxed{5} twice: with <|im_end|> (reward 1, done), and cut off
