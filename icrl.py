@@ -768,7 +768,8 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
     counts = all_reduce([n for mb in minibatches for n in (sum(s.trained_tokens for s in mb if not s.is_critic),
                                                             sum(s.trained_tokens for s in mb if s.is_critic))], ctx)
     device = ctx.device
-    # loss_solver, loss_critic, clipped tokens, tokens, grad_norm summed over updates: float64, on the device
+    # loss_solver, loss_critic, clipped tokens, tokens, grad_norm summed over the updates taken (a skipped one's
+    # figures are dropped): float64, on the device
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     updates = skipped = 0
     own_old = []  # (micro-batch, "old_logp", log-probs): l_old from the update's own forward, where not given
@@ -776,6 +777,7 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
     for u, micros in enumerate(micros_by_update):
         n_solver, n_critic = counts[2 * u], counts[2 * u + 1]
         finite = torch.ones((), dtype=torch.bool, device=device)
+        this_update = torch.zeros(4, dtype=torch.float64, device=device)
         for i, micro in enumerate(micros):
             with no_grad_sync(model, args, sync=i == len(micros) - 1), autocast_for(model, args):
                 logp, mask = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
@@ -798,7 +800,7 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
                 ratio = (logp - old).exp()
                 a = adv[:, None]  # clipped: the min picked the clipped term, so the token has no gradient
                 clipped = ((a > 0) & (ratio > 1 + args.clip_high)) | ((a < 0) & (ratio < 1 - args.clip_low))
-                sums[:4] += torch.stack([torch.where(is_critic, 0.0, per_sample).sum() / max(n_solver, 1),
+                this_update += torch.stack([torch.where(is_critic, 0.0, per_sample).sum() / max(n_solver, 1),
                                          torch.where(is_critic, per_sample, 0.0).sum() / max(n_critic, 1),
                                          (clipped.float() * mask).sum().double(), mask.sum().double()])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -811,6 +813,7 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
             for group in optimizer.param_groups:  # a function of the step alone, so resume is exact
                 group["lr"] = args.lr * min(1.0, (step + 1) / max(args.lr_warmup, 1))
             optimizer.step()
+            sums[:4] += this_update
             sums[4] += grad_norm.detach().double()
             updates += 1
         else:
@@ -873,14 +876,14 @@ def step_metrics(rollouts, samples, stats, times, args, ctx):
             diff = (torch.tensor(x.sampler_logprobs) - reference).abs() * torch.tensor(x.loss_mask)
             gap = max(gap, float(diff.max()))
     gap, t_sample, t_env, t_train = all_reduce([gap, times["sample"], times["env"], times["train"]], ctx, MAX)
-    n_updates = max(stats["updates"] + stats["skipped"], 1)
+    n_updates = stats["updates"]   # the updates taken: a skipped one reports no loss (skipped_updates counts it)
     metrics = dict(
         acc=ratio(s["first_reward"], s["chains"]),
         len_solver=ratio(s["action_tokens"], s["episodes"]), len_obs=ratio(s["obs_tokens"], s["episodes"]),
         turns=ratio(s["turns"], s["episodes"]), trunc_frac=ratio(s["truncated"], s["episodes"]),
         repeat_frac=ratio(s["repeats"], s["episodes"]),
-        loss_solver=s["loss_solver"] / n_updates, clip_frac=ratio(s["clipped"], s["tokens"]),
-        grad_norm=s["grad_norm"] / ctx.world / max(stats["updates"], 1), logprob_gap=gap,
+        loss_solver=ratio(s["loss_solver"], n_updates), clip_frac=ratio(s["clipped"], s["tokens"]),
+        grad_norm=ratio(s["grad_norm"], ctx.world * n_updates), logprob_gap=gap,
         tok_per_s=ratio(s["action_tokens"] + s["critique_tokens"], t_sample + t_env + t_train),
         t_sample=t_sample, t_env=t_env, t_train=t_train, skipped_updates=stats["skipped"])
     if args.algo == "icrl":  # GRPO samples no critique: it reports no critique figures rather than zeros
@@ -889,7 +892,7 @@ def step_metrics(rollouts, samples, stats, times, args, ctx):
             critiqued_frac=ratio(s["critiqued"], s["chains"]),
             retry_acc=ratio(sum(s[f"retry_wins_r{k}"] for k in range(2, rounds + 1)), retries),
             final_acc=ratio(s["final_reward"], s["chains"]), critic_reward=ratio(s["critic_reward"], s["critiques"]),
-            len_critic=ratio(s["critique_tokens"], s["critiques"]), loss_critic=s["loss_critic"] / n_updates,
+            len_critic=ratio(s["critique_tokens"], s["critiques"]), loss_critic=ratio(s["loss_critic"], n_updates),
             **calibration_summary([x for x in samples if x.calib_context is not None], args, ctx))
         if rounds > 2:
             metrics.update({f"retry_acc_r{k}": ratio(s[f"retry_wins_r{k}"], s[f"retries_r{k}"])

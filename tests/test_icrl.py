@@ -451,6 +451,26 @@ def test_non_finite_loss_skips_the_update(capsys):
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_a_skipped_update_leaves_the_others_of_the_step_and_their_figures(capsys):
+    """Two updates in a step (--minibatch 1 of 2 queries), the first with a non-finite advantage: it is skipped,
+    the second is taken, and the step's loss and grad norm are the second's alone, not NaN."""
+    import copy
+    model = tiny_model(40)
+    args = icrl.parse_args(["--batch_prompts", "2", "--minibatch", "1", "--lr", "0.1"])
+    bad = [icrl.TrainSample([1, 2], [3, 4], False, float("nan"))]
+    good = [icrl.TrainSample([1, 2], [3, 4], False, 1.0), icrl.TrainSample([1, 2], [5], False, -1.0)]
+    alone = copy.deepcopy(model)
+    icrl.old_logprobs(model, bad + good, args, icrl.Dist())
+    stats = icrl.update(model, torch.optim.AdamW(model.parameters(), lr=0.1), [bad, good], args, icrl.Dist(), step=0)
+    assert (stats["updates"], stats["skipped"]) == (1, 1) and "update skipped" in capsys.readouterr().out
+    one = icrl.parse_args(["--batch_prompts", "1", "--lr", "0.1"])
+    expected = icrl.update(alone, torch.optim.AdamW(alone.parameters(), lr=0.1), [good], one, icrl.Dist(), step=0)
+    assert math.isfinite(stats["loss_solver"]) and stats["loss_solver"] == pytest.approx(expected["loss_solver"])
+    assert stats["grad_norm"] == pytest.approx(expected["grad_norm"]) and stats["grad_norm"] > 0
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, alone.state_dict()[k], msg=k)
+
+
 def test_non_finite_gradient_with_a_finite_loss_skips_the_update(capsys):
     """update's contract: a non-finite loss *or gradient* skips the update. Here the loss is finite and a
     hook makes the (tied) embedding's gradient infinite: no weight and no AdamW moment may change."""
@@ -463,8 +483,7 @@ def test_non_finite_gradient_with_a_finite_loss_skips_the_update(capsys):
     hook = model.model.embed_tokens.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
     stats = icrl.update(model, optimizer, [samples], args, icrl.Dist(), step=0)
     hook.remove()
-    assert math.isfinite(stats["loss_solver"])   # the loss was finite: only the gradient was not
-    assert stats["skipped"] == 1 and stats["updates"] == 0
+    assert stats["skipped"] == 1 and stats["updates"] == 0 and stats["loss_solver"] == 0.0  # no loss reported
     assert "update skipped" in capsys.readouterr().out
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
