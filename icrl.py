@@ -13,7 +13,8 @@ Run (the embedded default: tiny random Qwen3 + character tokenizer on the multi-
     torchrun --standalone --nproc_per_node 2 icrl.py --task arithmetic   # a one-turn task
 Real checkpoints on GPUs (README has the full commands for Qwen3-4B/8B and AgentGym's ALFWorld):
     torchrun --nproc_per_node 8 icrl.py --model /path/Qwen3-8B --task math --train_file train.jsonl \
-        --eval_file test.jsonl --dtype bfloat16 --fsdp --grad_ckpt --out runs/qwen3-8b
+        --eval_file test.jsonl --dtype bfloat16 --fsdp --grad_ckpt --lr 1e-6 --max_new_tokens 2048 \
+        --critic_max_new_tokens 1024 --micro_batch 2 --rollout_batch 32 --out runs/qwen3-8b
 """
 import argparse
 import contextlib
@@ -1415,7 +1416,8 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --out: the old "
                    "run's metrics.jsonl, latest, final and checkpoint folders are deleted when the new run "
                    "first writes (other files stay)")
-    may_change = ", ".join(f"--{k}" + (" (upward)" if k == "steps" else "") for k in RESUME_MAY_CHANGE)
+    may_change = ", ".join(f"--{k}" + (" (not below the checkpoint's step)" if k == "steps" else "")
+                           for k in RESUME_MAY_CHANGE)
     p.add_argument("--resume", default=None, help="continue a run: a checkpoint folder (the run folder is its "
                    "parent) or a run folder (its latest checkpoint); it continues in that run folder with the "
                    f"run's saved settings. A flag given again must equal the saved value, except these, which "
@@ -1501,7 +1503,9 @@ def same_setting(key, new, old):
 
 
 def show(value):
-    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "(none)"
+    return str(value)
 
 
 def check_flags(args):
@@ -1903,8 +1907,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         check_run_folder(args)
-    except UsageError as e:
-        usage_exit(e)
+    except UsageError as e:  # the same on every rank under torchrun: rank 0 says it
+        usage_exit(e, say=os.environ.get("RANK", "0") == "0")
     ctx = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     try:
@@ -1920,8 +1924,9 @@ def main(argv=None):
     shutdown(ctx, args.fsdp)
 
 
-def usage_exit(error):
-    print(f"error: {one_line(error, limit=2000)}", file=sys.stderr, flush=True)
+def usage_exit(error, say=True):
+    if say:
+        print(f"error: {one_line(error, limit=2000)}", file=sys.stderr, flush=True)
     raise SystemExit(2) from None
 
 

@@ -275,6 +275,11 @@ def test_a_user_error_on_the_command_line_is_one_line_and_exit_status_2(tmp_path
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--lr" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "runs")
+    # under torchrun every rank finds the mistake and rank 0 alone says it (torchrun then adds its own report)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "icrl.py"), "--lr", "nan"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode != 0 and result.stderr.count("error: --lr") == 1, result.stderr
 
 
 # ==================================================================================================
