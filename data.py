@@ -383,6 +383,11 @@ class Environment:
     def step(self, action: str) -> tuple[str, float, bool]:
         raise NotImplementedError
 
+    def action_key(self, action: str) -> str:
+        """What this environment reads of an action: two actions with equal keys are the same command (the
+        trainer's repeat check, SPEC §1). By default the built-in environments' reading, _action_text."""
+        return _action_text(action)
+
     def close(self) -> None:
         pass
 
@@ -1569,6 +1574,9 @@ class AgentGymEnv(Environment):
         self.actions.append(action)
         self.done = done
         return observation, reward, done
+
+    def action_key(self, action):
+        return self.task.parse_action(action)
 
     def close(self):
         if self.lease is not None:

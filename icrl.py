@@ -333,7 +333,8 @@ def run_episodes(sampler, envs, critiques, phase):
                     ep.end = "done"
                 elif turn + 1 == cfg.max_turns:
                     ep.end = "max_turns"
-                elif len(ep.actions) >= REPEAT_LIMIT and len(set(ep.actions[-REPEAT_LIMIT:])) == 1:
+                elif (len(ep.actions) >= REPEAT_LIMIT and   # the same command: what the environment reads
+                      len({envs[i].action_key(a) for a in ep.actions[-REPEAT_LIMIT:]}) == 1):
                     ep.end = "repeat"
                 elif len(ep.context) + len(ep.tokens) + len(obs_ids) + cfg.max_new_tokens > sampler.max_context:
                     ep.end = "context"  # truncated: the reward stays the environment's last

@@ -418,6 +418,16 @@ def test_action_parsing():
     assert searchqa.parse_action(raw) == raw and searchqa.parse_action("<think>r</think>\n\n<answer>a</answer>") == "<answer>a</answer>"
 
 
+def test_action_keys_are_the_parsed_actions():
+    """Two responses that send the same command have the same key (the trainer's repeat check, SPEC §1),
+    whatever their thoughts."""
+    task = AgentGymTask("alfworld", env_url="http://127.0.0.1:1")
+    env = task.env(task.examples[0])
+    keys = {env.action_key(text) for text in ("Thought: a\nAction: look", "Thought: b\nAction: look",
+                                               "<think>hm</think>\n\nThought: c\nAction: look ")}
+    assert keys == {"look"} and env.action_key("Thought: a\nAction: apple") == "apple"
+
+
 def test_step_before_reset():
     task = AgentGymTask("alfworld", env_url="http://127.0.0.1:1")
     with pytest.raises(RuntimeError, match="before reset"):

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import icrl
+from data import Environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -624,9 +625,10 @@ def test_fsdp_run_samples_with_the_trained_weights(tmp_path):
 # Multi-turn episodes (SPEC §1)
 # ==================================================================================================
 
-class EchoEnv:
+class EchoEnv(Environment):
     """A scripted environment: observation `seen <action>` (or `invalid` for anything but a single
-    lower-case word), never done unless the action is `stop`; reward 0.5 after `half`, 1 after `stop`."""
+    lower-case word), never done unless the action is `stop`; reward 0.5 after `half`, 1 after `stop`.
+    It reads an action as the built-in environments do (Environment.action_key)."""
 
     def __init__(self):
         self.turns = 0
@@ -637,7 +639,7 @@ class EchoEnv:
 
     def step(self, action):
         self.turns += 1
-        word = action.strip()
+        word = self.action_key(action)
         if word == "stop":
             return "bye", 1.0, True
         if not word.isalpha() or not word.islower():
@@ -706,6 +708,9 @@ def test_episode_end_conditions(monkeypatch, char_tokenizer):
     # the same action 3 times in a row
     ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["go"], ["go"], ["go"], ["go"]], max_turns=9)
     assert (ep.end, len(ep.actions)) == ("repeat", 3)
+    # ... the same command, that is: what the environment reads, whatever the reasoning or spacing around it
+    ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["go"], [" go "], ["<think>hm</think>go"], ["go"]], max_turns=9)
+    assert (ep.end, ep.observations) == ("repeat", ["seen go"] * 3)
     # an invalid action gets the environment's answer and counts as a turn
     ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["Go Go"], ["stop"]], max_turns=9)
     assert (ep.end, ep.observations, len(ep.actions)) == ("done", ["invalid, say one word", "bye"], 2)
