@@ -6,8 +6,9 @@ turn. The role contexts are built with the tokenizer's own chat template, so the
 Qwen3 and the tiny character model:
     S(x)      solver:  one user turn: the task text, then the first observation
     S(x, c)   retry:   S(x) with "Tips from the previous critique: c" between the task and the observation
-    C(x, tau) critic:  one user turn: the task, its first observation, the episode's summary (reward, each
-                       action with its observation, cut to obs_chars) and the instruction
+    C(x, tau) critic:  one user turn: the task, its first observation (whole, as the solver saw it), the
+                       episode's summary (reward, each action with its observation, cut to obs_chars) and
+                       the instruction
 Observations after an action are appended as the template's own user turn (`observation_turn`).
 
 Built-in tasks (all offline):
@@ -309,18 +310,19 @@ def episode_summary(reward: float, actions: list[str], observations: list[str], 
     return "\n".join(lines)
 
 
-def critic_message(task_text: str, first_observation: str, summary: str, obs_chars: int = OBS_CHARS) -> str:
-    """The user turn of C(x, tau): what the solver was shown (the task and its first observation, cut to
-    `obs_chars`), the episode's summary and the instruction. Never the reference answer (SPEC §1)."""
-    parts = [task_text] + ([first_observation[:obs_chars]] if first_observation else []) + [summary, CRITIC_INSTRUCTION]
+def critic_message(task_text: str, first_observation: str, summary: str) -> str:
+    """The user turn of C(x, tau): what the solver was shown (the task and its first observation, whole: a
+    one-turn task's problem is its first observation), the episode's summary and the instruction. Only the
+    summary's observations are cut (SPEC §1). Never the reference answer."""
+    parts = [task_text] + ([first_observation] if first_observation else []) + [summary, CRITIC_INSTRUCTION]
     return "\n".join(parts)
 
 
-def critic_context(tokenizer, task_text: str, first_observation: str, summary: str, enable_thinking: bool = False,
-                   obs_chars: int = OBS_CHARS) -> list[int]:
+def critic_context(tokenizer, task_text: str, first_observation: str, summary: str,
+                   enable_thinking: bool = False) -> list[int]:
     """C(x, tau) ids: one user turn and the assistant generation prompt."""
-    return _chat_ids(tokenizer, [{"role": "user", "content": critic_message(task_text, first_observation, summary,
-                                                                            obs_chars)}], enable_thinking)
+    return _chat_ids(tokenizer, [{"role": "user", "content": critic_message(task_text, first_observation, summary)}],
+                     enable_thinking)
 
 
 _CRITIC_TAG = re.compile(r"<critic>(.*?)</critic>", re.DOTALL)

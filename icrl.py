@@ -376,7 +376,7 @@ def rollout(model, tokenizer, task, examples, cfg, seed, critique=True, critic_m
         # 3. Critique: c_k ~ pi(. | C(x, tau_k)).
         contexts = [critic_context(tokenizer, ep.task_text, ep.first_observation,
                                    episode_summary(ep.reward, ep.actions, ep.observations, cfg.obs_chars),
-                                   cfg.enable_thinking, cfg.obs_chars)
+                                   cfg.enable_thinking)
                     for ep in (chains[c].episodes[-1] for c in active)]
         gens = sampler.sample(contexts, cfg.critic_max_new_tokens, (2, k), critic=True)
         for c, context, g in zip(active, contexts, gens):
@@ -1632,8 +1632,8 @@ def prompt_limit(args, tokenizer, positions):
     if args.algo == "icrl" and args.rounds > 1:
         base = len(solver_context(tokenizer, "", "", enable_thinking=think))
         tips = len(solver_context(tokenizer, "", "", "", think)) - base
-        critic = len(critic_context(tokenizer, "", "", episode_summary(0.0, [""], [""], args.obs_chars), think,
-                                    args.obs_chars)) - base
+        critic = len(critic_context(tokenizer, "", "", episode_summary(0.0, [""], [""], args.obs_chars),
+                                    think)) - base
         budget += args.critic_max_new_tokens + max(tips, critic)
     context = min(positions, args.max_context or positions)
     room = context - budget
