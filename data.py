@@ -749,16 +749,16 @@ def math_answers_match(predicted: str, reference: str) -> bool:
     scientific notation, reordered sets / tuples / intervals / lists of solutions, units outside \\text{}
     or unit conversions, words for numbers, multiple-choice letter vs its content, matrices or equations
     written differently, the brace-less `\\boxed 5`, Unicode digits. A comma followed by a space makes a
-    list, never a thousands separator: "1100" does not match "1, 100"."""
-    if _LIST_COMMA.search(predicted) or _LIST_COMMA.search(reference):
-        number = lambda text: None
-    else:
-        number = parse_exact_number
+    list, never a thousands separator: neither "1100" nor "1,100" matches "1, 100"."""
+    lists = [_LIST_COMMA.search(text) is not None for text in (predicted, reference)]
     predicted, reference = normalize_math_answer(predicted), normalize_math_answer(reference)
+    if any(lists):   # no numeric reading; white space is gone, so "1, 100" now reads "1,100" like the number
+        numbers = [_THOUSANDS.fullmatch(text) for text, listed in zip((predicted, reference), lists) if not listed]
+        return bool(predicted) and predicted == reference and not any(numbers)
     if predicted and predicted == reference:
         return True
-    value = number(predicted)
-    return value is not None and value == number(reference)
+    value = parse_exact_number(predicted)
+    return value is not None and value == parse_exact_number(reference)
 
 
 class MathTask(Task):
