@@ -1317,16 +1317,15 @@ class BoxesTask(Task):
 # AgentGym environment servers (../shared/AGENTGYM.md): ALFWorld, WebShop, SciWorld, search QA
 # ==================================================================================================
 
-# Standard library only: urllib for HTTP, a lock for the shared server pool.
+# Standard library only: http.client for HTTP, a lock for the shared server pool.
 import http.client
 import socket
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 
 AGENTGYM_ENVS = ("alfworld", "webshop", "sciworld", "searchqa")
-AGENTGYM_TIMEOUT = 60.0           # seconds allowed to every HTTP call (knob timeout)
+AGENTGYM_TIMEOUT = 60.0           # seconds allowed to every HTTP call, its whole reply included (knob timeout)
+AGENTGYM_MAX_REPLY_BYTES = 16 * 2**20   # a longer reply is a failed call (it would become an observation)
 AGENTGYM_MAX_ACTION_CHARS = 500   # the parsed action sent to the server is cut to this (knob max_action_chars)
 AGENTGYM_AVAILABLE_ACTIONS = "AVAILABLE ACTIONS"   # where the task text is split off the first observation
 # The documented task-id ranges [start, stop) (AGENTGYM.md): the default ids when no id file is given.
@@ -1380,15 +1379,6 @@ AGENTGYM_UNIFIED = AgentGymProtocol(id_field="env_id", created="env_id", create_
                                     step_observation="observation", step_reward="reward", closes=True)
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None   # a redirect is answered as an HTTP error: the client talks to the given addresses only
-
-
-# No proxy from the environment (http_proxy ...) and no redirects: only the URLs the user passes are contacted.
-_AGENTGYM_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
-
-
 class AgentGymCallFailed(Exception):
     """One failed call; its message names the call ("POST http://host:port/step") and the cause."""
 
@@ -1398,30 +1388,52 @@ def _one_line(text, limit=200) -> str:
 
 
 def agentgym_http(url: str, method: str, path: str, timeout: float, body=None, query: dict | None = None):
-    """One call to an AgentGym server: the JSON reply, or AgentGymCallFailed for a timeout, a connection
-    error, a non-200 status, a reply that is not JSON or a JSON object with an "error" key."""
+    """One call to an AgentGym server: the JSON reply, or AgentGymCallFailed for a call not done within
+    `timeout` seconds (the whole call: a server that trickles its reply is cut off), a connection error, a
+    non-200 status, a reply over AGENTGYM_MAX_REPLY_BYTES or not JSON, or a JSON object with an "error" key.
+
+    http.client, not urllib: no proxy from the environment (http_proxy ...) and no redirects (a 3xx is a
+    non-200 status), so only the URLs the user passes are contacted; and the socket is at hand, so a
+    watchdog can shut it down at the deadline (a socket timeout bounds each read, not the call)."""
     call = f"{method} {url}{path}"
-    target = url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    parts = urllib.parse.urlsplit(url)
+    connection = (http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection)(
+        parts.hostname, parts.port, timeout=timeout)
+    target = parts.path + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
     data = None if method == "GET" else (b"" if body is None else json.dumps(body).encode())
     headers = {"Content-Type": "application/json"} if body is not None else {}
-    request = urllib.request.Request(target, data=data, method=method, headers=headers)
+    expired, connected = threading.Event(), []   # connected: the socket (the response may own it later)
+
+    def expire():
+        expired.set()
+        for sock in connected:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)   # wakes a blocked read: the call fails now
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        with _AGENTGYM_OPENER.open(request, timeout=timeout) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as e:
-        try:
-            detail = e.read().decode("utf-8", "replace")
-        except Exception:
-            detail = ""
-        raise AgentGymCallFailed(f"{call}: HTTP {e.code} {_one_line(detail)}".rstrip()) from None
-    except urllib.error.URLError as e:
-        timed_out = isinstance(e.reason, (TimeoutError, socket.timeout))
-        cause = f"no reply within {timeout:g} s" if timed_out else _one_line(e.reason)
-        raise AgentGymCallFailed(f"{call}: {cause}") from None
-    except (TimeoutError, socket.timeout):
-        raise AgentGymCallFailed(f"{call}: no reply within {timeout:g} s") from None
+        connection.connect()
+        connected.append(connection.sock)
+        if expired.is_set():   # the deadline passed while connecting, before the socket could be shut
+            raise TimeoutError
+        connection.request(method, target, body=data, headers=headers)
+        response = connection.getresponse()
+        status, raw = response.status, response.read(AGENTGYM_MAX_REPLY_BYTES + 1)
     except (OSError, http.client.HTTPException) as e:
+        if expired.is_set() or isinstance(e, (TimeoutError, socket.timeout)):
+            raise AgentGymCallFailed(f"{call}: no reply within {timeout:g} s") from None
         raise AgentGymCallFailed(f"{call}: {type(e).__name__} {_one_line(e)}".rstrip()) from None
+    finally:
+        watchdog.cancel()
+        connection.close()
+    if expired.is_set():   # a reply cut off by the shutdown can read as a short, complete one
+        raise AgentGymCallFailed(f"{call}: no reply within {timeout:g} s")
+    if len(raw) > AGENTGYM_MAX_REPLY_BYTES:
+        raise AgentGymCallFailed(f"{call}: reply over {AGENTGYM_MAX_REPLY_BYTES} bytes")
     if status != 200:
         raise AgentGymCallFailed(f"{call}: HTTP {status} {_one_line(raw.decode('utf-8', 'replace'))}".rstrip())
     try:
@@ -1612,12 +1624,12 @@ class AgentGymTask(Task):
     Reward: the step's reward (sciworld: its score) / reward_scale, clamped to [0, 1]; success is 1, so
     alfworld's done at its own 50-step cap (reward 0) is a failure.
 
-    Failures: every call has the timeout. A timeout, a connection error, a non-200 status, a reply that
-    is not JSON, a JSON object with an "error" key or a reply without the expected fields is a failure of
-    that instance: the client forgets it, creates a fresh one and tries once more (reset: the reset again;
-    step: reset, replay of the episode's earlier actions, the step). A second failure raises RuntimeError,
-    one line naming the server and the call that failed (and the first failure). close() (of the task,
-    optional) frees the instances on servers that have POST /close."""
+    Failures: every call has the timeout, its whole reply included. A timeout, a connection error, a non-200
+    status, a reply over AGENTGYM_MAX_REPLY_BYTES or not JSON, a JSON object with an "error" key or a reply
+    without the expected fields is a failure of that instance: the client forgets it, creates a fresh one
+    and tries once more (reset: the reset again; step: reset, replay of the episode's earlier actions, the
+    step). A second failure raises RuntimeError, one line naming the server and the call that failed (and
+    the first failure). close() (of the task, optional) frees the instances on servers that have POST /close."""
 
     def __init__(self, env_name: str, path: str | None = None, split: str = "train", env_url=None,
                  protocol: str = "upstream", timeout=AGENTGYM_TIMEOUT, n: int | None = None,

@@ -5,7 +5,9 @@ one environment's real field names and reply shapes (AGENTGYM.md): alfworld, web
 or the authors' unified fork. Task id n's secret word is WORDS[n % len(WORDS)]; the first observation
 shows it; sending it wins (reward 1). Requests with other field names are answered 422, as FastAPI would.
 Faults are injected per path: "close" (drop the connection without a reply), "error" (the flavor's error:
-HTTP 200 {"error": ...} or HTTP 500), ("sleep", seconds), and `dead` closes every connection.
+HTTP 200 {"error": ...} or HTTP 500), ("sleep", seconds), ("trickle", seconds: the reply one byte at a
+time, this long apart), ("raw", bytes: this HTTP 200 body instead of the reply), and `dead` closes every
+connection.
 """
 import json
 import threading
@@ -15,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from data import (AGENTGYM_INSTRUCTIONS, AgentGymPool, AgentGymTask, load_task, parse_knobs,
+from data import (AGENTGYM_INSTRUCTIONS, AGENTGYM_MAX_REPLY_BYTES, AgentGymPool, AgentGymTask, load_task, parse_knobs,
                   read_agentgym_ids)
 
 WORDS = ("apple", "river", "stone", "cloud")
@@ -85,13 +87,19 @@ class FakeAgentGym:
         else:
             with self.lock:
                 status, reply = self.answer(path, payload)
-        data = json.dumps(reply).encode()
+        data = fault[1] if isinstance(fault, tuple) and fault[0] == "raw" else json.dumps(reply).encode()
         try:
             handler.send_response(status)
             handler.send_header("Content-Type", "application/json")
             handler.send_header("Content-Length", str(len(data)))
             handler.end_headers()
-            handler.wfile.write(data)
+            if isinstance(fault, tuple) and fault[0] == "trickle":
+                for i in range(len(data)):
+                    handler.wfile.write(data[i:i + 1])
+                    handler.wfile.flush()
+                    time.sleep(fault[1])
+            else:
+                handler.wfile.write(data)
         except OSError:
             pass
 
@@ -365,6 +373,32 @@ def test_timeouts(servers):
         env.step("Action: apple")
     assert time.perf_counter() - start < 1.9   # two timed-out calls, nothing waits for the server's 2 s
     assert fake.count("/create") == 2
+
+
+def test_the_timeout_bounds_the_whole_call(servers):
+    """A server that trickles its reply, each byte well within the timeout, is cut off at the timeout: the
+    call fails (recreated once, then raised), long before the reply would be complete."""
+    fake, = servers("alfworld")
+    task = task_on([fake], timeout=0.5)
+    env = task.env(task.examples[0])
+    env.reset()
+    fake.always["/step"] = ("trickle", 0.05)   # about 150 bytes: 7 s a reply
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"/step: no reply within 0.5 s"):
+        env.step("Action: apple")
+    assert time.perf_counter() - start < 2.5 and fake.count("/create") == 2
+
+
+def test_an_oversized_reply_is_a_failed_call(servers):
+    fake, = servers("alfworld")
+    task = task_on([fake], timeout=5)
+    env = task.env(task.examples[0])
+    env.reset()
+    huge = json.dumps({"observation": "x" * AGENTGYM_MAX_REPLY_BYTES, "reward": 0, "done": False}).encode()
+    fake.always["/step"] = ("raw", huge)
+    with pytest.raises(RuntimeError, match=rf"/step: reply over {AGENTGYM_MAX_REPLY_BYTES} bytes") as e:
+        env.step("Action: apple")
+    assert "\n" not in str(e.value) and fake.count("/create") == 2
 
 
 def test_malformed_replies_are_failures(servers):
