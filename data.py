@@ -600,6 +600,12 @@ def _parenthesised(expression: str) -> str:
 # --- file tasks -----------------------------------------------------------------------------------
 
 
+def _json_refusal(error: Exception) -> str:
+    """Why json.loads refused text without a JSONDecodeError: nesting too deep for its parser (RecursionError)
+    or a number too long to convert (ValueError)."""
+    return "nested too deep" if isinstance(error, RecursionError) else " ".join(str(error).split())[:80]
+
+
 def read_jsonl(path: str, required: tuple[str, ...] = (), task: str = "jsonl") -> list[tuple[int, dict]]:
     """(line number, row) for each non-blank line; one clear error, naming file and line, for a missing
     or empty file, malformed JSON, a non-object row or a missing / non-string required field."""
@@ -618,6 +624,8 @@ def read_jsonl(path: str, required: tuple[str, ...] = (), task: str = "jsonl") -
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg}, column {e.colno})") from None
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path}:{line_number}: malformed JSON ({_json_refusal(e)})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
             for key in required:
@@ -1379,6 +1387,18 @@ AGENTGYM_UNIFIED = AgentGymProtocol(id_field="env_id", created="env_id", create_
                                     step_observation="observation", step_reward="reward", closes=True)
 
 
+def _finite(value) -> float | None:
+    """A JSON number as a finite float; None for anything else: a bool, a string, NaN, Infinity, an integer
+    beyond a float's range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 class AgentGymCallFailed(Exception):
     """One failed call; its message names the call ("POST http://host:port/step") and the cause."""
 
@@ -1438,7 +1458,7 @@ def agentgym_http(url: str, method: str, path: str, timeout: float, body=None, q
         raise AgentGymCallFailed(f"{call}: HTTP {status} {_one_line(raw.decode('utf-8', 'replace'))}".rstrip())
     try:
         reply = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):   # RecursionError: nested too deep for the parser
         raise AgentGymCallFailed(f"{call}: reply is not JSON: {_one_line(raw.decode('utf-8', 'replace'))!r}") from None
     if isinstance(reply, dict) and "error" in reply:
         raise AgentGymCallFailed(f"{call}: error {_one_line(reply['error'])!r}")
@@ -1467,6 +1487,8 @@ def read_agentgym_ids(path: str, task: str = "agentgym") -> list:
                 if line[0] in "{[\"" or line[0].isdigit() or line[0] == "-":
                     raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
                 value = line   # a bare token, checked below
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{where}: malformed JSON ({_json_refusal(e)})") from None
             if isinstance(value, dict):
                 key = "id" if "id" in value else "task_id" if "task_id" in value else None
                 if key is None:
@@ -1626,10 +1648,11 @@ class AgentGymTask(Task):
 
     Failures: every call has the timeout, its whole reply included. A timeout, a connection error, a non-200
     status, a reply over AGENTGYM_MAX_REPLY_BYTES or not JSON, a JSON object with an "error" key or a reply
-    without the expected fields is a failure of that instance: the client forgets it, creates a fresh one
-    and tries once more (reset: the reset again; step: reset, replay of the episode's earlier actions, the
-    step). A second failure raises RuntimeError, one line naming the server and the call that failed (and
-    the first failure). close() (of the task, optional) frees the instances on servers that have POST /close."""
+    without the expected fields (a step's: an observation string, a finite reward, done true/false or 0/1)
+    is a failure of that instance: the client forgets it, creates a fresh one and tries once more (reset: the
+    reset again; step: reset, replay of the episode's earlier actions, the step). A second failure raises
+    RuntimeError, one line naming the server and the call that failed (and the first failure). close() (of
+    the task, optional) frees the instances on servers that have POST /close."""
 
     def __init__(self, env_name: str, path: str | None = None, split: str = "train", env_url=None,
                  protocol: str = "upstream", timeout=AGENTGYM_TIMEOUT, n: int | None = None,
@@ -1752,11 +1775,11 @@ class AgentGymTask(Task):
         reply = self.call(lease, "POST", "/step", {p.id_field: instance, "action": action})
         if not isinstance(reply, dict):
             raise self.malformed(lease, "/step", reply)
-        observation, reward = reply.get(p.step_observation), reply.get(p.step_reward)
-        if not isinstance(observation, str) or isinstance(reward, bool) or not isinstance(reward, (int, float)):
+        observation, reward, done = reply.get(p.step_observation), _finite(reply.get(p.step_reward)), reply.get("done")
+        # done: a bool, or 0/1 (bool("false") would end the episode); a reward of Infinity is no success
+        if not isinstance(observation, str) or reward is None or not (isinstance(done, int) and done in (0, 1)):
             raise self.malformed(lease, "/step", reply)
-        reward = min(max(float(reward) / self.reward_scale, 0.0), 1.0)
-        return observation, reward if reward == reward else 0.0, bool(reply.get("done", False))
+        return observation, min(max(reward / self.reward_scale, 0.0), 1.0), bool(done)
 
     def recovering(self, lease, call, again):
         """call(); after a failure, forget the instance (the next call creates a fresh one) and run again();

@@ -413,6 +413,40 @@ def test_malformed_replies_are_failures(servers):
         env.step("Action: apple")
 
 
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000 + b"]" * 100_000,                                   # too deep for the parser
+    b'{"observation": "o", "reward": Infinity, "done": true}',         # not a number a reward can be
+    b'{"observation": "o", "reward": NaN, "done": true}',
+    b'{"observation": "o", "reward": 1e400, "done": true}',
+    b'{"observation": "o", "reward": 1' + b"0" * 400 + b', "done": true}',
+    b'{"observation": "o", "reward": 0, "done": "false"}',             # "false" is no false
+    b'{"observation": "o", "reward": 0, "done": 2}',
+    b'{"observation": "o", "reward": 0, "done": null}',
+    b'{"observation": "o", "reward": 0}',
+], ids=["deep", "infinity", "nan", "1e400", "huge int", "done string", "done 2", "done null", "no done"])
+def test_hostile_step_replies_are_failed_calls(servers, body):
+    fake, = servers("alfworld")
+    task = task_on([fake])
+    env = task.env(task.examples[0])
+    env.reset()
+    fake.always["/step"] = ("raw", body)
+    with pytest.raises(RuntimeError) as e:
+        env.step("Action: apple")
+    message = str(e.value)
+    assert "\n" not in message and f"POST {fake.url}/step" in message and "recreating the instance once" in message
+
+
+def test_done_may_be_zero_or_one(servers):
+    fake, = servers("alfworld")
+    task = task_on([fake])
+    env = task.env(task.examples[0])
+    env.reset()
+    fake.faults["/step"] = [("raw", b'{"observation": "o", "reward": 0, "done": 0}'),
+                            ("raw", b'{"observation": "p", "reward": 1, "done": 1}')]
+    assert env.step("Action: look") == ("o", 0.0, False)
+    assert env.step("Action: apple") == ("p", 1.0, True)
+
+
 def test_sciworld_score_is_scaled_and_clamped(servers, tmp_path):
     fake, = servers("sciworld")
     ids = tmp_path / "ids.txt"
@@ -525,6 +559,8 @@ def test_id_files(tmp_path):
     ('{"id": true}\n', ":1:", "not a task id"),
     ('7\n{"id": null}\n', ":2:", "not a task id"),
     ("[1, 2]\n", ":1:", "not a task id"),
+    ("[" * 100_000 + "]" * 100_000 + "\n", ":1:", "malformed JSON"),   # too deep for the parser
+    ("9" * 5000 + "\n", ":1:", "malformed JSON"),                       # too long for int()
     (b"1\n\xff\n", ":2:", "not UTF-8"),
     ("\n\n", "", "empty"),
 ])

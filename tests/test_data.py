@@ -587,6 +587,9 @@ def write(tmp_path, name, text):
     ("math", '{"problem": "p", "answer": " "}\n', ":1: field 'answer' gives an empty answer"),
     ("math", '{"problem": "p", "answer": 3}\n', ":1: field 'answer' must be a string"),
     ("math", '{"solution": "\\\\boxed{3}"}\n', ":1: missing field 'problem'"),
+    # JSON that Python's parser refuses without a JSONDecodeError: nesting too deep, a number too long
+    ("math", '{"problem": "p", "answer": "1"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", ":2: malformed JSON"),
+    ("gsm8k", '{"question": "q", "answer": "#### 1", "n": ' + "9" * 5000 + "}\n", ":1: malformed JSON"),
 ])
 def test_file_errors_name_file_and_line(tmp_path, task_name, content, message):
     path = write(tmp_path, "rows.jsonl", content)
