@@ -361,6 +361,24 @@ def test_an_error_key_fails_the_call_even_beside_the_expected_fields(servers):
     assert "recreating the instance once" in str(e.value) and fake.count("/step") == 2
 
 
+@pytest.mark.parametrize("empty", [None, ""])
+def test_an_empty_error_key_is_no_error(servers, empty):
+    """A server that always sends an `error` key, null or empty when all went well, is answered as usual."""
+    fake, = servers("alfworld")
+    answer = fake.answer
+
+    def with_empty_error(path, payload):
+        status, reply = answer(path, payload)
+        return (status, dict(reply, error=empty)) if isinstance(reply, dict) else (status, reply)
+
+    fake.answer = with_empty_error
+    task = task_on([fake])
+    env = task.env(task.examples[0])
+    assert env.reset()[1].startswith("AVAILABLE ACTIONS")
+    assert env.step("Action: apple") == ("You win.", 1.0, True)
+    assert fake.count("/create") == 1
+
+
 def test_timeouts(servers):
     fake, = servers("alfworld")
     task = task_on([fake], **parse_knobs(["timeout=0.5"]))   # from the command line: a string
