@@ -6,8 +6,9 @@ turn. The role contexts are built with the tokenizer's own chat template, so the
 Qwen3 and the tiny character model:
     S(x)      solver:  one user turn: the task text, then the first observation
     S(x, c)   retry:   S(x) with "Tips from the previous critique: c" between the task and the observation
-    C(x, tau) critic:  one user turn: the task, its first observation, the episode's summary (reward, each
-                       action with its observation, cut to obs_chars) and the instruction
+    C(x, tau) critic:  one user turn: the task, its first observation (whole, as the solver saw it), the
+                       episode's summary (reward, each action with its observation, cut to obs_chars) and
+                       the instruction
 Observations after an action are appended as the template's own user turn (`observation_turn`).
 
 Built-in tasks (all offline):
@@ -312,18 +313,19 @@ def episode_summary(reward: float, actions: list[str], observations: list[str], 
     return "\n".join(lines)
 
 
-def critic_message(task_text: str, first_observation: str, summary: str, obs_chars: int = OBS_CHARS) -> str:
-    """The user turn of C(x, tau): what the solver was shown (the task and its first observation, cut to
-    `obs_chars`), the episode's summary and the instruction. Never the reference answer (SPEC §1)."""
-    parts = [task_text] + ([first_observation[:obs_chars]] if first_observation else []) + [summary, CRITIC_INSTRUCTION]
+def critic_message(task_text: str, first_observation: str, summary: str) -> str:
+    """The user turn of C(x, tau): what the solver was shown (the task and its first observation, whole: a
+    one-turn task's problem is its first observation), the episode's summary and the instruction. Only the
+    summary's observations are cut (SPEC §1). Never the reference answer."""
+    parts = [task_text] + ([first_observation] if first_observation else []) + [summary, CRITIC_INSTRUCTION]
     return "\n".join(parts)
 
 
-def critic_context(tokenizer, task_text: str, first_observation: str, summary: str, enable_thinking: bool = False,
-                   obs_chars: int = OBS_CHARS) -> list[int]:
+def critic_context(tokenizer, task_text: str, first_observation: str, summary: str,
+                   enable_thinking: bool = False) -> list[int]:
     """C(x, tau) ids: one user turn and the assistant generation prompt."""
-    return _chat_ids(tokenizer, [{"role": "user", "content": critic_message(task_text, first_observation, summary,
-                                                                            obs_chars)}], enable_thinking)
+    return _chat_ids(tokenizer, [{"role": "user", "content": critic_message(task_text, first_observation, summary)}],
+                     enable_thinking)
 
 
 _CRITIC_TAG = re.compile(r"<critic>(.*?)</critic>", re.DOTALL)
@@ -385,6 +387,11 @@ class Environment:
 
     def step(self, action: str) -> tuple[str, float, bool]:
         raise NotImplementedError
+
+    def action_key(self, action: str) -> str:
+        """What this environment reads of an action: two actions with equal keys are the same command (the
+        trainer's repeat check, SPEC §1). By default the built-in environments' reading, _action_text."""
+        return _action_text(action)
 
     def close(self) -> None:
         pass
@@ -596,6 +603,12 @@ def _parenthesised(expression: str) -> str:
 # --- file tasks -----------------------------------------------------------------------------------
 
 
+def _json_refusal(error: Exception) -> str:
+    """Why json.loads refused text without a JSONDecodeError: nesting too deep for its parser (RecursionError)
+    or a number too long to convert (ValueError)."""
+    return "nested too deep" if isinstance(error, RecursionError) else " ".join(str(error).split())[:80]
+
+
 def read_jsonl(path: str, required: tuple[str, ...] = (), task: str = "jsonl") -> list[tuple[int, dict]]:
     """(line number, row) for each non-blank line; one clear error, naming file and line, for a missing
     or empty file, malformed JSON, a non-object row or a missing / non-string required field."""
@@ -614,6 +627,8 @@ def read_jsonl(path: str, required: tuple[str, ...] = (), task: str = "jsonl") -
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg}, column {e.colno})") from None
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path}:{line_number}: malformed JSON ({_json_refusal(e)})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
             for key in required:
@@ -745,16 +760,16 @@ def math_answers_match(predicted: str, reference: str) -> bool:
     scientific notation, reordered sets / tuples / intervals / lists of solutions, units outside \\text{}
     or unit conversions, words for numbers, multiple-choice letter vs its content, matrices or equations
     written differently, the brace-less `\\boxed 5`, Unicode digits. A comma followed by a space makes a
-    list, never a thousands separator: "1100" does not match "1, 100"."""
-    if _LIST_COMMA.search(predicted) or _LIST_COMMA.search(reference):
-        number = lambda text: None
-    else:
-        number = parse_exact_number
+    list, never a thousands separator: neither "1100" nor "1,100" matches "1, 100"."""
+    lists = [_LIST_COMMA.search(text) is not None for text in (predicted, reference)]
     predicted, reference = normalize_math_answer(predicted), normalize_math_answer(reference)
+    if any(lists):   # no numeric reading; white space is gone, so "1, 100" now reads "1,100" like the number
+        numbers = [_THOUSANDS.fullmatch(text) for text, listed in zip((predicted, reference), lists) if not listed]
+        return bool(predicted) and predicted == reference and not any(numbers)
     if predicted and predicted == reference:
         return True
-    value = number(predicted)
-    return value is not None and value == number(reference)
+    value = parse_exact_number(predicted)
+    return value is not None and value == parse_exact_number(reference)
 
 
 class MathTask(Task):
@@ -1313,16 +1328,15 @@ class BoxesTask(Task):
 # AgentGym environment servers (../shared/AGENTGYM.md): ALFWorld, WebShop, SciWorld, search QA
 # ==================================================================================================
 
-# Standard library only: urllib for HTTP, a lock for the shared server pool.
+# Standard library only: http.client for HTTP, a lock for the shared server pool.
 import http.client
 import socket
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 
 AGENTGYM_ENVS = ("alfworld", "webshop", "sciworld", "searchqa")
-AGENTGYM_TIMEOUT = 60.0           # seconds allowed to every HTTP call (knob timeout)
+AGENTGYM_TIMEOUT = 60.0           # seconds allowed to every HTTP call, its whole reply included (knob timeout)
+AGENTGYM_MAX_REPLY_BYTES = 16 * 2**20   # a longer reply is a failed call (it would become an observation)
 AGENTGYM_MAX_ACTION_CHARS = 500   # the parsed action sent to the server is cut to this (knob max_action_chars)
 AGENTGYM_AVAILABLE_ACTIONS = "AVAILABLE ACTIONS"   # where the task text is split off the first observation
 # The documented task-id ranges [start, stop) (AGENTGYM.md): the default ids when no id file is given.
@@ -1376,13 +1390,16 @@ AGENTGYM_UNIFIED = AgentGymProtocol(id_field="env_id", created="env_id", create_
                                     step_observation="observation", step_reward="reward", closes=True)
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None   # a redirect is answered as an HTTP error: the client talks to the given addresses only
-
-
-# No proxy from the environment (http_proxy ...) and no redirects: only the URLs the user passes are contacted.
-_AGENTGYM_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+def _finite(value) -> float | None:
+    """A JSON number as a finite float; None for anything else: a bool, a string, NaN, Infinity, an integer
+    beyond a float's range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 class AgentGymCallFailed(Exception):
@@ -1394,37 +1411,60 @@ def _one_line(text, limit=200) -> str:
 
 
 def agentgym_http(url: str, method: str, path: str, timeout: float, body=None, query: dict | None = None):
-    """One call to an AgentGym server: the JSON reply, or AgentGymCallFailed for a timeout, a connection
-    error, a non-200 status, a reply that is not JSON or a JSON object with an "error" key."""
+    """One call to an AgentGym server: the JSON reply, or AgentGymCallFailed for a call not done within
+    `timeout` seconds (the whole call: a server that trickles its reply is cut off), a connection error, a
+    non-200 status, a reply over AGENTGYM_MAX_REPLY_BYTES or not JSON, or a JSON object with an "error" (not
+    null or empty).
+
+    http.client, not urllib: no proxy from the environment (http_proxy ...) and no redirects (a 3xx is a
+    non-200 status), so only the URLs the user passes are contacted; and the socket is at hand, so a
+    watchdog can shut it down at the deadline (a socket timeout bounds each read, not the call)."""
     call = f"{method} {url}{path}"
-    target = url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    parts = urllib.parse.urlsplit(url)
+    connection = (http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection)(
+        parts.hostname, parts.port, timeout=timeout)
+    target = parts.path + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
     data = None if method == "GET" else (b"" if body is None else json.dumps(body).encode())
     headers = {"Content-Type": "application/json"} if body is not None else {}
-    request = urllib.request.Request(target, data=data, method=method, headers=headers)
+    expired, connected = threading.Event(), []   # connected: the socket (the response may own it later)
+
+    def expire():
+        expired.set()
+        for sock in connected:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)   # wakes a blocked read: the call fails now
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        with _AGENTGYM_OPENER.open(request, timeout=timeout) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as e:
-        try:
-            detail = e.read().decode("utf-8", "replace")
-        except Exception:
-            detail = ""
-        raise AgentGymCallFailed(f"{call}: HTTP {e.code} {_one_line(detail)}".rstrip()) from None
-    except urllib.error.URLError as e:
-        timed_out = isinstance(e.reason, (TimeoutError, socket.timeout))
-        cause = f"no reply within {timeout:g} s" if timed_out else _one_line(e.reason)
-        raise AgentGymCallFailed(f"{call}: {cause}") from None
-    except (TimeoutError, socket.timeout):
-        raise AgentGymCallFailed(f"{call}: no reply within {timeout:g} s") from None
+        connection.connect()
+        connected.append(connection.sock)
+        if expired.is_set():   # the deadline passed while connecting, before the socket could be shut
+            raise TimeoutError
+        connection.request(method, target, body=data, headers=headers)
+        response = connection.getresponse()
+        status, raw = response.status, response.read(AGENTGYM_MAX_REPLY_BYTES + 1)
     except (OSError, http.client.HTTPException) as e:
+        if expired.is_set() or isinstance(e, (TimeoutError, socket.timeout)):
+            raise AgentGymCallFailed(f"{call}: no reply within {timeout:g} s") from None
         raise AgentGymCallFailed(f"{call}: {type(e).__name__} {_one_line(e)}".rstrip()) from None
+    finally:
+        watchdog.cancel()
+        connection.close()
+    if expired.is_set():   # a reply cut off by the shutdown can read as a short, complete one
+        raise AgentGymCallFailed(f"{call}: no reply within {timeout:g} s")
+    if len(raw) > AGENTGYM_MAX_REPLY_BYTES:
+        raise AgentGymCallFailed(f"{call}: reply over {AGENTGYM_MAX_REPLY_BYTES} bytes")
     if status != 200:
         raise AgentGymCallFailed(f"{call}: HTTP {status} {_one_line(raw.decode('utf-8', 'replace'))}".rstrip())
     try:
         reply = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):   # RecursionError: nested too deep for the parser
         raise AgentGymCallFailed(f"{call}: reply is not JSON: {_one_line(raw.decode('utf-8', 'replace'))!r}") from None
-    if isinstance(reply, dict) and "error" in reply:
+    if isinstance(reply, dict) and reply.get("error") not in (None, ""):   # a fork may send "error": null
         raise AgentGymCallFailed(f"{call}: error {_one_line(reply['error'])!r}")
     return reply
 
@@ -1451,6 +1491,8 @@ def read_agentgym_ids(path: str, task: str = "agentgym") -> list:
                 if line[0] in "{[\"" or line[0].isdigit() or line[0] == "-":
                     raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
                 value = line   # a bare token, checked below
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{where}: malformed JSON ({_json_refusal(e)})") from None
             if isinstance(value, dict):
                 key = "id" if "id" in value else "task_id" if "task_id" in value else None
                 if key is None:
@@ -1573,6 +1615,9 @@ class AgentGymEnv(Environment):
         self.done = done
         return observation, reward, done
 
+    def action_key(self, action):
+        return self.task.parse_action(action)
+
     def close(self):
         if self.lease is not None:
             self.task.pool.release(self.lease)
@@ -1605,12 +1650,13 @@ class AgentGymTask(Task):
     Reward: the step's reward (sciworld: its score) / reward_scale, clamped to [0, 1]; success is 1, so
     alfworld's done at its own 50-step cap (reward 0) is a failure.
 
-    Failures: every call has the timeout. A timeout, a connection error, a non-200 status, a reply that
-    is not JSON, a JSON object with an "error" key or a reply without the expected fields is a failure of
-    that instance: the client forgets it, creates a fresh one and tries once more (reset: the reset again;
-    step: reset, replay of the episode's earlier actions, the step). A second failure raises RuntimeError,
-    one line naming the server and the call that failed (and the first failure). close() (of the task,
-    optional) frees the instances on servers that have POST /close."""
+    Failures: every call has the timeout, its whole reply included. A timeout, a connection error, a non-200
+    status, a reply over AGENTGYM_MAX_REPLY_BYTES or not JSON, a JSON object with an "error" (not null or
+    empty) or a reply without the expected fields (a step's: an observation string, a finite reward, done
+    true/false or 0/1) is a failure of that instance: the client forgets it, creates a fresh one and tries
+    once more (reset: the reset again; step: reset, replay of the episode's earlier actions, the step). A
+    second failure raises RuntimeError, one line naming the server and the call that failed (and the first
+    failure). close() (of the task, optional) frees the instances on servers that have POST /close."""
 
     def __init__(self, env_name: str, path: str | None = None, split: str = "train", env_url=None,
                  protocol: str = "upstream", timeout=AGENTGYM_TIMEOUT, n: int | None = None,
@@ -1733,11 +1779,11 @@ class AgentGymTask(Task):
         reply = self.call(lease, "POST", "/step", {p.id_field: instance, "action": action})
         if not isinstance(reply, dict):
             raise self.malformed(lease, "/step", reply)
-        observation, reward = reply.get(p.step_observation), reply.get(p.step_reward)
-        if not isinstance(observation, str) or isinstance(reward, bool) or not isinstance(reward, (int, float)):
+        observation, reward, done = reply.get(p.step_observation), _finite(reply.get(p.step_reward)), reply.get("done")
+        # done: a bool, or 0/1 (bool("false") would end the episode); a reward of Infinity is no success
+        if not isinstance(observation, str) or reward is None or not (isinstance(done, int) and done in (0, 1)):
             raise self.malformed(lease, "/step", reply)
-        reward = min(max(float(reward) / self.reward_scale, 0.0), 1.0)
-        return observation, reward if reward == reward else 0.0, bool(reply.get("done", False))
+        return observation, min(max(reward / self.reward_scale, 0.0), 1.0), bool(done)
 
     def recovering(self, lease, call, again):
         """call(); after a failure, forget the instance (the next call creates a fresh one) and run again();

@@ -334,7 +334,8 @@ def run_episodes(sampler, envs, critiques, phase):
                     ep.end = "done"
                 elif turn + 1 == cfg.max_turns:
                     ep.end = "max_turns"
-                elif len(ep.actions) >= REPEAT_LIMIT and len(set(ep.actions[-REPEAT_LIMIT:])) == 1:
+                elif (len(ep.actions) >= REPEAT_LIMIT and   # the same command: what the environment reads
+                      len({envs[i].action_key(a) for a in ep.actions[-REPEAT_LIMIT:]}) == 1):
                     ep.end = "repeat"
                 elif len(ep.context) + len(ep.tokens) + len(obs_ids) + cfg.max_new_tokens > sampler.max_context:
                     ep.end = "context"  # truncated: the reward stays the environment's last
@@ -394,7 +395,7 @@ def critic_context_within(tokenizer, ep, cfg, limit):
     last turns stay. Fitting is monotone in the turns left out, so they are found by bisection."""
     def context(skip):
         summary = episode_summary(ep.reward, ep.actions[skip:], ep.observations[skip:], cfg.obs_chars, skip)
-        return critic_context(tokenizer, ep.task_text, ep.first_observation, summary, cfg.enable_thinking, cfg.obs_chars)
+        return critic_context(tokenizer, ep.task_text, ep.first_observation, summary, cfg.enable_thinking)
 
     fits = lambda ids: len(ids) + cfg.critic_max_new_tokens <= limit
     whole = context(0)
@@ -1656,8 +1657,8 @@ def prompt_limit(args, tokenizer, positions):
     if args.algo == "icrl" and args.rounds > 1:
         base = len(solver_context(tokenizer, "", "", enable_thinking=think))
         tips = len(solver_context(tokenizer, "", "", "", think)) - base
-        critic = len(critic_context(tokenizer, "", "", episode_summary(0.0, [""], [""], args.obs_chars), think,
-                                    args.obs_chars)) - base
+        critic = len(critic_context(tokenizer, "", "", episode_summary(0.0, [""], [""], args.obs_chars),
+                                    think)) - base
         budget += args.critic_max_new_tokens + max(tips, critic)
     context = min(positions, args.max_context or positions)
     room = context - budget

@@ -5,7 +5,9 @@ one environment's real field names and reply shapes (AGENTGYM.md): alfworld, web
 or the authors' unified fork. Task id n's secret word is WORDS[n % len(WORDS)]; the first observation
 shows it; sending it wins (reward 1). Requests with other field names are answered 422, as FastAPI would.
 Faults are injected per path: "close" (drop the connection without a reply), "error" (the flavor's error:
-HTTP 200 {"error": ...} or HTTP 500), ("sleep", seconds), and `dead` closes every connection.
+HTTP 200 {"error": ...} or HTTP 500), ("sleep", seconds), ("trickle", seconds: the reply one byte at a
+time, this long apart), ("raw", bytes: this HTTP 200 body instead of the reply), and `dead` closes every
+connection.
 """
 import json
 import threading
@@ -15,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from data import (AGENTGYM_INSTRUCTIONS, AgentGymPool, AgentGymTask, load_task, parse_knobs,
+from data import (AGENTGYM_INSTRUCTIONS, AGENTGYM_MAX_REPLY_BYTES, AgentGymPool, AgentGymTask, load_task, parse_knobs,
                   read_agentgym_ids)
 
 WORDS = ("apple", "river", "stone", "cloud")
@@ -85,13 +87,19 @@ class FakeAgentGym:
         else:
             with self.lock:
                 status, reply = self.answer(path, payload)
-        data = json.dumps(reply).encode()
+        data = fault[1] if isinstance(fault, tuple) and fault[0] == "raw" else json.dumps(reply).encode()
         try:
             handler.send_response(status)
             handler.send_header("Content-Type", "application/json")
             handler.send_header("Content-Length", str(len(data)))
             handler.end_headers()
-            handler.wfile.write(data)
+            if isinstance(fault, tuple) and fault[0] == "trickle":
+                for i in range(len(data)):
+                    handler.wfile.write(data[i:i + 1])
+                    handler.wfile.flush()
+                    time.sleep(fault[1])
+            else:
+                handler.wfile.write(data)
         except OSError:
             pass
 
@@ -353,6 +361,24 @@ def test_an_error_key_fails_the_call_even_beside_the_expected_fields(servers):
     assert "recreating the instance once" in str(e.value) and fake.count("/step") == 2
 
 
+@pytest.mark.parametrize("empty", [None, ""])
+def test_an_empty_error_key_is_no_error(servers, empty):
+    """A server that always sends an `error` key, null or empty when all went well, is answered as usual."""
+    fake, = servers("alfworld")
+    answer = fake.answer
+
+    def with_empty_error(path, payload):
+        status, reply = answer(path, payload)
+        return (status, dict(reply, error=empty)) if isinstance(reply, dict) else (status, reply)
+
+    fake.answer = with_empty_error
+    task = task_on([fake])
+    env = task.env(task.examples[0])
+    assert env.reset()[1].startswith("AVAILABLE ACTIONS")
+    assert env.step("Action: apple") == ("You win.", 1.0, True)
+    assert fake.count("/create") == 1
+
+
 def test_timeouts(servers):
     fake, = servers("alfworld")
     task = task_on([fake], **parse_knobs(["timeout=0.5"]))   # from the command line: a string
@@ -367,6 +393,32 @@ def test_timeouts(servers):
     assert fake.count("/create") == 2
 
 
+def test_the_timeout_bounds_the_whole_call(servers):
+    """A server that trickles its reply, each byte well within the timeout, is cut off at the timeout: the
+    call fails (recreated once, then raised), long before the reply would be complete."""
+    fake, = servers("alfworld")
+    task = task_on([fake], timeout=0.5)
+    env = task.env(task.examples[0])
+    env.reset()
+    fake.always["/step"] = ("trickle", 0.05)   # about 150 bytes: 7 s a reply
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"/step: no reply within 0.5 s"):
+        env.step("Action: apple")
+    assert time.perf_counter() - start < 2.5 and fake.count("/create") == 2
+
+
+def test_an_oversized_reply_is_a_failed_call(servers):
+    fake, = servers("alfworld")
+    task = task_on([fake], timeout=5)
+    env = task.env(task.examples[0])
+    env.reset()
+    huge = json.dumps({"observation": "x" * AGENTGYM_MAX_REPLY_BYTES, "reward": 0, "done": False}).encode()
+    fake.always["/step"] = ("raw", huge)
+    with pytest.raises(RuntimeError, match=rf"/step: reply over {AGENTGYM_MAX_REPLY_BYTES} bytes") as e:
+        env.step("Action: apple")
+    assert "\n" not in str(e.value) and fake.count("/create") == 2
+
+
 def test_malformed_replies_are_failures(servers):
     fake, = servers("alfworld")
     task = task_on([fake])
@@ -377,6 +429,40 @@ def test_malformed_replies_are_failures(servers):
     fake.answer = lambda path, payload: (200, {"nothing": 1}) if path == "/step" else original(path, payload)
     with pytest.raises(RuntimeError, match=r"/step: unexpected reply"):
         env.step("Action: apple")
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000 + b"]" * 100_000,                                   # too deep for the parser
+    b'{"observation": "o", "reward": Infinity, "done": true}',         # not a number a reward can be
+    b'{"observation": "o", "reward": NaN, "done": true}',
+    b'{"observation": "o", "reward": 1e400, "done": true}',
+    b'{"observation": "o", "reward": 1' + b"0" * 400 + b', "done": true}',
+    b'{"observation": "o", "reward": 0, "done": "false"}',             # "false" is no false
+    b'{"observation": "o", "reward": 0, "done": 2}',
+    b'{"observation": "o", "reward": 0, "done": null}',
+    b'{"observation": "o", "reward": 0}',
+], ids=["deep", "infinity", "nan", "1e400", "huge int", "done string", "done 2", "done null", "no done"])
+def test_hostile_step_replies_are_failed_calls(servers, body):
+    fake, = servers("alfworld")
+    task = task_on([fake])
+    env = task.env(task.examples[0])
+    env.reset()
+    fake.always["/step"] = ("raw", body)
+    with pytest.raises(RuntimeError) as e:
+        env.step("Action: apple")
+    message = str(e.value)
+    assert "\n" not in message and f"POST {fake.url}/step" in message and "recreating the instance once" in message
+
+
+def test_done_may_be_zero_or_one(servers):
+    fake, = servers("alfworld")
+    task = task_on([fake])
+    env = task.env(task.examples[0])
+    env.reset()
+    fake.faults["/step"] = [("raw", b'{"observation": "o", "reward": 0, "done": 0}'),
+                            ("raw", b'{"observation": "p", "reward": 1, "done": 1}')]
+    assert env.step("Action: look") == ("o", 0.0, False)
+    assert env.step("Action: apple") == ("p", 1.0, True)
 
 
 def test_sciworld_score_is_scaled_and_clamped(servers, tmp_path):
@@ -416,6 +502,16 @@ def test_action_parsing():
     searchqa = AgentGymTask("searchqa", env_url="http://127.0.0.1:1", split="test")
     raw = "Thought: x\nAction: y <search>q</search>" + "z" * 600
     assert searchqa.parse_action(raw) == raw and searchqa.parse_action("<think>r</think>\n\n<answer>a</answer>") == "<answer>a</answer>"
+
+
+def test_action_keys_are_the_parsed_actions():
+    """Two responses that send the same command have the same key (the trainer's repeat check, SPEC §1),
+    whatever their thoughts."""
+    task = AgentGymTask("alfworld", env_url="http://127.0.0.1:1")
+    env = task.env(task.examples[0])
+    keys = {env.action_key(text) for text in ("Thought: a\nAction: look", "Thought: b\nAction: look",
+                                               "<think>hm</think>\n\nThought: c\nAction: look ")}
+    assert keys == {"look"} and env.action_key("Thought: a\nAction: apple") == "apple"
 
 
 def test_step_before_reset():
@@ -481,6 +577,8 @@ def test_id_files(tmp_path):
     ('{"id": true}\n', ":1:", "not a task id"),
     ('7\n{"id": null}\n', ":2:", "not a task id"),
     ("[1, 2]\n", ":1:", "not a task id"),
+    ("[" * 100_000 + "]" * 100_000 + "\n", ":1:", "malformed JSON"),   # too deep for the parser
+    ("9" * 5000 + "\n", ":1:", "malformed JSON"),                       # too long for int()
     (b"1\n\xff\n", ":2:", "not UTF-8"),
     ("\n\n", "", "empty"),
 ])

@@ -16,9 +16,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from data import (ANSWER_FORMAT, CHAR_PHRASES, COUNTDOWN_ANSWER_FORMAT, CRITIC_INSTRUCTION, MAX_ANSWER_CHARS,
-                  MAX_EXPRESSION_CHARS, MAX_PAREN_DEPTH, Example, build_char_tokenizer, critic_context, encode_observation,
-                  episode_summary, evaluate_expression, extract_critique, final_answer, last_boxed, load_task,
-                  observation_turn, parse_exact_number, parse_knobs, solver_context, split_of, visible_response)
+                  MAX_EXPRESSION_CHARS, MAX_PAREN_DEPTH, OBS_CHARS, Example, build_char_tokenizer, critic_context,
+                  encode_observation, episode_summary, evaluate_expression, extract_critique, final_answer,
+                  last_boxed, load_task, observation_turn, parse_exact_number, parse_knobs, solver_context,
+                  split_of, visible_response)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GSM8K_SAMPLE = os.path.join(HERE, "data", "gsm8k_sample.jsonl")
@@ -148,6 +149,9 @@ MATH_CASES = [
     # a list is not a thousands-separated number; a one-letter \mathrm{i} is not a unit
     (math_example("1, 100"), "\\boxed{1100}", 0), (math_example("1, 100"), "\\boxed{1, 100}", 1),
     (math_example("1100"), "\\boxed{1, 100}", 0), (math_example("3+2\\mathrm{i}"), "\\boxed{3+2}", 0),
+    (math_example("1,\\!100"), "\\boxed{1, 100}", 0), (math_example("1,100"), "\\boxed{1, 100}", 0),
+    (math_example("1, 100"), "\\boxed{1,100}", 0), (math_example("2,\\!500"), "\\boxed{2, 500}", 0),
+    (math_example("(1,100)"), "\\boxed{(1, 100)}", 1),   # a tuple is no number: its commas are the list's
     (math_example("3+2\\mathrm{i}"), "\\boxed{3+2\\mathrm{i}}", 1), (math_example("3+2i"), "\\boxed{3+2\\mathrm{i}}", 1),
     (math_example("2"), "\\boxed{2\\text{ hundred}}", 0), (math_example("2"), "\\boxed{2\\text{ squared}}", 0),
     (math_example("2"), "\\boxed{2\\text{i}}", 0), (math_example("2"), "\\boxed{2\\text{ and }}", 0),
@@ -282,6 +286,15 @@ ATTEMPTS = [("\\boxed{85}", "\\boxed{85}"), ("<think>\n40+38 is 78\n</think>\n\n
 CRITIQUES = ["Wrong: 7+8=15, carry the 1.", "The sum is off by 7."]
 
 
+def test_the_critic_sees_a_long_problem_whole(qwen3):
+    """A one-turn task's problem is its first observation: C(x, tau) holds all of it, as S(x) does, however
+    long (only the summary's observations are cut, SPEC §1)."""
+    problem = "Let $f(x) = x^2$. " * OBS_CHARS
+    task_text, first_observation = TASKS["math"].env(Example("math:long", problem, "5")).reset()
+    summary = episode_summary(0.0, ["\\boxed{4}"], [""])
+    assert problem in qwen3.decode(critic_context(qwen3, task_text, first_observation, summary))
+
+
 @pytest.mark.parametrize("enable_thinking", [False, True])
 @pytest.mark.parametrize("task_name", sorted(TASKS))
 def test_role_contexts_match_real_qwen3_template(qwen3, task_name, enable_thinking):
@@ -314,14 +327,16 @@ def test_role_contexts_match_real_qwen3_template(qwen3, task_name, enable_thinki
 
 
 def test_multi_turn_summary_and_contexts(qwen3):
-    """The critic sees the first observation and each action with the observation after it, each cut to
-    obs_chars; the retry's tips sit between the task and the first observation (SPEC §1)."""
+    """The critic sees the first observation whole (the solver saw it so) and each action with the
+    observation after it, cut to obs_chars; the retry's tips sit between the task and the first
+    observation (SPEC §1)."""
     summary = episode_summary(0.5, ["go north", "<think>hm</think>open door"], ["a wall" + "x" * 50, "locked"],
                               obs_chars=10)
     assert summary == ("Reward of the attempt: 0.5\nAction: go north\nObservation: a wallxxxx\n"
                        "Action: open door\nObservation: locked")
-    ids = critic_context(qwen3, "Find the key.", "You are in a hall." * 3, summary, obs_chars=18)
-    content = f"Find the key.\nYou are in a hall.\n{summary}\n{CRITIC_INSTRUCTION}"
+    hall = "You are in a hall. " * (OBS_CHARS // 10)
+    ids = critic_context(qwen3, "Find the key.", hall, summary)
+    content = f"Find the key.\n{hall}\n{summary}\n{CRITIC_INSTRUCTION}"
     assert ids == qwen3.encode(qwen3_text([("user", content)], False), add_special_tokens=False)
     ids = solver_context(qwen3, "Find the key.", "You are in a hall.", "Try the east door.")
     content = "Find the key.\nTips from the previous critique: Try the east door.\nYou are in a hall."
@@ -572,6 +587,9 @@ def write(tmp_path, name, text):
     ("math", '{"problem": "p", "answer": " "}\n', ":1: field 'answer' gives an empty answer"),
     ("math", '{"problem": "p", "answer": 3}\n', ":1: field 'answer' must be a string"),
     ("math", '{"solution": "\\\\boxed{3}"}\n', ":1: missing field 'problem'"),
+    # JSON that Python's parser refuses without a JSONDecodeError: nesting too deep, a number too long
+    ("math", '{"problem": "p", "answer": "1"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", ":2: malformed JSON"),
+    ("gsm8k", '{"question": "q", "answer": "#### 1", "n": ' + "9" * 5000 + "}\n", ":1: malformed JSON"),
 ])
 def test_file_errors_name_file_and_line(tmp_path, task_name, content, message):
     path = write(tmp_path, "rows.jsonl", content)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import icrl
+from data import Environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -643,9 +644,10 @@ def test_fsdp_run_samples_with_the_trained_weights(tmp_path):
 # Multi-turn episodes (SPEC §1)
 # ==================================================================================================
 
-class EchoEnv:
+class EchoEnv(Environment):
     """A scripted environment: observation `seen <action>` (or `invalid` for anything but a single
-    lower-case word), never done unless the action is `stop`; reward 0.5 after `half`, 1 after `stop`."""
+    lower-case word), never done unless the action is `stop`; reward 0.5 after `half`, 1 after `stop`.
+    It reads an action as the built-in environments do (Environment.action_key)."""
 
     def __init__(self):
         self.turns = 0
@@ -656,7 +658,7 @@ class EchoEnv:
 
     def step(self, action):
         self.turns += 1
-        word = action.strip()
+        word = self.action_key(action)
         if word == "stop":
             return "bye", 1.0, True
         if not word.isalpha() or not word.islower():
@@ -725,6 +727,9 @@ def test_episode_end_conditions(monkeypatch, char_tokenizer):
     # the same action 3 times in a row
     ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["go"], ["go"], ["go"], ["go"]], max_turns=9)
     assert (ep.end, len(ep.actions)) == ("repeat", 3)
+    # ... the same command, that is: what the environment reads, whatever the reasoning or spacing around it
+    ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["go"], [" go "], ["<think>hm</think>go"], ["go"]], max_turns=9)
+    assert (ep.end, ep.observations) == ("repeat", ["seen go"] * 3)
     # an invalid action gets the environment's answer and counts as a turn
     ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["Go Go"], ["stop"]], max_turns=9)
     assert (ep.end, ep.observations, len(ep.actions)) == ("done", ["invalid, say one word", "bye"], 2)
@@ -750,7 +755,7 @@ def test_the_critic_context_leaves_room_for_the_critique(char_tokenizer):
                       observations=[f"seen word{i} " + "x" * 40 for i in range(5)], reward=0.5)
     cfg = icrl.SamplingConfig(group_size=1, max_new_tokens=8, critic_max_new_tokens=8)
     whole = icrl.critic_context(char_tokenizer, "Say words.", "Go.", icrl.episode_summary(0.5, ep.actions,
-                                ep.observations, cfg.obs_chars), False, cfg.obs_chars)
+                                ep.observations, cfg.obs_chars), False)
     assert icrl.critic_context_within(char_tokenizer, ep, cfg, len(whole) + 8) == whole
     limit = len(whole) + 8 - 100   # about two turns too long
     fitted = icrl.critic_context_within(char_tokenizer, ep, cfg, limit)
@@ -761,7 +766,7 @@ def test_the_critic_context_leaves_room_for_the_critique(char_tokenizer):
     assert 1 <= left_out <= 4 and f"word{left_out - 1}" not in text and f"word{left_out}" in text
     # one turn more would not have fitted: as few turns as possible are left out
     more = icrl.critic_context(char_tokenizer, "Say words.", "Go.", icrl.episode_summary(
-        0.5, ep.actions[left_out - 1:], ep.observations[left_out - 1:], cfg.obs_chars, left_out - 1), False, cfg.obs_chars)
+        0.5, ep.actions[left_out - 1:], ep.observations[left_out - 1:], cfg.obs_chars, left_out - 1), False)
     assert len(more) + 8 > limit
 
 
