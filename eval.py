@@ -61,8 +61,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import load_task, parse_knobs
-from icrl import (DTYPES, TRUNCATED_ENDS, SamplingConfig, add_episode_args, chunks, init_distributed, mix_seed, print0, rollout, shutdown,
-                  write_atomic)
+from icrl import (DTYPES, TRUNCATED_ENDS, SamplingConfig, add_episode_args, chunks, init_distributed, mix_seed, print0, rollout,
+                  run_then_shut_down, write_atomic)
 from model import Qwen3
 
 
@@ -371,10 +371,7 @@ def main(argv=None):
     args = parse_args(argv)
     ctx = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-    try:
-        return run(args, ctx)
-    finally:
-        shutdown(ctx, fsdp=False)
+    return run_then_shut_down(lambda: run(args, ctx), ctx, fsdp=False)
 
 
 SETTINGS = ("task", "split", "eval_file", "model", "n", "k", "rounds", "critic_gate", "max_turns", "max_context",

@@ -1883,17 +1883,26 @@ def main(argv=None):
         usage_exit(e)
     ctx = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    run_then_shut_down(lambda: train(args, ctx), ctx, args.fsdp)
+
+
+def run_then_shut_down(work, ctx, fsdp):
+    """work()'s result, then the ranks' shutdown (icrl.py and eval.py). A UsageError is one line (status 2).
+    Any other error under torchrun prints its traceback and ends this process at once: another rank may
+    wait in a collective, so a shutdown barrier would hang and hide the error (torchrun then stops the
+    other ranks)."""
     try:
-        train(args, ctx)
+        result = work()
     except UsageError as e:
         usage_exit(e)
     except BaseException:
-        if ctx.world > 1:  # another rank may wait in a collective: a barrier would hang and hide this error
+        if ctx.world > 1:
             traceback.print_exc()
             sys.stderr.flush()
-            os._exit(1)    # torchrun then stops the other ranks
+            os._exit(1)
         raise
-    shutdown(ctx, args.fsdp)
+    shutdown(ctx, fsdp)
+    return result
 
 
 def usage_exit(error):

@@ -415,3 +415,21 @@ def test_two_ranks_equal_one_process(checkpoints, tmp_path):
     assert two["world_size"] == 2 and two["examples"] == 5
     drop = lambda s: {k: v for k, v in s.items() if k not in ("world_size", "seconds")}
     assert drop(one) == drop(two)
+
+
+def test_a_failing_rank_stops_the_evaluation_with_its_error_instead_of_hanging(checkpoints, tmp_path):
+    """Rank 1 raises (as when its AgentGym server stops answering) while rank 0 waits in the gather: the
+    evaluation ends, nonzero, with rank 1's error in the output, instead of rank 1 waiting at its shutdown
+    barrier until the collective times out (tests/dist_fail.py)."""
+    solver, _ = checkpoints
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "tests", "dist_fail.py"), "eval", str(tmp_path / "eval"), solver]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its ranks (each in a session of its own) on SIGTERM
+        proc.communicate(timeout=60)
+        pytest.fail("the evaluation hung after rank 1 failed")
+    assert proc.returncode != 0 and "rank 1 fails here" in output
