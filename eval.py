@@ -53,6 +53,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from collections import defaultdict
 
@@ -60,9 +61,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import load_task, parse_knobs
-from icrl import (DTYPES, TRUNCATED_ENDS, SamplingConfig, add_episode_args, chunks, init_distributed, mix_seed, print0, rollout,
-                  run_then_shut_down, write_atomic)
+from icrl import (DTYPES, TRUNCATED_ENDS, SamplingConfig, UsageError, _Parser, add_episode_args, checked_folder,
+                  checked_task, checked_tokenizer, chunks, init_distributed, mix_seed, one_line, print0, rollout,
+                  run_then_shut_down, usage_exit, write_atomic)
 from model import Qwen3
 
 
@@ -150,33 +151,28 @@ def figures(rows, ks, rounds):
 # Checkpoints
 # ==================================================================================================
 
-def check_folder(flag, path):
-    """One clear line, before anything heavy is loaded, when `path` is no checkpoint folder."""
-    if not os.path.isdir(path):
-        raise SystemExit(f"{flag} {path}: no such checkpoint folder")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise SystemExit(f"{flag} {path}: no config.json there (not a Hugging Face checkpoint folder)")
+def checked_models(args):
+    """--model's tokenizer, once every folder has passed icrl.py's checks, no weight read (config.json and
+    the safetensors headers; tokenizer files that load, with a chat template): a UsageError naming the flag."""
+    config = checked_folder("--model", args.model)
+    tokenizer = checked_tokenizer("--model", args.model)
+    if not self_critic(args):
+        check_critic_matches(args, config, checked_folder("--critic_model", args.critic_model), tokenizer,
+                             checked_tokenizer("--critic_model", args.critic_model))
+    return tokenizer
 
 
-def load_tokenizer(flag, path):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{flag} {path}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
+def self_critic(args):
+    """No --critic_model, or --model itself: the solver critiques its own episodes."""
+    return args.critic_model is None or os.path.realpath(args.critic_model) == os.path.realpath(args.model)
 
 
-def vocab_size(path):
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f).get("vocab_size")
-
-
-def check_critic_matches(args, tokenizer, critic_tokenizer):
+def check_critic_matches(args, config, critic_config, tokenizer, critic_tokenizer):
     """SPEC §4 critic swap: the critic reads contexts built with --model's tokenizer and writes ids that
     --model's tokenizer decodes, so both must share one vocabulary, id for id."""
     where = f"--critic_model {args.critic_model} does not match --model {args.model}"
-    if (a := vocab_size(args.model)) != (b := vocab_size(args.critic_model)):
-        raise SystemExit(f"{where}: vocab_size {b} vs {a} (config.json)")
+    if (a := config.vocab_size) != (b := critic_config.vocab_size):
+        raise UsageError(f"{where}: vocab_size {b} vs {a} (config.json)")
     va, vb = tokenizer.get_vocab(), critic_tokenizer.get_vocab()
     if va != vb:
         only = sorted(set(va) ^ set(vb))
@@ -186,20 +182,23 @@ def check_critic_matches(args, tokenizer, critic_tokenizer):
         else:
             t = min((t for t in va if va[t] != vb[t]), key=va.get)
             detail = f"token {t!r} has id {vb[t]} vs {va[t]}"
-        raise SystemExit(f"{where}: tokenizer vocabularies differ: {detail}")
+        raise UsageError(f"{where}: tokenizer vocabularies differ: {detail}")
 
 
 def load_models(args, device):
-    """(solver model, tokenizer, critic model or None). None: the solver critiques itself."""
-    check_folder("--model", args.model)
-    tokenizer = load_tokenizer("--model", args.model)
-    same = args.critic_model is None or os.path.realpath(args.critic_model) == os.path.realpath(args.model)
-    if not same:
-        check_folder("--critic_model", args.critic_model)
-        check_critic_matches(args, tokenizer, load_tokenizer("--critic_model", args.critic_model))
-    model = Qwen3.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=device).eval()
-    critic = None if same else Qwen3.from_pretrained(args.critic_model, dtype=DTYPES[args.dtype], device=device).eval()
-    return model, tokenizer, critic
+    """(solver model, critic model or None), from folders checked_models passed. None: the solver critiques
+    itself."""
+    load = lambda path: Qwen3.from_pretrained(path, dtype=DTYPES[args.dtype], device=device).eval()
+    return load(args.model), None if self_critic(args) else load(args.critic_model)
+
+
+def check_out(out):
+    """--out, created and writable before any weight loads: a bad path found at the end loses the evaluation."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UsageError(f"--out {out}: not a writable folder ({type(e).__name__}: {one_line(e)})") from None
 
 
 # ==================================================================================================
@@ -309,7 +308,7 @@ def table(summary, ks, rounds):
 # ==================================================================================================
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # p.error: one line
     # model and task
     p.add_argument("--model", default="runs/icrl/final", help="the solver: a Hugging Face Qwen3 folder "
                    "with its tokenizer files (icrl.py writes them)")
@@ -323,7 +322,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_file", default=None, help="JSONL split (gsm8k, math)")
     p.add_argument("--task_knob", action="append", default=[], metavar="KEY=VALUE", help="a task option, "
                    "repeatable, as for icrl.py (e.g. --task_knob digits=3)")
-    p.add_argument("--split", default="test", choices=["train", "test"], help="split of a synthetic task")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="split of a synthetic task (or "
+                   "of agentgym's default ids); a file task's split is its --eval_file")
     p.add_argument("--task_seed", type=int, default=0, help="seed of a synthetic task's examples (icrl.py "
                    "generates its held-out split with its --seed, default 0)")
     p.add_argument("--max_examples", type=int, default=200, help="the first M examples (0: all)")
@@ -361,17 +361,32 @@ def parse_args(argv=None):
         p.error("--max_examples must be >= 0 and --batch_examples >= 1")
     if min(args.rollout_batch, args.max_context, args.obs_chars) < 0:
         p.error("--rollout_batch, --max_context and --obs_chars must be >= 0")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature {args.temperature}: must be a finite number >= 0")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top_p {args.top_p}: must be in (0, 1]")
+    for flag in ("max_new_tokens", "critic_max_new_tokens"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.split == "train" and args.eval_file:
+        p.error(f"--split train: --eval_file {args.eval_file} is read whatever the split (--split picks a "
+                f"synthetic task's split); pass the file of the split to evaluate")
     return args
 
 
 def main(argv=None):
-    """Returns summary.json's dict on rank 0, None on the other ranks."""
-    args = parse_args(argv)
+    """Returns summary.json's dict on rank 0, None on the other ranks. A mistake in a flag, the task, a
+    checkpoint folder or --out is one line (exit status 2) before any weight loads."""
+    try:
+        args = parse_args(argv)
+        task = checked_task(args, args.eval_file, args.split, args.task_seed)
+        tokenizer = checked_models(args)
+        check_out(args.out)
+    except UsageError as e:
+        usage_exit(e)
     ctx = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-    return run_then_shut_down(lambda: run(args, ctx), ctx, fsdp=False)
+    return run_then_shut_down(lambda: run(args, ctx, task, tokenizer), ctx, fsdp=False)
 
 
 SETTINGS = ("task", "split", "eval_file", "model", "n", "k", "rounds", "critic_gate", "max_turns", "max_context",
@@ -379,11 +394,9 @@ SETTINGS = ("task", "split", "eval_file", "model", "n", "k", "rounds", "critic_g
             "dtype", "seed", "task_seed", "batch_examples", "rollout_batch")
 
 
-def run(args, ctx):
+def run(args, ctx, task, tokenizer):
     t0 = time.perf_counter()
-    model, tokenizer, critic = load_models(args, ctx.device)
-    task = load_task(args.task, path=args.eval_file, split=args.split, seed=args.task_seed,
-                     **parse_knobs(args.task_knob, args.env_url))
+    model, critic = load_models(args, ctx.device)
     args.max_turns = args.max_turns or task.max_turns
     examples = task.examples[:args.max_examples] if args.max_examples else task.examples
     print0(ctx, "config:", json.dumps(vars(args), indent=1))
@@ -399,7 +412,6 @@ def run(args, ctx):
     summary = dict(figures(rows, args.k, args.rounds), **{key: getattr(args, key) for key in SETTINGS},
                    critic_model=None if critic is None else args.critic_model, world_size=ctx.world,
                    seconds=time.perf_counter() - t0)
-    os.makedirs(args.out, exist_ok=True)
     write_atomic(os.path.join(args.out, "samples.jsonl"), samples_jsonl(rows))
     write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2, allow_nan=False) + "\n")
     print(table(summary, args.k, args.rounds))

@@ -1608,15 +1608,19 @@ def pretrained(flag, path):
 
 
 def load_tasks(args):
-    """(train task, held-out task) from --task, --task_knob, --env_url and the data files; each mistake a
-    UsageError naming the flag or the file and line."""
+    """(train task, held-out task) from --task, --task_knob, --env_url and the data files."""
+    return (checked_task(args, args.train_file, "train", args.seed),
+            checked_task(args, args.eval_file, "test", args.seed))
+
+
+def checked_task(args, path, split, seed):
+    """load_task for --task, --task_knob (typed by the task's own knobs) and --env_url, one split; each
+    mistake a UsageError naming the flag or the file and line (icrl.py and eval.py)."""
     try:
-        knobs = typed_knobs(args.task, args.task_knob, args.env_url)
-        train_task = load_task(args.task, path=args.train_file, split="train", seed=args.seed, **knobs)
-        eval_task = load_task(args.task, path=args.eval_file, split="test", seed=args.seed, **knobs)
+        return load_task(args.task, path=path, split=split, seed=seed,
+                         **typed_knobs(args.task, args.task_knob, args.env_url))
     except (OSError, ValueError, TypeError) as e:
         raise UsageError(one_line(e)) from None
-    return train_task, eval_task
 
 
 MAX_CHARS_PER_TOKEN = 32  # a text longer than this many characters per token of room is over-long untokenized

@@ -46,10 +46,9 @@ def test_pass_at_k_rejects_bad_arguments(n, c, k):
         ev.pass_at_k(n, c, k)
 
 
-def test_k_above_n_is_a_clear_cli_error(capsys):
-    with pytest.raises(SystemExit):
+def test_k_above_n_is_a_clear_cli_error():
+    with pytest.raises(SystemExit, match="--k 3: pass@k needs 1 <= k <= n, and --n is 2"):
         ev.parse_args(["--n", "2", "--k", "1", "--k", "3"])
-    assert "--k 3: pass@k needs 1 <= k <= n, and --n is 2" in capsys.readouterr().err
     assert ev.parse_args(["--n", "3"]).k == [1, 3]  # default: pass@1 and pass@n
     assert ev.parse_args(["--n", "8", "--k", "4", "--k", "1"]).k == [1, 4]
     assert ev.parse_args(["--samples", "8", "--k", "8"]).k == [1, 8]  # pass@1 always; --samples is --n
@@ -363,22 +362,36 @@ def test_critic_swap_uses_the_other_checkpoints_critiques(checkpoints, tmp_path)
     assert first(rows) == first(own_rows)
 
 
-def test_critic_swap_errors(checkpoints, tmp_path):
+def refusal(argv, capsys):
+    """eval.main's refusal of a mistake: exit status 2 and one line on stderr (no traceback), returned."""
+    with pytest.raises(SystemExit) as stop:
+        ev.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture
+def no_weights_load(monkeypatch):
+    """Every refusal below comes before a weight is read."""
+    def load(*args, **kwargs):
+        raise AssertionError("weights loaded before the mistake was caught")
+    monkeypatch.setattr(ev.Qwen3, "from_pretrained", load)
+
+
+def test_critic_swap_errors(checkpoints, tmp_path, capsys, no_weights_load):
     solver, critic = checkpoints
     args = ["--model", solver, "--out", str(tmp_path / "out")] + FAST
     missing = str(tmp_path / "missing")
-    with pytest.raises(SystemExit, match=f"--critic_model {missing}: no such checkpoint folder"):
-        ev.main(args + ["--critic_model", missing])
+    assert f"--critic_model {missing}: no such folder" in refusal(args + ["--critic_model", missing], capsys)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit, match="no config.json there"):
-        ev.main(args + ["--critic_model", str(empty)])
+    assert "config.json" in refusal(args + ["--critic_model", str(empty)], capsys)
     # A different vocabulary size.
     V = char_vocab_size(tmp_path)
     bigger = save_checkpoint(icrl.Qwen3(icrl.Qwen3Config(vocab_size=V + 5, **icrl.TINY_CONFIG)), tmp_path / "big")
-    with pytest.raises(SystemExit, match=rf"--critic_model {bigger} does not match --model {solver}: "
-                                         rf"vocab_size {V + 5} vs {V}"):
-        ev.main(args + ["--critic_model", bigger])
+    assert f"--critic_model {bigger} does not match --model {solver}: vocab_size {V + 5} vs {V}" in \
+        refusal(args + ["--critic_model", bigger], capsys)
     # Same size, but two tokens swap ids.
     shuffled = tmp_path / "shuffled"
     shutil.copytree(critic, shuffled)
@@ -386,14 +399,78 @@ def test_critic_swap_errors(checkpoints, tmp_path):
     vocab = spec["model"]["vocab"]
     vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
     json.dump(spec, open(shuffled / "tokenizer.json", "w"))
-    with pytest.raises(SystemExit, match=r"tokenizer vocabularies differ: token 'a' has id"):
-        ev.main(args + ["--critic_model", str(shuffled)])
+    assert "tokenizer vocabularies differ: token 'a' has id" in refusal(args + ["--critic_model", str(shuffled)], capsys)
     assert not os.path.exists(tmp_path / "out")  # stopped before anything was sampled or written
 
 
-def test_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match=f"--model {tmp_path / 'nope'}: no such checkpoint folder"):
-        ev.main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")] + FAST)
+def test_missing_model_is_a_clear_error(tmp_path, capsys, no_weights_load):
+    assert f"--model {tmp_path / 'nope'}: no such folder" in \
+        refusal(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")] + FAST, capsys)
+
+
+@pytest.mark.parametrize("flag", ["--model", "--critic_model"])
+@pytest.mark.parametrize("remove, message", [
+    (("tokenizer.json", "tokenizer_config.json"), "no tokenizer files there"),
+    (("model.safetensors",), "neither model.safetensors nor model.safetensors.index.json found")])
+def test_a_folder_without_tokenizer_or_weights_is_one_line(checkpoints, tmp_path, capsys, no_weights_load, flag,
+                                                           remove, message):
+    solver, _ = checkpoints
+    broken = tmp_path / "broken"
+    shutil.copytree(solver, broken)
+    for name in remove:
+        os.remove(broken / name)
+    argv = ["--model", solver, "--out", str(tmp_path / "out")] + FAST + [flag, str(broken)]
+    assert f"{flag} {broken}: " in (err := refusal(argv, capsys)) and message in err
+
+
+GSM8K = os.path.join(ROOT, "tests", "data", "gsm8k_sample.jsonl")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "nosuch"], "unknown task 'nosuch'"),
+    (["--task", "boxes", "--eval_file", GSM8K], "boxes is synthetic and reads no file (--train_file / --eval_file)"),
+    (["--task", "math"], "math reads a JSONL file: pass path= (--train_file / --eval_file)"),
+    (["--task", "gsm8k", "--eval_file", "/nonexistent.jsonl"], "data file not found: /nonexistent.jsonl"),
+    (["--task", "boxes", "--task_knob", "boxs=3"], "--task_knob boxs=3: boxes has no knob 'boxs'"),
+    (["--task", "boxes", "--task_knob", "boxes=abc"], "--task_knob boxes=abc: knob boxes of boxes takes an integer"),
+    (["--task", "boxes", "--task_knob", "foo"], "--task_knob 'foo': expected KEY=VALUE"),
+    (["--task", "boxes", "--env_url", "http://127.0.0.1:1"], "--env_url is for agentgym:* tasks"),
+    (["--task", "gsm8k", "--eval_file", GSM8K, "--split", "train"], "--split train: --eval_file"),
+    (["--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
+    (["--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]"),
+    (["--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
+    (["--critic_max_new_tokens", "-3"], "--critic_max_new_tokens -3: must be at least 1"),
+    (["--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature nan: must be a finite number >= 0"),
+    (["--rounds", "zero"], "--rounds: invalid int value"),
+])
+def test_bad_flags_are_one_line_before_any_weight_loads(checkpoints, tmp_path, capsys, no_weights_load, flags,
+                                                        message):
+    solver, _ = checkpoints
+    out = tmp_path / "out"
+    assert message in refusal(["--model", solver, "--out", str(out)] + flags, capsys)
+    assert not out.exists()
+
+
+def test_out_is_a_writable_folder_before_any_weight_loads(checkpoints, tmp_path, capsys, monkeypatch):
+    """A bad --out would otherwise be found after the whole evaluation, losing it."""
+    solver, _ = checkpoints
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with monkeypatch.context() as m:
+        m.setattr(ev.Qwen3, "from_pretrained", lambda *a, **kw: pytest.fail("weights loaded"))
+        for out in (afile, afile / "eval"):
+            assert f"--out {out}: not a writable folder" in refusal(["--model", solver, "--out", str(out)] + FAST,
+                                                                   capsys)
+    out, seen = tmp_path / "new" / "eval", []
+
+    def load(*args, **kwargs):
+        seen.append(os.path.isdir(out))
+        raise KeyboardInterrupt  # stop there
+    monkeypatch.setattr(ev.Qwen3, "from_pretrained", load)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(["--model", solver, "--out", str(out)] + FAST)
+    assert seen == [True] and os.listdir(out) == []   # created, and nothing left in it
 
 
 def test_two_ranks_equal_one_process(checkpoints, tmp_path):
