@@ -11,6 +11,8 @@ Run:
     torchrun --nproc_per_node 8 eval.py --model runs/qwen3-8b/final --task math --eval_file test.jsonl \
         --samples 16 --k 1 --k 8 --k 16 --rounds 3 --batch_examples 16 --rollout_batch 64 \
         --max_examples 500 --max_new_tokens 2048 --critic_max_new_tokens 1024 --dtype bfloat16 --out runs/qwen3-8b/eval
+Without --task, the task is the one --model was trained on, with its knobs (icrl.py's trainer_state.json in
+the folder; boxes for a folder without one).
 
 What is sampled (icrl.rollout, SPEC §2.1-2.4, the same code as training): for every example, n chains
 (--n) of up to K rounds (--rounds). Round 1 is a critique-free episode tau_1 ~ S(x). While the gate lets a
@@ -61,9 +63,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from icrl import (DTYPES, TRUNCATED_ENDS, SamplingConfig, UsageError, _Parser, add_episode_args, checked_folder,
-                  checked_task, checked_tokenizer, chunks, init_distributed, mix_seed, one_line, print0, rollout,
-                  run_then_shut_down, usage_exit, write_atomic)
+from icrl import (DTYPES, TRAINER_STATE, TRUNCATED_ENDS, SamplingConfig, UsageError, _Parser, add_episode_args,
+                  checked_folder, checked_task, checked_tokenizer, chunks, init_distributed, mix_seed, one_line, print0,
+                  rollout, run_then_shut_down, same_setting, saved_trainer_state, show, usage_exit, warn, write_atomic)
 from model import Qwen3
 
 
@@ -183,6 +185,36 @@ def check_critic_matches(args, config, critic_config, tokenizer, critic_tokenize
             t = min((t for t in va if va[t] != vb[t]), key=va.get)
             detail = f"token {t!r} has id {vb[t]} vs {va[t]}"
         raise UsageError(f"{where}: tokenizer vocabularies differ: {detail}")
+
+
+def default_task_from_checkpoint(args):
+    """--task, --task_knob and --env_url not given come from the run that trained --model (icrl.py's
+    trainer_state.json), said in one line; a --task or --task_knob that differs from it is warned about. A
+    folder without that file (a plain Hugging Face model) defaults to boxes."""
+    file = os.path.join(args.model, TRAINER_STATE)
+    try:
+        saved = saved_trainer_state(args.model).get("args", {}) if os.path.isfile(file) else {}
+    except UsageError as e:
+        if args.task is None:
+            raise UsageError(f"{e}; pass --task") from None
+        saved = {}  # not needed: --task is given
+    taken = []
+    if args.task is None:
+        args.task = saved.get("task", "boxes")
+        taken += [f"--task {args.task}"] if "task" in saved else []
+    elif saved.get("task", args.task) != args.task:
+        warn(f"--task {args.task} differs from {saved['task']}, the task --model was trained on ({file})")
+    if args.task == saved.get("task"):
+        for key in ("task_knob", "env_url"):
+            given, old = getattr(args, key), saved.get(key)
+            if given is None and old:
+                setattr(args, key, old)
+                taken.append(f"--{key} {show(old)}")
+            elif key == "task_knob" and given is not None and not same_setting(key, given, old):
+                warn(f"--task_knob {show(given)} differs from {show(old or [])}, --model's training ({file})")
+    args.task_knob = args.task_knob or []
+    if taken and os.environ.get("RANK", "0") == "0":
+        print(f"{' '.join(taken)}: from {file} (the run that trained --model)")
 
 
 def load_models(args, device):
@@ -314,13 +346,14 @@ def parse_args(argv=None):
                    "with its tokenizer files (icrl.py writes them)")
     p.add_argument("--critic_model", default=None, help="critic swap (SPEC §4): critiques from this checkpoint "
                    "(same vocabulary), attempts and retries from --model")
-    p.add_argument("--task", default="boxes", help="arithmetic | countdown | gsm8k | math (one turn); "
+    p.add_argument("--task", default=None, help="arithmetic | countdown | gsm8k | math (one turn); "
                    "gridworld | guess | boxes (multi-turn); agentgym:<alfworld|webshop|sciworld|searchqa> with "
-                   "--env_url (data.py)")
+                   "--env_url (data.py). Default: the task --model was trained on (its trainer_state.json), with "
+                   "its --task_knob and --env_url where those are not given; boxes for a folder without one")
     p.add_argument("--env_url", default=None, help="agentgym tasks: comma-separated AgentGym server URLs, one "
                    "episode at a time each (../shared/AGENTGYM.md)")
     p.add_argument("--eval_file", default=None, help="JSONL split (gsm8k, math)")
-    p.add_argument("--task_knob", action="append", default=[], metavar="KEY=VALUE", help="a task option, "
+    p.add_argument("--task_knob", action="append", default=None, metavar="KEY=VALUE", help="a task option, "
                    "repeatable, as for icrl.py (e.g. --task_knob digits=3)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="split of a synthetic task (or "
                    "of agentgym's default ids); a file task's split is its --eval_file")
@@ -379,6 +412,7 @@ def main(argv=None):
     checkpoint folder or --out is one line (exit status 2) before any weight loads."""
     try:
         args = parse_args(argv)
+        default_task_from_checkpoint(args)
         task = checked_task(args, args.eval_file, args.split, args.task_seed)
         tokenizer = checked_models(args)
         check_out(args.out)
@@ -389,7 +423,7 @@ def main(argv=None):
     return run_then_shut_down(lambda: run(args, ctx, task, tokenizer), ctx, fsdp=False)
 
 
-SETTINGS = ("task", "split", "eval_file", "model", "n", "k", "rounds", "critic_gate", "max_turns", "max_context",
+SETTINGS = ("task", "task_knob", "split", "eval_file", "model", "n", "k", "rounds", "critic_gate", "max_turns", "max_context",
             "obs_chars", "temperature", "top_p", "max_new_tokens", "critic_max_new_tokens", "enable_thinking",
             "dtype", "seed", "task_seed", "batch_examples", "rollout_batch")
 

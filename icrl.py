@@ -1239,24 +1239,34 @@ def resolve_checkpoint(path):
 
 
 def read_trainer_state(checkpoint):
-    """trainer_state.json of a checkpoint ({"step", "args"}), once its optimizer folder has passed a cheap
-    check (check_optimizer_folder); anything missing or damaged is a UsageError naming the file or folder."""
-    file = os.path.join(checkpoint, TRAINER_STATE)
-    if not os.path.isfile(file) and os.path.isfile(os.path.join(checkpoint, OLD_TRAINER_STATE)):
+    """trainer_state.json of a checkpoint to resume ({"step", "args"}), once its optimizer folder has passed a
+    cheap check (check_optimizer_folder); anything missing or damaged is a UsageError naming the file or folder."""
+    if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)) and \
+            os.path.isfile(os.path.join(checkpoint, OLD_TRAINER_STATE)):
         raise UsageError(f"{checkpoint}: a checkpoint of an older icrl.py ({OLD_TRAINER_STATE}, the whole optimizer "
                          f"in one file), which this one cannot resume: it reads {TRAINER_STATE} and a sharded "
                          f"{OPTIMIZER}/ folder; resume it with the icrl.py that wrote it, or start a new run from "
                          f"its weights with --model {checkpoint}")
     try:
+        state = saved_trainer_state(checkpoint)
+    except UsageError as e:
+        raise UsageError(f"{e}; resume from another checkpoint") from None
+    check_optimizer_folder(os.path.join(checkpoint, OPTIMIZER))
+    return state
+
+
+def saved_trainer_state(checkpoint):
+    """trainer_state.json of a checkpoint, {"step", "args"} (the settings of the run that saved it); a file
+    missing, damaged or not icrl.py's is a UsageError naming it."""
+    file = os.path.join(checkpoint, TRAINER_STATE)
+    try:
         with open(file, encoding="utf-8") as f:
             state = json.load(f)
     except (OSError, ValueError) as e:
-        raise UsageError(f"{file}: cannot be read, truncated or damaged ({type(e).__name__}: {one_line(e)}); "
-                         f"resume from another checkpoint") from None
+        raise UsageError(f"{file}: cannot be read, truncated or damaged ({type(e).__name__}: {one_line(e)})") from None
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or not isinstance(state.get("args", {}), dict):
         raise UsageError(f"{file}: not an icrl.py trainer state (no step)")
-    check_optimizer_folder(os.path.join(checkpoint, OPTIMIZER))
     return state
 
 

@@ -3,6 +3,7 @@ with a scripted sampler, end to end on a tiny checkpoint, the critic swap with a
 recognisable, clear errors, and 2 ranks == 1 process."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -421,6 +422,64 @@ def test_a_folder_without_tokenizer_or_weights_is_one_line(checkpoints, tmp_path
         os.remove(broken / name)
     argv = ["--model", solver, "--out", str(tmp_path / "out")] + FAST + [flag, str(broken)]
     assert f"{flag} {broken}: " in (err := refusal(argv, capsys)) and message in err
+
+
+
+# ----------------------------------------------------------------------- the task the checkpoint was trained on
+@pytest.fixture
+def arithmetic_run(checkpoints, tmp_path):
+    """A checkpoint folder as icrl.py leaves it after training on products of 3-digit numbers (trainer_state.json)."""
+    folder = tmp_path / "final"
+    shutil.copytree(checkpoints[0], folder)
+    trained = icrl.parse_args(["--task", "arithmetic", "--task_knob", "digits=3", "--task_knob", "ops=*"])
+    icrl.write_trainer_state(str(folder), 3, trained)
+    return str(folder)
+
+
+def task_of(argv):
+    args = ev.parse_args(argv)
+    ev.default_task_from_checkpoint(args)
+    return args.task, args.task_knob, args.env_url
+
+
+def test_the_task_defaults_to_the_checkpoints(arithmetic_run, checkpoints, tmp_path, capsys):
+    """Without --task, the task and knobs icrl.py trained --model on, with one line saying so (not boxes, which
+    an arithmetic checkpoint scores 0 on); a plain Hugging Face folder keeps boxes."""
+    state = os.path.join(arithmetic_run, "trainer_state.json")
+    summary = ev.main(["--model", arithmetic_run, "--out", str(tmp_path / "eval")] + FAST[2:])
+    out, err = capsys.readouterr()
+    assert (summary["task"], summary["task_knob"]) == ("arithmetic", ["digits=3", "ops=*"]) and "warning" not in err
+    assert f"--task arithmetic --task_knob digits=3 ops=*: from {state} (the run that trained --model)" in out
+    questions = [r["question"] for r in read_samples(tmp_path / "eval")]
+    assert all(re.fullmatch(r"[0-9]{3}\*[0-9]{3}", q) for q in questions), questions
+    # --task given as saved: its knobs still come from the checkpoint (`make eval TASK=...` passes --task).
+    assert task_of(["--model", arithmetic_run, "--task", "arithmetic"]) == ("arithmetic", ["digits=3", "ops=*"], None)
+    assert capsys.readouterr().out == f"--task_knob digits=3 ops=*: from {state} (the run that trained --model)\n"
+    assert task_of(["--model", checkpoints[0]]) == ("boxes", [], None)
+    assert capsys.readouterr().out == ""
+
+
+def test_a_task_or_knob_other_than_the_checkpoints_is_warned_about(arithmetic_run, capsys):
+    state = os.path.join(arithmetic_run, "trainer_state.json")
+    assert task_of(["--model", arithmetic_run, "--task", "boxes"]) == ("boxes", [], None)
+    err = capsys.readouterr().err.strip()
+    assert err == f"warning: --task boxes differs from arithmetic, the task --model was trained on ({state})"
+    assert task_of(["--model", arithmetic_run, "--task", "arithmetic", "--task_knob", "digits=2"]) == \
+        ("arithmetic", ["digits=2"], None)
+    err = capsys.readouterr().err.strip()
+    assert err == f"warning: --task_knob digits=2 differs from digits=3 ops=*, --model's training ({state})"
+    assert task_of(["--model", arithmetic_run, "--task_knob", "ops=*", "--task_knob", "digits=3"]) == \
+        ("arithmetic", ["ops=*", "digits=3"], None)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_damaged_trainer_state_is_one_line_unless_task_is_given(arithmetic_run, tmp_path, capsys, no_weights_load):
+    state = os.path.join(arithmetic_run, "trainer_state.json")
+    with open(state, "w") as f:
+        f.write('{"step": 3, "ar')
+    err = refusal(["--model", arithmetic_run, "--out", str(tmp_path / "out")], capsys)
+    assert f"{state}: cannot be read, truncated or damaged" in err and "pass --task" in err
+    assert task_of(["--model", arithmetic_run, "--task", "gsm8k"]) == ("gsm8k", [], None)   # not needed: ignored
 
 
 GSM8K = os.path.join(ROOT, "tests", "data", "gsm8k_sample.jsonl")
