@@ -32,6 +32,8 @@ Figures (summary.json and the printed table), over all chains; null where a rate
                          P(second critique-free attempt = 1), i.e. failed_retry_acc - second_attempt_acc
                          over the same `failed_chains` chains
     critique_value_se    its standard error, clustered by example (clustered_standard_error); null under 2 examples
+                         (both null, and second_attempt_acc, at --temperature 0: the second attempt replays the
+                         failed first one, so the difference would be failed_retry_acc)
     internalisation_gap  acc_round_K - acc_round_1
     critique_tokens      mean generated tokens per critique (stop token included, as icrl.py counts)
     critiqued_frac       share of chains critiqued at least once
@@ -111,8 +113,9 @@ def clustered_standard_error(values, clusters):
     return math.sqrt(G / (G - 1) * spread) / n
 
 
-def figures(rows, ks, rounds):
-    """SPEC §4 figures from per-chain rows (`chain_row`, samples.jsonl's lines); `rounds` is K."""
+def figures(rows, ks, rounds, greedy=False):
+    """SPEC §4 figures from per-chain rows (`chain_row`, samples.jsonl's lines); `rounds` is K. `greedy`
+    (--temperature 0): the second attempt replays the failed first one, so the critique value is not measured."""
     wins = lambda rewards: sum(r == 1.0 for r in rewards)
     by_example = defaultdict(list)
     for row in rows:
@@ -136,6 +139,8 @@ def figures(rows, ks, rounds):
     out["critique_value_se"] = clustered_standard_error(
         [(row["rounds"][1]["reward"] == 1.0) - (row["second_attempt_reward"] == 1.0) for row in failed],
         [row["example"] for row in failed])
+    if greedy:  # every built-in environment is deterministic: critique_value would be failed_retry_acc
+        out["second_attempt_acc"] = out["critique_value"] = out["critique_value_se"] = None
     first, last = out["acc_round_1"], out[f"acc_round_{rounds}"]
     out["internalisation_gap"] = None if first is None else last - first
     critique_tokens = [ep["critique_tokens"] for row in rows for ep in row["rounds"]
@@ -332,6 +337,9 @@ def table(summary, ks, rounds):
              f"({summary['chains']} chains), K={summary['rounds']} rounds, gate {summary['critic_gate']}, "
              f"model {summary['model']}, critic {critic}"]
     lines += [f"  {key:<22}{fmt(key, summary[key]):>10}" for key in figure_keys(ks, rounds)]
+    if summary["temperature"] == 0:
+        lines.append("  note: at --temperature 0 the second attempt replays the first, so critique_value, its SE and "
+                     "second_attempt_acc are n/a")
     return "\n".join(lines)
 
 
@@ -443,7 +451,7 @@ def run(args, ctx, task, tokenizer):
         rows = gather(evaluate(model, tokenizer, critic, task, examples, args, ctx), ctx)
     if not ctx.main:
         return None
-    summary = dict(figures(rows, args.k, args.rounds), **{key: getattr(args, key) for key in SETTINGS},
+    summary = dict(figures(rows, args.k, args.rounds, greedy=args.temperature == 0), **{key: getattr(args, key) for key in SETTINGS},
                    critic_model=None if critic is None else args.critic_model, world_size=ctx.world,
                    seconds=time.perf_counter() - t0)
     write_atomic(os.path.join(args.out, "samples.jsonl"), samples_jsonl(rows))

@@ -346,6 +346,21 @@ def test_end_to_end(checkpoints, tmp_path, capsys, monkeypatch):
         assert key in printed, key
 
 
+def test_greedy_leaves_the_critique_value_unmeasured(checkpoints, tmp_path, capsys):
+    """At --temperature 0 the second critique-free attempt replays the failed first one (the environments are
+    deterministic), so critique_value would be failed_retry_acc: it, its standard error and second_attempt_acc
+    are null, with a note under the table."""
+    solver, _ = checkpoints
+    summary = ev.main(["--model", solver, "--out", str(tmp_path / "eval"), "--temperature", "0"] + FAST)
+    failed = [r for r in read_samples(tmp_path / "eval") if r["second_attempt_reward"] is not None]
+    assert failed and all(r["second_attempt_reward"] == r["rounds"][0]["reward"] for r in failed)   # a replay
+    assert summary["failed_chains"] == len(failed) and summary["failed_retry_acc"] is not None
+    assert summary["critique_value"] is summary["critique_value_se"] is summary["second_attempt_acc"] is None
+    assert "note: at --temperature 0 the second attempt replays the first" in capsys.readouterr().out
+    rows = [row(0, 0, ep(0., 3), ep(1.), second=0.), row(1, 0, ep(0., 3), ep(0.), second=0.)]
+    assert ev.figures(rows, [1], 2)["critique_value"] == 0.5   # sampled: measured
+
+
 def test_critic_swap_uses_the_other_checkpoints_critiques(checkpoints, tmp_path):
     solver, critic = checkpoints
     own, swapped = str(tmp_path / "own"), str(tmp_path / "swapped")
