@@ -216,7 +216,8 @@ def default_task_from_checkpoint(args):
                 setattr(args, key, old)
                 taken.append(f"--{key} {show(old)}")
             elif key == "task_knob" and given is not None and not same_setting(key, given, old):
-                warn(f"--task_knob {show(given)} differs from {show(old or [])}, --model's training ({file})")
+                warn(f"--task_knob {show(given)} differs from {show(old) if old else 'no knobs'}, --model's "
+                     f"training ({file})")
     args.task_knob = args.task_knob or []
     if taken and os.environ.get("RANK", "0") == "0":
         print(f"{' '.join(taken)}: from {file} (the run that trained --model)")
@@ -431,9 +432,9 @@ def main(argv=None):
     return run_then_shut_down(lambda: run(args, ctx, task, tokenizer), ctx, fsdp=False)
 
 
-SETTINGS = ("task", "task_knob", "split", "eval_file", "model", "n", "k", "rounds", "critic_gate", "max_turns", "max_context",
-            "obs_chars", "temperature", "top_p", "max_new_tokens", "critic_max_new_tokens", "enable_thinking",
-            "dtype", "seed", "task_seed", "batch_examples", "rollout_batch")
+SETTINGS = ("task", "task_knob", "split", "eval_file", "model", "n", "k", "rounds", "critic_gate", "max_turns",
+            "max_context", "obs_chars", "temperature", "top_p", "max_new_tokens", "critic_max_new_tokens",
+            "enable_thinking", "dtype", "seed", "task_seed", "batch_examples", "rollout_batch")
 
 
 def run(args, ctx, task, tokenizer):
@@ -451,7 +452,8 @@ def run(args, ctx, task, tokenizer):
         rows = gather(evaluate(model, tokenizer, critic, task, examples, args, ctx), ctx)
     if not ctx.main:
         return None
-    summary = dict(figures(rows, args.k, args.rounds, greedy=args.temperature == 0), **{key: getattr(args, key) for key in SETTINGS},
+    summary = dict(figures(rows, args.k, args.rounds, greedy=args.temperature == 0),
+                   **{key: getattr(args, key) for key in SETTINGS},
                    critic_model=None if critic is None else args.critic_model, world_size=ctx.world,
                    seconds=time.perf_counter() - t0)
     write_atomic(os.path.join(args.out, "samples.jsonl"), samples_jsonl(rows))

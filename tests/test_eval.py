@@ -415,7 +415,8 @@ def test_critic_swap_errors(checkpoints, tmp_path, capsys, no_weights_load):
     vocab = spec["model"]["vocab"]
     vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
     json.dump(spec, open(shuffled / "tokenizer.json", "w"))
-    assert "tokenizer vocabularies differ: token 'a' has id" in refusal(args + ["--critic_model", str(shuffled)], capsys)
+    assert "tokenizer vocabularies differ: token 'a' has id" in \
+        refusal(args + ["--critic_model", str(shuffled)], capsys)
     assert not os.path.exists(tmp_path / "out")  # stopped before anything was sampled or written
 
 
