@@ -11,6 +11,8 @@ Run:
     torchrun --nproc_per_node 8 eval.py --model runs/qwen3-8b/final --task math --eval_file test.jsonl \
         --samples 16 --k 1 --k 8 --k 16 --rounds 3 --batch_examples 16 --rollout_batch 64 \
         --max_examples 500 --max_new_tokens 2048 --critic_max_new_tokens 1024 --dtype bfloat16 --out runs/qwen3-8b/eval
+Without --task, the task is the one --model was trained on, with its knobs (icrl.py's trainer_state.json in
+the folder; boxes for a folder without one).
 
 What is sampled (icrl.rollout, SPEC §2.1-2.4, the same code as training): for every example, n chains
 (--n) of up to K rounds (--rounds). Round 1 is a critique-free episode tau_1 ~ S(x). While the gate lets a
@@ -30,6 +32,8 @@ Figures (summary.json and the printed table), over all chains; null where a rate
                          P(second critique-free attempt = 1), i.e. failed_retry_acc - second_attempt_acc
                          over the same `failed_chains` chains
     critique_value_se    its standard error, clustered by example (clustered_standard_error); null under 2 examples
+                         (both null, and second_attempt_acc, at --temperature 0: the second attempt replays the
+                         failed first one, so the difference would be failed_retry_acc)
     internalisation_gap  acc_round_K - acc_round_1
     critique_tokens      mean generated tokens per critique (stop token included, as icrl.py counts)
     critiqued_frac       share of chains critiqued at least once
@@ -53,6 +57,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from collections import defaultdict
 
@@ -60,9 +65,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import load_task, parse_knobs
-from icrl import (DTYPES, TRUNCATED_ENDS, SamplingConfig, add_episode_args, chunks, init_distributed, mix_seed, print0, rollout, shutdown,
-                  write_atomic)
+from icrl import (DTYPES, TRAINER_STATE, TRUNCATED_ENDS, SamplingConfig, UsageError, _Parser, add_episode_args,
+                  checked_folder, checked_task, checked_tokenizer, chunks, init_distributed, mix_seed, one_line, print0,
+                  rollout, run_then_shut_down, same_setting, saved_trainer_state, show, usage_exit, warn, write_atomic)
 from model import Qwen3
 
 
@@ -108,8 +113,9 @@ def clustered_standard_error(values, clusters):
     return math.sqrt(G / (G - 1) * spread) / n
 
 
-def figures(rows, ks, rounds):
-    """SPEC §4 figures from per-chain rows (`chain_row`, samples.jsonl's lines); `rounds` is K."""
+def figures(rows, ks, rounds, greedy=False):
+    """SPEC §4 figures from per-chain rows (`chain_row`, samples.jsonl's lines); `rounds` is K. `greedy`
+    (--temperature 0): the second attempt replays the failed first one, so the critique value is not measured."""
     wins = lambda rewards: sum(r == 1.0 for r in rewards)
     by_example = defaultdict(list)
     for row in rows:
@@ -133,6 +139,8 @@ def figures(rows, ks, rounds):
     out["critique_value_se"] = clustered_standard_error(
         [(row["rounds"][1]["reward"] == 1.0) - (row["second_attempt_reward"] == 1.0) for row in failed],
         [row["example"] for row in failed])
+    if greedy:  # every built-in environment is deterministic: critique_value would be failed_retry_acc
+        out["second_attempt_acc"] = out["critique_value"] = out["critique_value_se"] = None
     first, last = out["acc_round_1"], out[f"acc_round_{rounds}"]
     out["internalisation_gap"] = None if first is None else last - first
     critique_tokens = [ep["critique_tokens"] for row in rows for ep in row["rounds"]
@@ -150,33 +158,28 @@ def figures(rows, ks, rounds):
 # Checkpoints
 # ==================================================================================================
 
-def check_folder(flag, path):
-    """One clear line, before anything heavy is loaded, when `path` is no checkpoint folder."""
-    if not os.path.isdir(path):
-        raise SystemExit(f"{flag} {path}: no such checkpoint folder")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise SystemExit(f"{flag} {path}: no config.json there (not a Hugging Face checkpoint folder)")
+def checked_models(args):
+    """--model's tokenizer, once every folder has passed icrl.py's checks, no weight read (config.json and
+    the safetensors headers; tokenizer files that load, with a chat template): a UsageError naming the flag."""
+    config = checked_folder("--model", args.model)
+    tokenizer = checked_tokenizer("--model", args.model)
+    if not self_critic(args):
+        check_critic_matches(args, config, checked_folder("--critic_model", args.critic_model), tokenizer,
+                             checked_tokenizer("--critic_model", args.critic_model))
+    return tokenizer
 
 
-def load_tokenizer(flag, path):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{flag} {path}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
+def self_critic(args):
+    """No --critic_model, or --model itself: the solver critiques its own episodes."""
+    return args.critic_model is None or os.path.realpath(args.critic_model) == os.path.realpath(args.model)
 
 
-def vocab_size(path):
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f).get("vocab_size")
-
-
-def check_critic_matches(args, tokenizer, critic_tokenizer):
+def check_critic_matches(args, config, critic_config, tokenizer, critic_tokenizer):
     """SPEC §4 critic swap: the critic reads contexts built with --model's tokenizer and writes ids that
     --model's tokenizer decodes, so both must share one vocabulary, id for id."""
     where = f"--critic_model {args.critic_model} does not match --model {args.model}"
-    if (a := vocab_size(args.model)) != (b := vocab_size(args.critic_model)):
-        raise SystemExit(f"{where}: vocab_size {b} vs {a} (config.json)")
+    if (a := config.vocab_size) != (b := critic_config.vocab_size):
+        raise UsageError(f"{where}: vocab_size {b} vs {a} (config.json)")
     va, vb = tokenizer.get_vocab(), critic_tokenizer.get_vocab()
     if va != vb:
         only = sorted(set(va) ^ set(vb))
@@ -186,20 +189,54 @@ def check_critic_matches(args, tokenizer, critic_tokenizer):
         else:
             t = min((t for t in va if va[t] != vb[t]), key=va.get)
             detail = f"token {t!r} has id {vb[t]} vs {va[t]}"
-        raise SystemExit(f"{where}: tokenizer vocabularies differ: {detail}")
+        raise UsageError(f"{where}: tokenizer vocabularies differ: {detail}")
+
+
+def default_task_from_checkpoint(args):
+    """--task, --task_knob and --env_url not given come from the run that trained --model (icrl.py's
+    trainer_state.json), said in one line; a --task or --task_knob that differs from it is warned about. A
+    folder without that file (a plain Hugging Face model) defaults to boxes."""
+    file = os.path.join(args.model, TRAINER_STATE)
+    try:
+        saved = saved_trainer_state(args.model).get("args", {}) if os.path.isfile(file) else {}
+    except UsageError as e:
+        if args.task is None:
+            raise UsageError(f"{e}; pass --task") from None
+        saved = {}  # not needed: --task is given
+    taken = []
+    if args.task is None:
+        args.task = saved.get("task", "boxes")
+        taken += [f"--task {args.task}"] if "task" in saved else []
+    elif saved.get("task", args.task) != args.task:
+        warn(f"--task {args.task} differs from {saved['task']}, the task --model was trained on ({file})")
+    if args.task == saved.get("task"):
+        for key in ("task_knob", "env_url"):
+            given, old = getattr(args, key), saved.get(key)
+            if given is None and old:
+                setattr(args, key, old)
+                taken.append(f"--{key} {show(old)}")
+            elif key == "task_knob" and given is not None and not same_setting(key, given, old):
+                warn(f"--task_knob {show(given)} differs from {show(old) if old else 'no knobs'}, --model's "
+                     f"training ({file})")
+    args.task_knob = args.task_knob or []
+    if taken and os.environ.get("RANK", "0") == "0":
+        print(f"{' '.join(taken)}: from {file} (the run that trained --model)")
 
 
 def load_models(args, device):
-    """(solver model, tokenizer, critic model or None). None: the solver critiques itself."""
-    check_folder("--model", args.model)
-    tokenizer = load_tokenizer("--model", args.model)
-    same = args.critic_model is None or os.path.realpath(args.critic_model) == os.path.realpath(args.model)
-    if not same:
-        check_folder("--critic_model", args.critic_model)
-        check_critic_matches(args, tokenizer, load_tokenizer("--critic_model", args.critic_model))
-    model = Qwen3.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=device).eval()
-    critic = None if same else Qwen3.from_pretrained(args.critic_model, dtype=DTYPES[args.dtype], device=device).eval()
-    return model, tokenizer, critic
+    """(solver model, critic model or None), from folders checked_models passed. None: the solver critiques
+    itself."""
+    load = lambda path: Qwen3.from_pretrained(path, dtype=DTYPES[args.dtype], device=device).eval()
+    return load(args.model), None if self_critic(args) else load(args.critic_model)
+
+
+def check_out(out):
+    """--out, created and writable before any weight loads: a bad path found at the end loses the evaluation."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UsageError(f"--out {out}: not a writable folder ({type(e).__name__}: {one_line(e)})") from None
 
 
 # ==================================================================================================
@@ -301,6 +338,9 @@ def table(summary, ks, rounds):
              f"({summary['chains']} chains), K={summary['rounds']} rounds, gate {summary['critic_gate']}, "
              f"model {summary['model']}, critic {critic}"]
     lines += [f"  {key:<22}{fmt(key, summary[key]):>10}" for key in figure_keys(ks, rounds)]
+    if summary["temperature"] == 0:
+        lines.append("  note: at --temperature 0 the second attempt replays the first, so critique_value, its SE and "
+                     "second_attempt_acc are n/a")
     return "\n".join(lines)
 
 
@@ -309,21 +349,23 @@ def table(summary, ks, rounds):
 # ==================================================================================================
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # p.error: one line
     # model and task
     p.add_argument("--model", default="runs/icrl/final", help="the solver: a Hugging Face Qwen3 folder "
                    "with its tokenizer files (icrl.py writes them)")
     p.add_argument("--critic_model", default=None, help="critic swap (SPEC §4): critiques from this checkpoint "
                    "(same vocabulary), attempts and retries from --model")
-    p.add_argument("--task", default="boxes", help="arithmetic | countdown | gsm8k | math (one turn); "
+    p.add_argument("--task", default=None, help="arithmetic | countdown | gsm8k | math (one turn); "
                    "gridworld | guess | boxes (multi-turn); agentgym:<alfworld|webshop|sciworld|searchqa> with "
-                   "--env_url (data.py)")
+                   "--env_url (data.py). Default: the task --model was trained on (its trainer_state.json), with "
+                   "its --task_knob and --env_url where those are not given; boxes for a folder without one")
     p.add_argument("--env_url", default=None, help="agentgym tasks: comma-separated AgentGym server URLs, one "
                    "episode at a time each (../shared/AGENTGYM.md)")
     p.add_argument("--eval_file", default=None, help="JSONL split (gsm8k, math)")
-    p.add_argument("--task_knob", action="append", default=[], metavar="KEY=VALUE", help="a task option, "
+    p.add_argument("--task_knob", action="append", default=None, metavar="KEY=VALUE", help="a task option, "
                    "repeatable, as for icrl.py (e.g. --task_knob digits=3)")
-    p.add_argument("--split", default="test", choices=["train", "test"], help="split of a synthetic task")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="split of a synthetic task (or "
+                   "of agentgym's default ids); a file task's split is its --eval_file")
     p.add_argument("--task_seed", type=int, default=0, help="seed of a synthetic task's examples (icrl.py "
                    "generates its held-out split with its --seed, default 0)")
     p.add_argument("--max_examples", type=int, default=200, help="the first M examples (0: all)")
@@ -361,32 +403,43 @@ def parse_args(argv=None):
         p.error("--max_examples must be >= 0 and --batch_examples >= 1")
     if min(args.rollout_batch, args.max_context, args.obs_chars) < 0:
         p.error("--rollout_batch, --max_context and --obs_chars must be >= 0")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature {args.temperature}: must be a finite number >= 0")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top_p {args.top_p}: must be in (0, 1]")
+    for flag in ("max_new_tokens", "critic_max_new_tokens"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.split == "train" and args.eval_file:
+        p.error(f"--split train: --eval_file {args.eval_file} is read whatever the split (--split picks a "
+                f"synthetic task's split); pass the file of the split to evaluate")
     return args
 
 
 def main(argv=None):
-    """Returns summary.json's dict on rank 0, None on the other ranks."""
-    args = parse_args(argv)
+    """Returns summary.json's dict on rank 0, None on the other ranks. A mistake in a flag, the task, a
+    checkpoint folder or --out is one line (exit status 2) before any weight loads."""
+    try:
+        args = parse_args(argv)
+        default_task_from_checkpoint(args)
+        task = checked_task(args, args.eval_file, args.split, args.task_seed)
+        tokenizer = checked_models(args)
+        check_out(args.out)
+    except UsageError as e:
+        usage_exit(e)
     ctx = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-    try:
-        return run(args, ctx)
-    finally:
-        shutdown(ctx, fsdp=False)
+    return run_then_shut_down(lambda: run(args, ctx, task, tokenizer), ctx, fsdp=False)
 
 
-SETTINGS = ("task", "split", "eval_file", "model", "n", "k", "rounds", "critic_gate", "max_turns", "max_context",
-            "obs_chars", "temperature", "top_p", "max_new_tokens", "critic_max_new_tokens", "enable_thinking",
-            "dtype", "seed", "task_seed", "batch_examples", "rollout_batch")
+SETTINGS = ("task", "task_knob", "split", "eval_file", "model", "n", "k", "rounds", "critic_gate", "max_turns",
+            "max_context", "obs_chars", "temperature", "top_p", "max_new_tokens", "critic_max_new_tokens",
+            "enable_thinking", "dtype", "seed", "task_seed", "batch_examples", "rollout_batch")
 
 
-def run(args, ctx):
+def run(args, ctx, task, tokenizer):
     t0 = time.perf_counter()
-    model, tokenizer, critic = load_models(args, ctx.device)
-    task = load_task(args.task, path=args.eval_file, split=args.split, seed=args.task_seed,
-                     **parse_knobs(args.task_knob, args.env_url))
+    model, critic = load_models(args, ctx.device)
     args.max_turns = args.max_turns or task.max_turns
     examples = task.examples[:args.max_examples] if args.max_examples else task.examples
     print0(ctx, "config:", json.dumps(vars(args), indent=1))
@@ -399,10 +452,10 @@ def run(args, ctx):
         rows = gather(evaluate(model, tokenizer, critic, task, examples, args, ctx), ctx)
     if not ctx.main:
         return None
-    summary = dict(figures(rows, args.k, args.rounds), **{key: getattr(args, key) for key in SETTINGS},
+    summary = dict(figures(rows, args.k, args.rounds, greedy=args.temperature == 0),
+                   **{key: getattr(args, key) for key in SETTINGS},
                    critic_model=None if critic is None else args.critic_model, world_size=ctx.world,
                    seconds=time.perf_counter() - t0)
-    os.makedirs(args.out, exist_ok=True)
     write_atomic(os.path.join(args.out, "samples.jsonl"), samples_jsonl(rows))
     write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2, allow_nan=False) + "\n")
     print(table(summary, args.k, args.rounds))

@@ -1260,24 +1260,34 @@ def resolve_checkpoint(path):
 
 
 def read_trainer_state(checkpoint):
-    """trainer_state.json of a checkpoint ({"step", "args"}), once its optimizer folder has passed a cheap
-    check (check_optimizer_folder); anything missing or damaged is a UsageError naming the file or folder."""
-    file = os.path.join(checkpoint, TRAINER_STATE)
-    if not os.path.isfile(file) and os.path.isfile(os.path.join(checkpoint, OLD_TRAINER_STATE)):
+    """trainer_state.json of a checkpoint to resume ({"step", "args"}), once its optimizer folder has passed a
+    cheap check (check_optimizer_folder); anything missing or damaged is a UsageError naming the file or folder."""
+    if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)) and \
+            os.path.isfile(os.path.join(checkpoint, OLD_TRAINER_STATE)):
         raise UsageError(f"{checkpoint}: a checkpoint of an older icrl.py ({OLD_TRAINER_STATE}, the whole optimizer "
                          f"in one file), which this one cannot resume: it reads {TRAINER_STATE} and a sharded "
                          f"{OPTIMIZER}/ folder; resume it with the icrl.py that wrote it, or start a new run from "
                          f"its weights with --model {checkpoint}")
     try:
+        state = saved_trainer_state(checkpoint)
+    except UsageError as e:
+        raise UsageError(f"{e}; resume from another checkpoint") from None
+    check_optimizer_folder(os.path.join(checkpoint, OPTIMIZER))
+    return state
+
+
+def saved_trainer_state(checkpoint):
+    """trainer_state.json of a checkpoint, {"step", "args"} (the settings of the run that saved it); a file
+    missing, damaged or not icrl.py's is a UsageError naming it."""
+    file = os.path.join(checkpoint, TRAINER_STATE)
+    try:
         with open(file, encoding="utf-8") as f:
             state = json.load(f)
     except (OSError, ValueError) as e:
-        raise UsageError(f"{file}: cannot be read, truncated or damaged ({type(e).__name__}: {one_line(e)}); "
-                         f"resume from another checkpoint") from None
+        raise UsageError(f"{file}: cannot be read, truncated or damaged ({type(e).__name__}: {one_line(e)})") from None
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or not isinstance(state.get("args", {}), dict):
         raise UsageError(f"{file}: not an icrl.py trainer state (no step)")
-    check_optimizer_folder(os.path.join(checkpoint, OPTIMIZER))
     return state
 
 
@@ -1634,15 +1644,19 @@ def pretrained(flag, path):
 
 
 def load_tasks(args):
-    """(train task, held-out task) from --task, --task_knob, --env_url and the data files; each mistake a
-    UsageError naming the flag or the file and line."""
+    """(train task, held-out task) from --task, --task_knob, --env_url and the data files."""
+    return (checked_task(args, args.train_file, "train", args.seed),
+            checked_task(args, args.eval_file, "test", args.seed))
+
+
+def checked_task(args, path, split, seed):
+    """load_task for --task, --task_knob (typed by the task's own knobs) and --env_url, one split; each
+    mistake a UsageError naming the flag or the file and line (icrl.py and eval.py)."""
     try:
-        knobs = typed_knobs(args.task, args.task_knob, args.env_url)
-        train_task = load_task(args.task, path=args.train_file, split="train", seed=args.seed, **knobs)
-        eval_task = load_task(args.task, path=args.eval_file, split="test", seed=args.seed, **knobs)
+        return load_task(args.task, path=path, split=split, seed=seed,
+                         **typed_knobs(args.task, args.task_knob, args.env_url))
     except (OSError, ValueError, TypeError) as e:
         raise UsageError(one_line(e)) from None
-    return train_task, eval_task
 
 
 MAX_CHARS_PER_TOKEN = 32  # a text longer than this many characters per token of room is over-long untokenized
@@ -1912,17 +1926,26 @@ def main(argv=None):
         usage_exit(e, say=os.environ.get("RANK", "0") == "0")
     ctx = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    run_then_shut_down(lambda: train(args, ctx), ctx, args.fsdp)
+
+
+def run_then_shut_down(work, ctx, fsdp):
+    """work()'s result, then the ranks' shutdown (icrl.py and eval.py). A UsageError is one line (status 2).
+    Any other error under torchrun prints its traceback and ends this process at once: another rank may
+    wait in a collective, so a shutdown barrier would hang and hide the error (torchrun then stops the
+    other ranks)."""
     try:
-        train(args, ctx)
+        result = work()
     except UsageError as e:
         usage_exit(e)
     except BaseException:
-        if ctx.world > 1:  # another rank may wait in a collective: a barrier would hang and hide this error
+        if ctx.world > 1:
             traceback.print_exc()
             sys.stderr.flush()
-            os._exit(1)    # torchrun then stops the other ranks
+            os._exit(1)
         raise
-    shutdown(ctx, args.fsdp)
+    shutdown(ctx, fsdp)
+    return result
 
 
 def usage_exit(error, say=True):

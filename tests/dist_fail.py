@@ -1,7 +1,9 @@
-"""One rank fails while the other waits in a collective: icrl.main must print the failing rank's error and
-exit, not hang in its shutdown barrier (test_run_folder.py runs this under torchrun with 2 processes).
+"""One rank fails while the other waits in a collective: icrl.main and eval.main must print the failing rank's
+error and exit, not hang in their shutdown barrier (test_run_folder.py and test_eval.py run this under torchrun
+with 2 processes).
 
-    torchrun --nproc_per_node 2 tests/dist_fail.py OUT_DIR
+    torchrun --nproc_per_node 2 tests/dist_fail.py icrl OUT_DIR
+    torchrun --nproc_per_node 2 tests/dist_fail.py eval OUT_DIR MODEL_DIR
 """
 import os
 import sys
@@ -10,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import eval as ev  # noqa: E402
 import icrl  # noqa: E402
 
 
@@ -20,6 +23,17 @@ def train(args, ctx):
         dist.all_reduce(torch.zeros(1))
 
 
+def evaluate(model, tokenizer, critic, task, examples, args, ctx):
+    if ctx.rank == 1:  # as an AgentGym server that stops answering would
+        raise RuntimeError("rank 1 fails here")
+    return []  # rank 0 goes on to gather's all_gather_object, which rank 1 never joins
+
+
 if __name__ == "__main__":
-    icrl.train = train
-    icrl.main(["--out", sys.argv[1], "--warm_start_steps", "0"])
+    which, out = sys.argv[1:3]
+    if which == "icrl":
+        icrl.train = train
+        icrl.main(["--out", out, "--warm_start_steps", "0"])
+    else:
+        ev.evaluate = evaluate
+        ev.main(["--model", sys.argv[3], "--out", out, "--max_examples", "2"])

@@ -3,6 +3,7 @@ with a scripted sampler, end to end on a tiny checkpoint, the critic swap with a
 recognisable, clear errors, and 2 ranks == 1 process."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,10 +47,9 @@ def test_pass_at_k_rejects_bad_arguments(n, c, k):
         ev.pass_at_k(n, c, k)
 
 
-def test_k_above_n_is_a_clear_cli_error(capsys):
-    with pytest.raises(SystemExit):
+def test_k_above_n_is_a_clear_cli_error():
+    with pytest.raises(SystemExit, match="--k 3: pass@k needs 1 <= k <= n, and --n is 2"):
         ev.parse_args(["--n", "2", "--k", "1", "--k", "3"])
-    assert "--k 3: pass@k needs 1 <= k <= n, and --n is 2" in capsys.readouterr().err
     assert ev.parse_args(["--n", "3"]).k == [1, 3]  # default: pass@1 and pass@n
     assert ev.parse_args(["--n", "8", "--k", "4", "--k", "1"]).k == [1, 4]
     assert ev.parse_args(["--samples", "8", "--k", "8"]).k == [1, 8]  # pass@1 always; --samples is --n
@@ -346,6 +346,21 @@ def test_end_to_end(checkpoints, tmp_path, capsys, monkeypatch):
         assert key in printed, key
 
 
+def test_greedy_leaves_the_critique_value_unmeasured(checkpoints, tmp_path, capsys):
+    """At --temperature 0 the second critique-free attempt replays the failed first one (the environments are
+    deterministic), so critique_value would be failed_retry_acc: it, its standard error and second_attempt_acc
+    are null, with a note under the table."""
+    solver, _ = checkpoints
+    summary = ev.main(["--model", solver, "--out", str(tmp_path / "eval"), "--temperature", "0"] + FAST)
+    failed = [r for r in read_samples(tmp_path / "eval") if r["second_attempt_reward"] is not None]
+    assert failed and all(r["second_attempt_reward"] == r["rounds"][0]["reward"] for r in failed)   # a replay
+    assert summary["failed_chains"] == len(failed) and summary["failed_retry_acc"] is not None
+    assert summary["critique_value"] is summary["critique_value_se"] is summary["second_attempt_acc"] is None
+    assert "note: at --temperature 0 the second attempt replays the first" in capsys.readouterr().out
+    rows = [row(0, 0, ep(0., 3), ep(1.), second=0.), row(1, 0, ep(0., 3), ep(0.), second=0.)]
+    assert ev.figures(rows, [1], 2)["critique_value"] == 0.5   # sampled: measured
+
+
 def test_critic_swap_uses_the_other_checkpoints_critiques(checkpoints, tmp_path):
     solver, critic = checkpoints
     own, swapped = str(tmp_path / "own"), str(tmp_path / "swapped")
@@ -363,22 +378,36 @@ def test_critic_swap_uses_the_other_checkpoints_critiques(checkpoints, tmp_path)
     assert first(rows) == first(own_rows)
 
 
-def test_critic_swap_errors(checkpoints, tmp_path):
+def refusal(argv, capsys):
+    """eval.main's refusal of a mistake: exit status 2 and one line on stderr (no traceback), returned."""
+    with pytest.raises(SystemExit) as stop:
+        ev.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture
+def no_weights_load(monkeypatch):
+    """Every refusal below comes before a weight is read."""
+    def load(*args, **kwargs):
+        raise AssertionError("weights loaded before the mistake was caught")
+    monkeypatch.setattr(ev.Qwen3, "from_pretrained", load)
+
+
+def test_critic_swap_errors(checkpoints, tmp_path, capsys, no_weights_load):
     solver, critic = checkpoints
     args = ["--model", solver, "--out", str(tmp_path / "out")] + FAST
     missing = str(tmp_path / "missing")
-    with pytest.raises(SystemExit, match=f"--critic_model {missing}: no such checkpoint folder"):
-        ev.main(args + ["--critic_model", missing])
+    assert f"--critic_model {missing}: no such folder" in refusal(args + ["--critic_model", missing], capsys)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit, match="no config.json there"):
-        ev.main(args + ["--critic_model", str(empty)])
+    assert "config.json" in refusal(args + ["--critic_model", str(empty)], capsys)
     # A different vocabulary size.
     V = char_vocab_size(tmp_path)
     bigger = save_checkpoint(icrl.Qwen3(icrl.Qwen3Config(vocab_size=V + 5, **icrl.TINY_CONFIG)), tmp_path / "big")
-    with pytest.raises(SystemExit, match=rf"--critic_model {bigger} does not match --model {solver}: "
-                                         rf"vocab_size {V + 5} vs {V}"):
-        ev.main(args + ["--critic_model", bigger])
+    assert f"--critic_model {bigger} does not match --model {solver}: vocab_size {V + 5} vs {V}" in \
+        refusal(args + ["--critic_model", bigger], capsys)
     # Same size, but two tokens swap ids.
     shuffled = tmp_path / "shuffled"
     shutil.copytree(critic, shuffled)
@@ -386,14 +415,137 @@ def test_critic_swap_errors(checkpoints, tmp_path):
     vocab = spec["model"]["vocab"]
     vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
     json.dump(spec, open(shuffled / "tokenizer.json", "w"))
-    with pytest.raises(SystemExit, match=r"tokenizer vocabularies differ: token 'a' has id"):
-        ev.main(args + ["--critic_model", str(shuffled)])
+    assert "tokenizer vocabularies differ: token 'a' has id" in \
+        refusal(args + ["--critic_model", str(shuffled)], capsys)
     assert not os.path.exists(tmp_path / "out")  # stopped before anything was sampled or written
 
 
-def test_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match=f"--model {tmp_path / 'nope'}: no such checkpoint folder"):
-        ev.main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")] + FAST)
+def test_missing_model_is_a_clear_error(tmp_path, capsys, no_weights_load):
+    assert f"--model {tmp_path / 'nope'}: no such folder" in \
+        refusal(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")] + FAST, capsys)
+
+
+@pytest.mark.parametrize("flag", ["--model", "--critic_model"])
+@pytest.mark.parametrize("remove, message", [
+    (("tokenizer.json", "tokenizer_config.json"), "no tokenizer files there"),
+    (("model.safetensors",), "neither model.safetensors nor model.safetensors.index.json found")])
+def test_a_folder_without_tokenizer_or_weights_is_one_line(checkpoints, tmp_path, capsys, no_weights_load, flag,
+                                                           remove, message):
+    solver, _ = checkpoints
+    broken = tmp_path / "broken"
+    shutil.copytree(solver, broken)
+    for name in remove:
+        os.remove(broken / name)
+    argv = ["--model", solver, "--out", str(tmp_path / "out")] + FAST + [flag, str(broken)]
+    assert f"{flag} {broken}: " in (err := refusal(argv, capsys)) and message in err
+
+
+
+# ----------------------------------------------------------------------- the task the checkpoint was trained on
+@pytest.fixture
+def arithmetic_run(checkpoints, tmp_path):
+    """A checkpoint folder as icrl.py leaves it after training on products of 3-digit numbers (trainer_state.json)."""
+    folder = tmp_path / "final"
+    shutil.copytree(checkpoints[0], folder)
+    trained = icrl.parse_args(["--task", "arithmetic", "--task_knob", "digits=3", "--task_knob", "ops=*"])
+    icrl.write_trainer_state(str(folder), 3, trained)
+    return str(folder)
+
+
+def task_of(argv):
+    args = ev.parse_args(argv)
+    ev.default_task_from_checkpoint(args)
+    return args.task, args.task_knob, args.env_url
+
+
+def test_the_task_defaults_to_the_checkpoints(arithmetic_run, checkpoints, tmp_path, capsys):
+    """Without --task, the task and knobs icrl.py trained --model on, with one line saying so (not boxes, which
+    an arithmetic checkpoint scores 0 on); a plain Hugging Face folder keeps boxes."""
+    state = os.path.join(arithmetic_run, "trainer_state.json")
+    summary = ev.main(["--model", arithmetic_run, "--out", str(tmp_path / "eval")] + FAST[2:])
+    out, err = capsys.readouterr()
+    assert (summary["task"], summary["task_knob"]) == ("arithmetic", ["digits=3", "ops=*"]) and "warning" not in err
+    assert f"--task arithmetic --task_knob digits=3 ops=*: from {state} (the run that trained --model)" in out
+    questions = [r["question"] for r in read_samples(tmp_path / "eval")]
+    assert all(re.fullmatch(r"[0-9]{3}\*[0-9]{3}", q) for q in questions), questions
+    # --task given as saved: its knobs still come from the checkpoint (`make eval TASK=...` passes --task).
+    assert task_of(["--model", arithmetic_run, "--task", "arithmetic"]) == ("arithmetic", ["digits=3", "ops=*"], None)
+    assert capsys.readouterr().out == f"--task_knob digits=3 ops=*: from {state} (the run that trained --model)\n"
+    assert task_of(["--model", checkpoints[0]]) == ("boxes", [], None)
+    assert capsys.readouterr().out == ""
+
+
+def test_a_task_or_knob_other_than_the_checkpoints_is_warned_about(arithmetic_run, capsys):
+    state = os.path.join(arithmetic_run, "trainer_state.json")
+    assert task_of(["--model", arithmetic_run, "--task", "boxes"]) == ("boxes", [], None)
+    err = capsys.readouterr().err.strip()
+    assert err == f"warning: --task boxes differs from arithmetic, the task --model was trained on ({state})"
+    assert task_of(["--model", arithmetic_run, "--task", "arithmetic", "--task_knob", "digits=2"]) == \
+        ("arithmetic", ["digits=2"], None)
+    err = capsys.readouterr().err.strip()
+    assert err == f"warning: --task_knob digits=2 differs from digits=3 ops=*, --model's training ({state})"
+    assert task_of(["--model", arithmetic_run, "--task_knob", "ops=*", "--task_knob", "digits=3"]) == \
+        ("arithmetic", ["ops=*", "digits=3"], None)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_damaged_trainer_state_is_one_line_unless_task_is_given(arithmetic_run, tmp_path, capsys, no_weights_load):
+    state = os.path.join(arithmetic_run, "trainer_state.json")
+    with open(state, "w") as f:
+        f.write('{"step": 3, "ar')
+    err = refusal(["--model", arithmetic_run, "--out", str(tmp_path / "out")], capsys)
+    assert f"{state}: cannot be read, truncated or damaged" in err and "pass --task" in err
+    assert task_of(["--model", arithmetic_run, "--task", "gsm8k"]) == ("gsm8k", [], None)   # not needed: ignored
+
+
+GSM8K = os.path.join(ROOT, "tests", "data", "gsm8k_sample.jsonl")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "nosuch"], "unknown task 'nosuch'"),
+    (["--task", "boxes", "--eval_file", GSM8K], "boxes is synthetic and reads no file (--train_file / --eval_file)"),
+    (["--task", "math"], "math reads a JSONL file: pass path= (--train_file / --eval_file)"),
+    (["--task", "gsm8k", "--eval_file", "/nonexistent.jsonl"], "data file not found: /nonexistent.jsonl"),
+    (["--task", "boxes", "--task_knob", "boxs=3"], "--task_knob boxs=3: boxes has no knob 'boxs'"),
+    (["--task", "boxes", "--task_knob", "boxes=abc"], "--task_knob boxes=abc: knob boxes of boxes takes an integer"),
+    (["--task", "boxes", "--task_knob", "foo"], "--task_knob 'foo': expected KEY=VALUE"),
+    (["--task", "boxes", "--env_url", "http://127.0.0.1:1"], "--env_url is for agentgym:* tasks"),
+    (["--task", "gsm8k", "--eval_file", GSM8K, "--split", "train"], "--split train: --eval_file"),
+    (["--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
+    (["--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]"),
+    (["--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
+    (["--critic_max_new_tokens", "-3"], "--critic_max_new_tokens -3: must be at least 1"),
+    (["--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature nan: must be a finite number >= 0"),
+    (["--rounds", "zero"], "--rounds: invalid int value"),
+])
+def test_bad_flags_are_one_line_before_any_weight_loads(checkpoints, tmp_path, capsys, no_weights_load, flags,
+                                                        message):
+    solver, _ = checkpoints
+    out = tmp_path / "out"
+    assert message in refusal(["--model", solver, "--out", str(out)] + flags, capsys)
+    assert not out.exists()
+
+
+def test_out_is_a_writable_folder_before_any_weight_loads(checkpoints, tmp_path, capsys, monkeypatch):
+    """A bad --out would otherwise be found after the whole evaluation, losing it."""
+    solver, _ = checkpoints
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with monkeypatch.context() as m:
+        m.setattr(ev.Qwen3, "from_pretrained", lambda *a, **kw: pytest.fail("weights loaded"))
+        for out in (afile, afile / "eval"):
+            assert f"--out {out}: not a writable folder" in refusal(["--model", solver, "--out", str(out)] + FAST,
+                                                                   capsys)
+    out, seen = tmp_path / "new" / "eval", []
+
+    def load(*args, **kwargs):
+        seen.append(os.path.isdir(out))
+        raise KeyboardInterrupt  # stop there
+    monkeypatch.setattr(ev.Qwen3, "from_pretrained", load)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(["--model", solver, "--out", str(out)] + FAST)
+    assert seen == [True] and os.listdir(out) == []   # created, and nothing left in it
 
 
 def test_two_ranks_equal_one_process(checkpoints, tmp_path):
@@ -415,3 +567,21 @@ def test_two_ranks_equal_one_process(checkpoints, tmp_path):
     assert two["world_size"] == 2 and two["examples"] == 5
     drop = lambda s: {k: v for k, v in s.items() if k not in ("world_size", "seconds")}
     assert drop(one) == drop(two)
+
+
+def test_a_failing_rank_stops_the_evaluation_with_its_error_instead_of_hanging(checkpoints, tmp_path):
+    """Rank 1 raises (as when its AgentGym server stops answering) while rank 0 waits in the gather: the
+    evaluation ends, nonzero, with rank 1's error in the output, instead of rank 1 waiting at its shutdown
+    barrier until the collective times out (tests/dist_fail.py)."""
+    solver, _ = checkpoints
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "tests", "dist_fail.py"), "eval", str(tmp_path / "eval"), solver]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its ranks (each in a session of its own) on SIGTERM
+        proc.communicate(timeout=60)
+        pytest.fail("the evaluation hung after rank 1 failed")
+    assert proc.returncode != 0 and "rank 1 fails here" in output

@@ -593,7 +593,7 @@ def test_a_failing_rank_stops_the_run_with_its_error_instead_of_hanging(tmp_path
     """Rank 1 raises while rank 0 waits in a collective: the run ends (torchrun stops rank 0), nonzero, with
     rank 1's error in the output, instead of rank 1 waiting forever at its shutdown barrier."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "tests", "dist_fail.py"), str(tmp_path / "run")]
+           os.path.join(ROOT, "tests", "dist_fail.py"), "icrl", str(tmp_path / "run")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert "rank 1 fails here" in result.stdout + result.stderr
