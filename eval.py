@@ -66,8 +66,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from icrl import (DTYPES, TRAINER_STATE, TRUNCATED_ENDS, SamplingConfig, UsageError, _Parser, add_episode_args,
-                  checked_folder, checked_task, checked_tokenizer, chunks, init_distributed, mix_seed, one_line, print0,
-                  rollout, run_then_shut_down, same_setting, saved_trainer_state, show, usage_exit, warn, write_atomic)
+                  checked_folder, checked_task, checked_tokenizer, chunks, first_rank, init_distributed, mix_seed,
+                  one_line, print0, rollout, run_then_shut_down, same_setting, saved_trainer_state, show, usage_exit,
+                  warn, write_atomic)
 from model import Qwen3
 
 
@@ -220,7 +221,8 @@ def default_task_from_checkpoint(args):
                      f"training ({file})")
     args.task_knob = args.task_knob or []
     if taken and os.environ.get("RANK", "0") == "0":
-        print(f"{' '.join(taken)}: from {file} (the run that trained --model)")
+        if first_rank():
+            print(f"{' '.join(taken)}: from {file} (the run that trained --model)")
 
 
 def load_models(args, device):
@@ -425,8 +427,8 @@ def main(argv=None):
         task = checked_task(args, args.eval_file, args.split, args.task_seed)
         tokenizer = checked_models(args)
         check_out(args.out)
-    except UsageError as e:
-        usage_exit(e)
+    except UsageError as e:  # the same on every rank under torchrun: rank 0 says it
+        usage_exit(e, say=first_rank())
     ctx = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     return run_then_shut_down(lambda: run(args, ctx, task, tokenizer), ctx, fsdp=False)

@@ -47,9 +47,14 @@ class UsageError(SystemExit):
     traceback: tracebacks are for bugs) and exits with status 2."""
 
 
+def first_rank():
+    """Rank 0, or no torchrun: before init_distributed, where every rank checks the same things."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def warn(message):
     """A warning on stderr, from the first rank only (every rank checks the same things)."""
-    if os.environ.get("RANK", "0") == "0":
+    if first_rank():
         tqdm.write(f"warning: {message}", file=sys.stderr)
 
 # ==================================================================================================
@@ -1923,7 +1928,7 @@ def main(argv=None):
         args = parse_args(argv)
         check_run_folder(args)
     except UsageError as e:  # the same on every rank under torchrun: rank 0 says it
-        usage_exit(e, say=os.environ.get("RANK", "0") == "0")
+        usage_exit(e, say=first_rank())
     ctx = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     run_then_shut_down(lambda: train(args, ctx), ctx, args.fsdp)
