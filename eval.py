@@ -220,9 +220,8 @@ def default_task_from_checkpoint(args):
                 warn(f"--task_knob {show(given)} differs from {show(old) if old else 'no knobs'}, --model's "
                      f"training ({file})")
     args.task_knob = args.task_knob or []
-    if taken and os.environ.get("RANK", "0") == "0":
-        if first_rank():
-            print(f"{' '.join(taken)}: from {file} (the run that trained --model)")
+    if taken and first_rank():
+        print(f"{' '.join(taken)}: from {file} (the run that trained --model)")
 
 
 def load_models(args, device):
