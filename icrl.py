@@ -328,9 +328,9 @@ def run_episodes(sampler, envs, critiques, phase):
                 ep.mask += [1] * len(g.tokens)
                 ep.sampler_logprobs += full_softmax_logprobs(g)
                 ep.actions.append(sampler.text(g))
-                if not g.finished:  # SPEC §1: cut off by max_new_tokens, never sent to the environment: 0
-                    ep.observations.append("")
-                    ep.reward, ep.end = 0.0, "cutoff"
+                if not g.finished:  # cut off by max_new_tokens: never sent to the environment, and the end
+                    ep.observations.append("")   # (SPEC §1: the reward stays the environment's last; 0 on turn 1)
+                    ep.end = "cutoff"
                     continue
                 observation, ep.reward, done = sampler.env_call(envs[i], "step", ep.actions[-1])
                 ep.observations.append(observation)

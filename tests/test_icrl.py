@@ -677,7 +677,8 @@ class EchoTask:
 
 
 class ScriptedActions:
-    """model.generate stand-in: row i of call n answers actions[n][i % len] and ends with <|im_end|>."""
+    """model.generate stand-in: row i of call n answers actions[n][i % len] and ends with <|im_end|>; an action
+    written "CUT:text" is text cut off by max_new_tokens (no stop token, not finished)."""
 
     def __init__(self, tokenizer, actions):
         self.tok, self.actions, self.calls = tokenizer, actions, []
@@ -689,8 +690,10 @@ class ScriptedActions:
         row = self.actions[len(self.calls) - 1]
         out = []
         for i in range(len(prompts)):
-            ids = self.tok.encode(row[i % len(row)], add_special_tokens=False) + [self.im_end]
-            out.append(Generation(ids, [-0.1] * len(ids), True))
+            text = row[i % len(row)]
+            cut = text.startswith("CUT:")
+            ids = self.tok.encode(text.removeprefix("CUT:"), add_special_tokens=False) + ([] if cut else [self.im_end])
+            out.append(Generation(ids, [-0.1] * len(ids), not cut))
         return out
 
 
@@ -738,6 +741,16 @@ def test_episode_end_conditions(monkeypatch, char_tokenizer):
     ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["half"], ["b"]], max_turns=9,
                          max_context=context_len + 2 + 8)
     assert (ep.end, ep.reward, len(ep.actions)) == ("context", 0.5, 1)
+
+
+def test_a_cut_off_turn_ends_the_episode_with_the_environments_last_reward(monkeypatch, char_tokenizer):
+    """SPEC §1: R(tau) is the environment's last reward. A turn cut off by max_new_tokens is never sent to the
+    environment and ends the episode: after "half" (0.5) the episode keeps 0.5; cut off on its first turn
+    (as a single-turn response) it has no reward from the environment: 0."""
+    ep, script = echo_rollout(monkeypatch, char_tokenizer, [["half"], ["CUT:more"], ["stop"]], max_turns=5)
+    assert (ep.end, ep.reward, ep.observations, len(script.calls)) == ("cutoff", 0.5, ["seen half", ""], 2)
+    ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["CUT:half"]], max_turns=5)
+    assert (ep.end, ep.reward, ep.observations) == ("cutoff", 0.0, [""])
 
 
 def test_repeats_end_an_episode_only_in_a_row(monkeypatch, char_tokenizer):
