@@ -225,6 +225,7 @@ class Sampler:
             raise ValueError(f"max_turns must be at least 1, got {cfg.max_turns}")
         self.stop_ids = stop_token_ids(tokenizer)
         self.before_obs, self.after_obs = observation_turn(tokenizer, cfg.enable_thinking)
+        self.end_of_turn = end_of_turn_id(tokenizer)
         self.max_context = cfg.max_context or model_positions(model)
         self.times = {"sample": 0.0, "env": 0.0}
 
@@ -334,7 +335,9 @@ def run_episodes(sampler, envs, critiques, phase):
                     continue
                 observation, ep.reward, done = sampler.env_call(envs[i], "step", ep.actions[-1])
                 ep.observations.append(observation)
-                obs_ids = sampler.before_obs + encode_observation(tok, observation) + sampler.after_obs
+                # the markers follow the end of turn: an action that stopped on another stop id gets it as context
+                closing = [] if g.tokens[-1] == sampler.end_of_turn else [sampler.end_of_turn]
+                obs_ids = closing + sampler.before_obs + encode_observation(tok, observation) + sampler.after_obs
                 if done:
                     ep.end = "done"
                 elif turn + 1 == cfg.max_turns:

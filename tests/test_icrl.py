@@ -678,7 +678,8 @@ class EchoTask:
 
 class ScriptedActions:
     """model.generate stand-in: row i of call n answers actions[n][i % len] and ends with <|im_end|>; an action
-    written "CUT:text" is text cut off by max_new_tokens (no stop token, not finished)."""
+    written "CUT:text" is text cut off by max_new_tokens (no stop token, not finished), "EOS:text" text that
+    stopped on <|endoftext|> instead."""
 
     def __init__(self, tokenizer, actions):
         self.tok, self.actions, self.calls = tokenizer, actions, []
@@ -691,8 +692,9 @@ class ScriptedActions:
         out = []
         for i in range(len(prompts)):
             text = row[i % len(row)]
-            cut = text.startswith("CUT:")
-            ids = self.tok.encode(text.removeprefix("CUT:"), add_special_tokens=False) + ([] if cut else [self.im_end])
+            cut, eos = text.startswith("CUT:"), text.startswith("EOS:")
+            stop = [] if cut else [self.tok.convert_tokens_to_ids("<|endoftext|>") if eos else self.im_end]
+            ids = self.tok.encode(text.removeprefix("CUT:").removeprefix("EOS:"), add_special_tokens=False) + stop
             out.append(Generation(ids, [-0.1] * len(ids), not cut))
         return out
 
@@ -751,6 +753,17 @@ def test_a_cut_off_turn_ends_the_episode_with_the_environments_last_reward(monke
     assert (ep.end, ep.reward, ep.observations, len(script.calls)) == ("cutoff", 0.5, ["seen half", ""], 2)
     ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["CUT:half"]], max_turns=5)
     assert (ep.end, ep.reward, ep.observations) == ("cutoff", 0.0, [""])
+
+
+def test_an_action_stopped_by_another_stop_id_still_closes_its_turn(monkeypatch, char_tokenizer):
+    """The observation turn's markers follow the end-of-turn token (observation_turn); an action that stopped
+    on <|endoftext|> gets <|im_end|> after it, as context (mask 0), so the episode stays the template's form."""
+    ep, _ = echo_rollout(monkeypatch, char_tokenizer, [["EOS:half"], ["stop"]], max_turns=5)
+    assert (ep.end, ep.reward) == ("done", 1.0)
+    text = char_tokenizer.decode(ep.tokens)
+    assert text.startswith("half<|endoftext|><|im_end|>\n<|im_start|>user\nseen half<|im_end|>"), text
+    untrained = char_tokenizer.decode([t for t, m in zip(ep.tokens, ep.mask) if not m])
+    assert untrained.startswith("<|im_end|>\n<|im_start|>user"), untrained
 
 
 def test_repeats_end_an_episode_only_in_a_row(monkeypatch, char_tokenizer):
