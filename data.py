@@ -773,8 +773,8 @@ def math_answers_match(predicted: str, reference: str) -> bool:
 
 
 class MathTask(Task):
-    """JSONL rows {"problem", "answer"} or {"problem", "solution"} (answer = the solution's last \\boxed{});
-    verified by math_answers_match (whose docstring lists what it does not recognise)."""
+    """JSONL rows {"problem", "answer"} (a string, or an integer) or {"problem", "solution"} (answer = the
+    solution's last \\boxed{}); verified by math_answers_match (whose docstring lists what it does not recognise)."""
     name = "math"
 
     def __init__(self, path, n=None):
@@ -783,9 +783,13 @@ class MathTask(Task):
             source_field = "answer" if "answer" in row else "solution"
             if source_field not in row:
                 raise ValueError(f"{path}:{line_number}: missing field 'answer' (or 'solution')")
-            if not isinstance(row[source_field], str):
-                raise ValueError(f"{path}:{line_number}: field '{source_field}' must be a string")
-            answer = row["answer"] if source_field == "answer" else last_boxed(row["solution"])
+            value = row[source_field]
+            if source_field == "answer" and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)   # AIME- and AMC-style files store integer answers
+            if not isinstance(value, str):
+                raise ValueError(f"{path}:{line_number}: field '{source_field}' must be a string"
+                                 + (" or an integer" if source_field == "answer" else ""))
+            answer = value if source_field == "answer" else last_boxed(value)
             if answer is None:
                 raise ValueError(f"{path}:{line_number}: field 'solution' has no complete \\boxed{{...}}")
             if not answer.strip():

@@ -572,6 +572,14 @@ def write(tmp_path, name, text):
     return str(path)
 
 
+def test_math_answers_may_be_integers(tmp_path):
+    """AIME- and AMC-style files store integer answers: {"answer": 204} reads as "204" and is verified so."""
+    task = load_task("math", path=write(tmp_path, "aime.jsonl", '{"problem": "p", "answer": 204}\n'))
+    assert task.examples[0].answer == "204"
+    assert task.reward(task.examples[0], "\\boxed{204}<|im_end|>") == 1.0
+    assert task.reward(task.examples[0], "\\boxed{205}<|im_end|>") == 0.0
+
+
 @pytest.mark.parametrize("task_name, content, message", [
     ("gsm8k", '{"question": "q", "answer": "#### 1"}\n\n{"question": "q2", "answer": "#### 2"\n', ":3: malformed JSON"),
     ("gsm8k", '{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n', ":2: missing field 'answer'"),
@@ -585,7 +593,9 @@ def write(tmp_path, name, text):
     ("math", '{"problem": "p", "solution": "it is 3"}\n', ":1: field 'solution' has no complete \\boxed{...}"),
     ("math", '{"problem": "p", "solution": "\\\\boxed{3"}\n', ":1: field 'solution' has no complete \\boxed{...}"),
     ("math", '{"problem": "p", "answer": " "}\n', ":1: field 'answer' gives an empty answer"),
-    ("math", '{"problem": "p", "answer": 3}\n', ":1: field 'answer' must be a string"),
+    ("math", '{"problem": "p", "answer": 3.5}\n', ":1: field 'answer' must be a string or an integer"),
+    ("math", '{"problem": "p", "answer": true}\n', ":1: field 'answer' must be a string or an integer"),
+    ("math", '{"problem": "p", "solution": 3}\n', ":1: field 'solution' must be a string"),
     ("math", '{"solution": "\\\\boxed{3}"}\n', ":1: missing field 'problem'"),
     # JSON that Python's parser refuses without a JSONDecodeError: nesting too deep, a number too long
     ("math", '{"problem": "p", "answer": "1"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", ":2: malformed JSON"),
