@@ -41,11 +41,12 @@ Figures (summary.json and the printed table), over all chains; null where a rate
                          cutoff (retries included, second attempts not)
     examples, chains     how many; plus the settings
 Outputs: the table on stdout, DIR/summary.json and DIR/samples.jsonl, one line per chain in (example, chain)
-order: example, id, question, answer (reference), chain, rounds, second_attempt_reward (null unless the
-first attempt failed and was critiqued). rounds[k] is episode k + 1: context and text (decoded, special
-tokens kept), actions, observations, reward, end (done | max_turns | repeat | context | cutoff),
-action_tokens; and the critique written about it: critic_context (decoded), critique (the extracted text
-the retry was given), critique_tokens, critique_finished (all null when it was not critiqued).
+order: example, id, question, answer (reference), chain, rounds, second_attempt_reward and second_attempt
+(null unless the first attempt failed and was critiqued). rounds[k] is episode k + 1: context and text
+(decoded, special tokens kept), actions, observations, reward, end (done | max_turns | repeat | context |
+cutoff), action_tokens; and the critique written about it: critic_context (decoded), critique (the extracted
+text the retry was given), critique_tokens, critique_finished (all null when it was not critiqued).
+second_attempt is the critique value's second critique-free episode, with the same episode fields.
 
 Under torchrun the examples are cut into --batch_examples batches dealt round-robin to the ranks, each
 batch sampled with seeds from (--seed, batch index): the figures do not depend on the number of ranks.
@@ -254,20 +255,25 @@ def eval_config(args):
                           compile_sampler=args.compile_sampler)
 
 
+def episode_row(ep, tokenizer):
+    """One episode as plain data: its context and text decoded (special tokens kept), actions, observations."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+    return dict(context=decode(ep.context), text=decode(ep.tokens), actions=list(ep.actions),
+                observations=list(ep.observations), reward=ep.reward, end=ep.end, action_tokens=ep.action_tokens)
+
+
 def chain_row(index, example, c, chain, tokenizer):
     """One chain as plain data (gathered across ranks, one line of samples.jsonl)."""
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
     rounds = []
     for k, ep in enumerate(chain.episodes):
         cr = chain.critiques[k] if k < len(chain.critiques) else None
         rounds.append(dict(
-            context=decode(ep.context), text=decode(ep.tokens), actions=list(ep.actions),
-            observations=list(ep.observations), reward=ep.reward, end=ep.end, action_tokens=ep.action_tokens,
-            critic_context=None if cr is None else decode(cr.context), critique=None if cr is None else cr.text,
-            critique_tokens=None if cr is None else len(cr.tokens),
+            episode_row(ep, tokenizer),
+            critic_context=None if cr is None else tokenizer.decode(cr.context, skip_special_tokens=False),
+            critique=None if cr is None else cr.text, critique_tokens=None if cr is None else len(cr.tokens),
             critique_finished=None if cr is None else cr.finished))
     return dict(example=index, id=example.id, question=example.question, answer=example.answer, chain=c,
-                rounds=rounds, second_attempt_reward=None)
+                rounds=rounds, second_attempt_reward=None, second_attempt=None)
 
 
 def evaluate(model, tokenizer, critic, task, examples, args, ctx):
@@ -293,7 +299,8 @@ def evaluate(model, tokenizer, critic, task, examples, args, ctx):
             second, _ = rollout(model, tokenizer, task, [by_index[row["example"]] for row in failed], second_cfg,
                                 seed=mix_seed(args.seed, b, 1), critique=False)
             for row, ro in zip(failed, second):
-                row["second_attempt_reward"] = ro.chains[0].episodes[0].reward
+                row["second_attempt"] = episode_row(ro.chains[0].episodes[0], tokenizer)
+                row["second_attempt_reward"] = row["second_attempt"]["reward"]
         rows += batch_rows
         bar.update(len(batch))
     bar.close()

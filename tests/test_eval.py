@@ -291,7 +291,8 @@ def read_samples(out):
         return [json.loads(line) for line in f]
 
 
-FIELDS = {"example", "id", "question", "answer", "chain", "rounds", "second_attempt_reward"}
+FIELDS = {"example", "id", "question", "answer", "chain", "rounds", "second_attempt_reward", "second_attempt"}
+EPISODE_FIELDS = {"context", "text", "actions", "observations", "reward", "end", "action_tokens"}
 ROUND_FIELDS = {"context", "text", "actions", "observations", "reward", "end", "action_tokens", "critic_context",
                 "critique", "critique_tokens", "critique_finished"}
 
@@ -326,7 +327,11 @@ def test_end_to_end(checkpoints, tmp_path, capsys, monkeypatch):
         # The failure gate: a chain goes on after a failure only, up to K = 3 episodes.
         assert len(rounds) == 3 or rounds[-1]["reward"] == 1.0
         assert all(rd["reward"] < 1.0 for rd in rounds[:-1])
-        assert (r["second_attempt_reward"] is None) == (len(rounds) == 1)
+        assert (r["second_attempt_reward"] is None) == (len(rounds) == 1) == (r["second_attempt"] is None)
+        if r["second_attempt"] is not None:   # the critique value's baseline: a critique-free episode from S(x)
+            second = r["second_attempt"]
+            assert set(second) == EPISODE_FIELDS and second["reward"] == r["second_attempt_reward"]
+            assert second["context"] == rounds[0]["context"] and "Tips" not in second["context"]
         for k, rd in enumerate(rounds):
             assert r["question"] in rd["context"] and "<|im_start|>user" in rd["context"]  # decoded, markup kept
             assert rd["reward"] in (0.0, 1.0) and rd["end"] in ("done", "cutoff")
