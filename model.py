@@ -70,11 +70,17 @@ class Qwen3Config:
             reject(f"hidden_act is {d['hidden_act']!r}, not 'silu'")
         if d.get("attention_dropout", 0.0):
             reject(f"attention_dropout={d['attention_dropout']} (no dropout here)")
-        # transformers 5 stores RoPE as rope_parameters (theta inside); 4.x as rope_scaling + rope_theta.
+        # transformers 5 stores RoPE as rope_parameters (theta inside); 4.x as rope_scaling + rope_theta. Both
+        # are read: a YaRN rope_scaling added beside a default rope_parameters (as Qwen's cards suggest for long
+        # context) is merged by transformers, and must be refused here, not run as plain RoPE.
+        for key in ("rope_parameters", "rope_scaling"):
+            rope = d.get(key) or {}
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type != "default":
+                reject(f"{key} has rope_type {rope_type!r} ({rope}); only plain RoPE (rope_type 'default')")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            reject(f"rope scaling {rope_type!r} ({rope}); only plain RoPE (rope_type 'default')")
+        if d.get("head_dim", 128) is None or not isinstance(d.get("head_dim", 128), int):
+            reject(f"head_dim is {d.get('head_dim')!r}, not an integer")
         sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
         if missing := [k for k in sizes if k not in d]:
             raise ValueError(f"config.json: missing {missing}")
@@ -710,7 +716,9 @@ class Decoder:
             mask = torch.where(visible, 0.0, -math.inf).to(x.dtype)[:, None]      # (B, 1, T, S), all layers
             rows = torch.arange(r0, r0 + B, device=x.device)[:, None]
         for w, cache in zip(self.layers, self.cache):
-            if T == 1 and cache.kv is not None and torch.is_tensor(positions):  # every static step among them
+            # every static step among them; the step's layer reads cache rows 0..B-1: a later chunk of a
+            # prefill (r0 > 0) of one token per row takes the general path below
+            if T == 1 and cache.kv is not None and torch.is_tensor(positions) and r0 == 0:
                 x = self.step_layer(x, w, cache.kv, cos, sin, rows, positions, mask)
                 continue
             q, kv = self._qkv(x, w, cos, sin, B, T)

@@ -447,6 +447,24 @@ def test_session_turn_where_a_long_history_meets_a_long_observation(tiny):
     assert [g.tokens for g in ours] == [g.tokens for g in generate(model, grown, 4, temperature=0.0)]
 
 
+@pytest.mark.parametrize("prefill_tokens", [512, 2], ids=["one-chunk", "chunks-of-2-rows"])
+def test_session_turn_of_one_new_token_per_row_in_chunks(tiny, monkeypatch, prefill_tokens):
+    """A Session turn whose rows each add one token (the last sampled one) prefills through the step's path;
+    in chunks of rows (Decoder.prefill_tokens) every chunk must read its own rows' histories, not rows 0.."""
+    from model import Session
+    model, _ = tiny
+    monkeypatch.setattr(Decoder, "prefill_tokens", prefill_tokens)
+    prompts = random_prompts([3, 5, 4, 6], seed=2)
+    session = Session()
+    first = generate(model, prompts, 4, temperature=0.0, session=session)
+    grown = [p + g.tokens for p, g in zip(prompts, first)]
+    ours = generate(model, grown, 4, temperature=0.0, session=session, continues=[0, 1, 2, 3])
+    reference = generate(model, grown, 4, temperature=0.0)
+    assert [g.tokens for g in ours] == [g.tokens for g in reference]
+    for a, b in zip(ours, reference):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
 def test_max_new_tokens_cut_is_not_finished(tiny):
     model, _ = tiny
     gens = generate(model, random_prompts([4, 6], seed=11), max_new_tokens=5, temperature=0, stop_ids=(VOCAB + 1,))
@@ -562,14 +580,20 @@ def _edit_config(folder, **changes):
     (lambda f: _edit_config(f, num_experts=8, num_experts_per_tok=2), ValueError, "num_experts=8"),
     (lambda f: _edit_config(f, use_sliding_window=True, sliding_window=64), ValueError, "sliding-window"),
     (lambda f: _edit_config(f, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
-     ValueError, "rope scaling 'yarn'"),
+     ValueError, "rope_parameters has rope_type 'yarn'"),
     (lambda f: _edit_config(f, rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}),
-     ValueError, "rope scaling 'linear'"),
+     ValueError, "rope_scaling has rope_type 'linear'"),
+    # Qwen's long-context recipe adds rope_scaling beside the default rope_parameters transformers 5 saves:
+    # transformers merges the two and runs YaRN, so reading the first key alone would run plain RoPE silently
+    (lambda f: _edit_config(f, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+     ValueError, "rope_scaling has rope_type 'yarn'"),
+    (lambda f: _edit_config(f, head_dim=None), ValueError, "head_dim is None"),
     (lambda f: _edit_config(f, model_type="qwen2"), ValueError, "model_type is 'qwen2'"),
     (lambda f: (f / "config.json").unlink(), FileNotFoundError, "config.json"),
     (lambda f: (f / "model.safetensors").unlink(), FileNotFoundError, "model.safetensors"),
-], ids=["missing", "unexpected", "shape", "moe", "sliding", "yarn", "legacy-rope-scaling", "model-type",
-        "no-config", "no-weights"])
+], ids=["missing", "unexpected", "shape", "moe", "sliding", "yarn", "legacy-rope-scaling", "yarn-beside-default",
+        "head-dim-null", "model-type", "no-config", "no-weights"])
 def test_bad_checkpoints_fail_with_one_clear_line(tmp_path, breakage, error, message):
     folder, _ = make_hf_qwen3(tmp_path)
     breakage(folder)
