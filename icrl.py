@@ -18,6 +18,7 @@ Real checkpoints on GPUs (README has the full commands for Qwen3-4B/8B and Agent
 """
 import argparse
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -250,8 +251,11 @@ class Sampler:
         return out
 
     def call_size(self, n):
-        """Sequences per sampling call: --rollout_batch rounded down to a multiple of G (at least G), or all n."""
-        return n if not self.cfg.max_batch else max(self.cfg.max_batch // self.cfg.group_size, 1) * self.cfg.group_size
+        """Sequences per sampling call: --rollout_batch rounded down to a multiple of G (at least G), or all n
+        (at least 1: a rank's share of held-out examples may be none)."""
+        if not self.cfg.max_batch:
+            return max(n, 1)
+        return max(self.cfg.max_batch // self.cfg.group_size, 1) * self.cfg.group_size
 
     def text(self, generation):
         # The stop id excluded and special tokens dropped: model text can never forge a chat turn when it
@@ -573,6 +577,13 @@ class Dist:
         return self.rank == 0
 
 
+# How long a rank may wait in a collective. A rank waits there while another works alone: eval.py's ranks with
+# no batch left while one samples a whole batch, the gate's uneven critique rounds and multi-turn retries, rank 0
+# writing a checkpoint's weights. NCCL's default, 10 minutes, would end such runs; a rank that fails still ends
+# the run at once (run_then_shut_down).
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)
+
+
 def init_distributed():
     """NCCL on GPUs, gloo on CPU, keyed on torchrun's environment variables."""
     cuda = torch.cuda.is_available()
@@ -582,7 +593,7 @@ def init_distributed():
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=COLLECTIVE_TIMEOUT)
     return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 
@@ -1564,6 +1575,8 @@ def check_divisibility(args, ctx):
     if args.batch_prompts % args.minibatch or args.minibatch % ctx.world:
         raise UsageError(f"--minibatch {args.minibatch} must divide --batch_prompts {args.batch_prompts} "
                          f"and be divisible by {ctx.world} ranks")
+    if args.warm_start_steps and not args.resume and args.warm_start_batch % ctx.world:
+        raise UsageError(f"--warm_start_batch {args.warm_start_batch} is not divisible by {ctx.world} ranks")
 
 
 # ==================================================================================================

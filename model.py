@@ -286,7 +286,8 @@ class Qwen3(nn.Module):
         if logits_at is None or targets.shape != logits_at.shape:
             raise ValueError("targets needs logits_at of the same shape (B, T')")
         h = self.model.norm(x)
-        return token_logprobs(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), temperature).view(targets.shape)
+        logp = token_logprobs(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), temperature)
+        return logp.view(targets.shape).clone()  # (B, T') floats: no view out of FSDP2's root (it warns of one)
 
     @torch.no_grad()
     def cast_copy(self, dtype: torch.dtype) -> "Qwen3":

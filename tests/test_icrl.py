@@ -796,6 +796,28 @@ def test_the_critic_context_leaves_room_for_the_critique(char_tokenizer):
     assert len(more) + 8 > limit
 
 
+def test_collectives_wait_longer_than_nccls_default(monkeypatch):
+    """Under torchrun the process group's timeout is COLLECTIVE_TIMEOUT (hours), not NCCL's 10 minutes: a rank
+    waits in a collective while another samples a whole eval batch or writes a checkpoint alone."""
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(icrl.dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setattr(icrl.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(icrl.dist, "get_world_size", lambda: 1)
+    icrl.init_distributed()
+    assert seen["timeout"] == icrl.COLLECTIVE_TIMEOUT >= icrl.datetime.timedelta(hours=1)
+
+
+def test_a_rollout_of_no_examples_is_empty(char_tokenizer):
+    """A rank's share of held-out examples can be empty (fewer than ranks); its rollout must still run (every
+    rank enters full_weights, a collective under FSDP) and give nothing, with or without --rollout_batch."""
+    for rollout_batch in (0, 4):
+        cfg = icrl.SamplingConfig(group_size=2, max_new_tokens=4, max_batch=rollout_batch)
+        rollouts, _ = icrl.rollout(tiny_model(len(char_tokenizer)), char_tokenizer, EchoTask(), [], cfg, seed=0)
+        assert rollouts == []
+
+
 def test_a_cut_off_answer_scores_zero(monkeypatch, char_tokenizer):
     """SPEC §1: a single-turn response cut off by max_new_tokens (no stop token) scores 0, even when its text
     holds the right answer. 2+3 answered \\boxed{5} twice: with <|im_end|> (reward 1, done), and cut off

@@ -222,6 +222,18 @@ def test_bad_flags_fail_in_one_line_before_the_model_loads(tmp_path, monkeypatch
     assert flag in err, err
 
 
+def test_every_rank_gets_the_same_share_of_a_warm_start_batch():
+    """--warm_start_batch is split over the ranks like --batch_prompts: on 2 ranks 3 would leave one example out
+    (and 1 would leave none per rank); refused in one line, where a warm start runs."""
+    for batch, steps, refused in [(3, 5, True), (1, 5, True), (4, 5, False), (3, 0, False)]:
+        args = icrl.parse_args(["--warm_start_batch", str(batch), "--warm_start_steps", str(steps)])
+        if refused:
+            with pytest.raises(icrl.UsageError, match=f"--warm_start_batch {batch}"):
+                icrl.check_divisibility(args, icrl.Dist(rank=0, world=2))
+        else:
+            icrl.check_divisibility(args, icrl.Dist(rank=0, world=2))
+
+
 def test_warm_start_role_steps_default_to_the_tasks_own():
     """A task may need a longer role phase of the warm start (boxes, the default: 400); a given flag wins."""
     assert icrl.parse_args([]).warm_start_role_steps == 400
