@@ -390,7 +390,8 @@ class Environment:
 
     def action_key(self, action: str) -> str:
         """What this environment reads of an action: two actions with equal keys are the same command (the
-        trainer's repeat check, SPEC §1). By default the built-in environments' reading, _action_text."""
+        trainer's repeat check, SPEC §1). By default _action_text (the visible text, or its last box's content);
+        gridworld gives the move, guess and boxes the number."""
         return _action_text(action)
 
     def close(self) -> None:
@@ -812,6 +813,14 @@ ENUMERATE_LIMIT = 50_000      # a problem space at most this large is enumerated
 GAME_OVER = "The game is over."
 
 
+def _number_key(action: str) -> str:
+    """What guess and boxes read of an action: its one integer (as a number: "07" is 7), else its text."""
+    numbers = _INTEGER.findall(_action_text(action))
+    if len(numbers) == 1 and len(numbers[0].lstrip("-")) <= 6:   # int() of a bounded string
+        return str(int(numbers[0]))
+    return _action_text(action)
+
+
 def _action_text(action: str) -> str:
     """What a built-in environment reads of an action: the first MAX_ACTION_CHARS characters of its visible
     text (reasoning removed); when they hold a complete \\boxed{...}, the content of the last one. Stripped.
@@ -935,6 +944,15 @@ class GridworldEnv(Environment):
         row, col = self.pos
         return "\n".join(line if r != row else line[:col] + "@" + line[col + 1:] for r, line in enumerate(self.grid))
 
+    @staticmethod
+    def _move(action):
+        word = _FIRST_WORD.match(_action_text(action))
+        return word.group(1).lower() if word else ""
+
+    def action_key(self, action):
+        move = self._move(action)
+        return move if move in GRIDWORLD_MOVES else _action_text(action)
+
     def reset(self):
         self.pos, self.moves, self.done, self.reward = self.start, 0, False, 0.0
         return GRIDWORLD_TASK, f"You are at {_where(self.pos)}.\n{self.render()}"
@@ -943,8 +961,7 @@ class GridworldEnv(Environment):
         if self.done:
             return GAME_OVER, self.reward, True
         self.moves += 1
-        word = _FIRST_WORD.match(_action_text(action))
-        move = word.group(1).lower() if word else ""
+        move = self._move(action)
         if move not in GRIDWORLD_MOVES:
             status = f"Invalid move; say up, down, left or right. You stay at {_where(self.pos)}."
         else:
@@ -1086,6 +1103,9 @@ class GuessEnv(Environment):
         self.max_guesses, self.hints = max_guesses, hints
         self.reset()
 
+    def action_key(self, action):
+        return _number_key(action)
+
     def reset(self):
         self.lo, self.hi, self.tries, self.done, self.reward = self.low, self.high, 0, False, 0.0
         return GUESS_TASK.format(tries=self.max_guesses), f"It is from {self.low} to {self.high}."
@@ -1210,6 +1230,9 @@ class BoxesEnv(Environment):
         self.labels, self.key, self.notes = example.meta["boxes"], example.meta["key"], example.meta["notes"]
         self.tries = tries
         self.reset()
+
+    def action_key(self, action):
+        return _number_key(action)
 
     def reset(self):
         self.used, self.done, self.reward = 0, False, 0.0

@@ -1445,7 +1445,7 @@ def build_parser():
                    "writes into its own folder (the default then)")
     p.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --out: the old "
                    "run's metrics.jsonl, latest, final and checkpoint folders are deleted when the new run "
-                   "first writes (other files stay)")
+                   "first writes (other files stay, and so does a --model folder inside --out)")
     may_change = ", ".join(f"--{k}" + (" (not below the checkpoint's step)" if k == "steps" else "")
                            for k in RESUME_MAY_CHANGE)
     p.add_argument("--resume", default=None, help="continue a run: a checkpoint folder (the run folder is its "
@@ -1916,6 +1916,13 @@ def check_run_folder(args):
         listed = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise UsageError(f"--out {args.out} is not empty ({listed}): pass --overwrite to replace the run there, "
                          f"or --resume {args.out} to continue it")
+    # --overwrite keeps the --model folder (clear_run_folder), unless the new run saves a checkpoint of its name
+    saves = [f"step_{args.steps}"] + ["warm_start"] * bool(args.warm_start_steps) + \
+        ([f"step_{k}" for k in range(args.save_every, args.steps, args.save_every)] if args.save_every else [])
+    over = [name for name in saves if os.path.realpath(os.path.join(args.out, name)) == os.path.realpath(args.model)]
+    if entries and over:
+        raise UsageError(f"--model {args.model}: the new run would save its {over[0]} checkpoint over it in --out "
+                         f"{args.out}; copy it out of {args.out} first, or give another --out")
 
 
 def clear_run_folder(out, model):

@@ -173,6 +173,25 @@ def test_gridworld_reads_the_first_word_or_the_box():
     assert env.step("x" * MAX_ACTION_CHARS + "\\boxed{down}")[0].startswith("Invalid move")  # beyond the cut
 
 
+@pytest.mark.parametrize("name", ENV_TASKS)
+def test_actions_with_one_key_are_one_command(tasks, name):
+    """SPEC §1's repeat rule compares Environment.action_key: actions with equal keys are the same command (the
+    same answer from the same state), and the spellings a policy varies for one command share a key."""
+    task = tasks[(name, "train")]
+    env = task.env(task.examples[0])
+    same = {"gridworld": ["down", "Down.", " down please", "\\boxed{down}", "<think>up?</think>\n\ndown"],
+            "guess": ["10", "Guess 10", "10.", "I guess 10.", "\\boxed{010}"],
+            "boxes": ["3", "box 3", "Open box 3.", "\\boxed{3}"]}[name]
+    actions = SOME_ACTIONS + same
+    outcome = {a: (env.reset(), env.step(a))[1] for a in actions}
+    for a in actions:
+        for b in actions:
+            if env.action_key(a) == env.action_key(b):
+                assert outcome[a] == outcome[b], (a, b)
+    assert len({env.action_key(a) for a in same}) == 1, [env.action_key(a) for a in same]
+    assert len({env.action_key(a) for a in actions}) > 3   # not one key for everything
+
+
 def test_gridworld_out_of_moves():
     env = GridworldEnv(GRID, max_moves=3)
     env.reset()

@@ -164,6 +164,18 @@ def test_overwrite_keeps_the_model_folder_and_a_resume_reads_its_own_tokenizer(b
     assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1, 2]
 
 
+def test_overwrite_refuses_to_save_over_its_model_folder(base_run, tmp_path, monkeypatch, capsys, no_model):
+    """A --model folder inside --out that the new run would save a checkpoint over (its final step_N, a
+    --save_every step, its warm_start) is refused in one line before the model loads, and nothing is removed."""
+    run = copy_run(base_run, tmp_path / "a")
+    before = sorted(os.listdir(run))
+    for model, extra in [("step_1", ["--steps", "1"]), ("final", ["--steps", "2"]),
+                         ("step_1", ["--steps", "3", "--save_every", "1"])]:
+        err = usage_error(capsys, FAST + ["--model", os.path.join(run, model), "--out", run, "--overwrite"] + extra)
+        assert "--model" in err and "over it" in err, err
+        assert sorted(os.listdir(run)) == before
+
+
 def test_fresh_run_refuses_a_non_empty_out_unless_overwrite(base_run, tmp_path, monkeypatch, capsys):
     run = copy_run(base_run, tmp_path / "a")
     (tmp_path / "a" / "notes.txt").write_text("mine")
