@@ -413,7 +413,7 @@ def critic_context_within(tokenizer, ep, cfg, limit):
     whole = context(0)
     if fits(whole):
         return whole
-    low, high = 1, len(ep.actions)   # with every turn left out it fits: prompt_limit kept S(x) short enough
+    low, high = 1, len(ep.actions)   # with every turn left out it fits: prompt_limit leaves room for that
     while low < high:
         mid = (low + high) // 2
         low, high = (low, mid) if fits(context(mid)) else (mid + 1, high)
@@ -1692,8 +1692,9 @@ def prompt_limit(args, tokenizer, positions):
     if args.algo == "icrl" and args.rounds > 1:
         base = len(solver_context(tokenizer, "", "", enable_thinking=think))
         tips = len(solver_context(tokenizer, "", "", "", think)) - base
-        critic = len(critic_context(tokenizer, "", "", episode_summary(0.0, [""], [""], args.obs_chars),
-                                    think)) - base
+        critic = max(len(critic_context(tokenizer, "", "", summary, think)) - base   # one action, or every turn
+                     for summary in (episode_summary(0.0, [""], [""], args.obs_chars),   # left out to fit
+                                     episode_summary(0.0, [], [], args.obs_chars, left_out=10 ** 6)))
         budget += args.critic_max_new_tokens + max(tips, critic)
     context = min(positions, args.max_context or positions)
     room = context - budget

@@ -818,6 +818,24 @@ def test_a_rollout_of_no_examples_is_empty(char_tokenizer):
         assert rollouts == []
 
 
+def test_a_prompt_at_the_limit_leaves_room_for_every_role(char_tokenizer):
+    """prompt_limit's S(x) of the longest kept length leaves room, within the positions, for the action, and for
+    C(x, tau) with its critique even when the summary must leave every turn out (its line counts too)."""
+    positions = 400
+    args = icrl.parse_args(["--task", "arithmetic", "--max_new_tokens", "8", "--critic_max_new_tokens", "8"])
+    limit = icrl.prompt_limit(args, char_tokenizer, positions)
+    n = limit - len(icrl.solver_context(char_tokenizer, "Say words.", ""))
+    first = "x" * n
+    while len(icrl.solver_context(char_tokenizer, "Say words.", first)) > limit:   # a phrase token may merge chars
+        first = first[:-1]
+    assert len(icrl.solver_context(char_tokenizer, "Say words.", first)) + args.max_new_tokens <= positions
+    ep = icrl.Episode([], "Say words.", first, actions=["a long action" * 3] * 12, observations=["o" * 60] * 12)
+    cfg = icrl.sampling_config(args)
+    fitted = icrl.critic_context_within(char_tokenizer, ep, cfg, positions)
+    assert "12 earlier turns left out" in char_tokenizer.decode(fitted)
+    assert len(fitted) + args.critic_max_new_tokens <= positions
+
+
 def test_a_cut_off_answer_scores_zero(monkeypatch, char_tokenizer):
     """SPEC §1: a single-turn response cut off by max_new_tokens (no stop token) scores 0, even when its text
     holds the right answer. 2+3 answered \\boxed{5} twice: with <|im_end|> (reward 1, done), and cut off
