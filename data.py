@@ -12,12 +12,13 @@ Qwen3 and the tiny character model:
 Observations after an action are appended as the template's own user turn (`observation_turn`).
 
 Built-in tasks (all offline):
-    arithmetic  synthetic, seeded ("47+38"); the embedded default the tiny model trains on
+    arithmetic  synthetic, seeded ("47+38")
     countdown   synthetic, seeded: reach a target from given numbers with + - * / and parentheses
     gsm8k       JSONL rows {"question", "answer": "... #### 42"}
-    math        JSONL rows {"problem", "answer"} or {"problem", "solution"} (its last \\boxed{})
+    math        JSONL rows {"problem", "answer" (a string or an integer)} or {"problem", "solution"} (its last \\boxed{})
     gridworld   multi-turn: reach the goal on a small map, avoiding walls and holes
     guess       multi-turn: find a hidden number with higher/lower hints
+    boxes       multi-turn: find a key among numbered boxes, some holding a note; the embedded default
     agentgym:<alfworld|webshop|sciworld|searchqa>   multi-turn, through AgentGym servers (env_url=)
 
 Use:
@@ -28,12 +29,13 @@ Use:
     observation, reward, done = env.step(completion_text)                 # never raises on model text
 
     python data.py --task countdown --split test --show 3                  # print examples and prompts
-    python data.py --char_tokenizer out/char_tokenizer                      # write the tiny model's tokenizer
+    python data.py --char_tokenizer out/char_tokenizer --task boxes         # write the tiny model's tokenizer
 
 The final answer is the content of the last `\\boxed{...}` in the visible response (reasoning inside
 <think>...</think> removed); no box, an unclosed last box or an answer over MAX_ANSWER_CHARS scores 0.
-A response cut off by max_new_tokens scores 0 too (SPEC §1), but only the caller knows that: it must
-not call `reward` for an unfinished response. Verifiers never use eval/exec or sympy, and bound every
+A one-turn response cut off by max_new_tokens scores 0 too (SPEC §1), but only the caller knows that: it
+must not call `reward` for an unfinished response (a multi-turn episode cut off mid-turn keeps the
+environment's last reward). Verifiers never use eval/exec or sympy, and bound every
 input, so hostile model output costs microseconds, not a hang.
 """
 import argparse

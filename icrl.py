@@ -939,9 +939,9 @@ def calibration_summary(retries, args, ctx):
 
 @torch.no_grad()
 def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=0):
-    """Held-out critique-free accuracy: greedy, and with `samples` > 0 also SPEC §4's pass@1, the mean
-    reward of that many first attempts per example at the training temperature (the quantity RL
-    maximises; eval.py's pass@1). Each rank scores its share; the sums are all-reduced. Returns (greedy, pass@1)."""
+    """Held-out critique-free accuracy: greedy, and with `samples` > 0 also the mean reward of that many first
+    attempts per example at the training temperature (the quantity RL maximises; eval.py's acc_round_1, SPEC
+    §4's pass@1 for 0/1 rewards). Each rank scores its share; the sums are all-reduced. Returns (greedy, mean)."""
     mine = examples[ctx.rank::ctx.world]
     with full_weights(model, args) as m:
         greedy, _ = rollout(m, tokenizer, task, mine, sampling_config(args, 1, 0.0), seed=0, critique=False)
@@ -1348,7 +1348,8 @@ def add_episode_args(p):
     p.add_argument("--max_turns", type=int, default=0, help="most action turns per episode (SPEC §1; 0: the "
                    "task's own, 1 for one-turn tasks)")
     p.add_argument("--max_context", type=int, default=0, help="most tokens of context + episode; an episode that "
-                   "would pass it is truncated (SPEC §1; 0: the model's max_position_embeddings)")
+                   "would pass it is truncated (SPEC §1; 0: the model's max_position_embeddings). The critic's "
+                   "context and critique fit it too: the summary leaves out its earliest turns")
     p.add_argument("--obs_chars", type=int, default=800, help="each observation in the critic's summary is cut "
                    "to this many characters (SPEC §1)")
     p.add_argument("--rounds", type=int, default=2, help="K: most episodes per chain (solve + K-1 critique/retry "
@@ -1358,7 +1359,7 @@ def add_episode_args(p):
 
 
 # Settings a resume may change; every other saved setting defines the run and must be given equal or not
-# at all (then the saved value is taken). --steps may only grow.
+# at all (then the saved value is taken). --steps may not go below the checkpoint's step.
 RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "micro_batch", "rollout_batch", "compile_sampler",
                      "grad_ckpt", "fsdp", "env_url")
 NOT_SETTINGS = ("resume", "out", "overwrite")
@@ -1433,8 +1434,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=None, help="RL steps (default: the task's own, 60; boxes 150)")
     p.add_argument("--eval_every", type=int, default=10, help="held-out critique-free accuracy every N steps")
     p.add_argument("--eval_examples", type=int, default=256, help="held-out examples per evaluation")
-    p.add_argument("--eval_samples", type=int, default=4, help="attempts per held-out example for pass@1 "
-                   "(eval_acc); greedy accuracy (eval_acc_greedy) is reported beside it")
+    p.add_argument("--eval_samples", type=int, default=4, help="attempts per held-out example for the mean "
+                   "reward eval_acc (pass@1 for 0/1 rewards); greedy accuracy (eval_acc_greedy) beside it")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only the final one)")
     p.add_argument("--max_prompt_tokens", type=int, default=0, help="longest S(x) kept, in tokens: longer "
                    "training and held-out examples are dropped, with a count, before the model loads (0: the "

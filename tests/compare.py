@@ -1,13 +1,13 @@
 """ICRL against GRPO and every ablation, over seeds, as a table and curves (`make compare`, issue #12).
 
-    .venv/bin/python tests/compare.py                       # make compare: 3 seeds, every variant, both tasks
+    .venv/bin/python tests/compare.py                       # make compare: 3 seeds, every variant, every task
     .venv/bin/python tests/compare.py --seeds 0 --variants icrl grpo --tasks arithmetic
     .venv/bin/python tests/compare.py --summary_only        # the table and curves from the runs on disk
 
 For each task and seed: one warm start (`icrl.py --steps 0`: the supervised warm start of the tiny
 default model, written to DIR/warm_start), then from those same weights every variant for the same
 number of RL steps (the task's own, `data.Task.rl_steps`, unless --steps; `--model DIR/warm_start
---warm_start_steps 0`), each as
+--warm_start_steps 0 --micro_batch 64`), each as
 `torchrun --standalone --nproc_per_node NPROC icrl.py ...` with OMP_NUM_THREADS=1; then `eval.py` on
 the warm start and on every final checkpoint, all with the same held-out set and seeds (eval.py's
 `--task_seed 0 --seed 0`, its default 200 examples x 4 chains, K = 2, the failure gate).
