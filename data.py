@@ -15,7 +15,8 @@ Built-in tasks (all offline):
     arithmetic  synthetic, seeded ("47+38")
     countdown   synthetic, seeded: reach a target from given numbers with + - * / and parentheses
     gsm8k       JSONL rows {"question", "answer": "... #### 42"}
-    math        JSONL rows {"problem", "answer" (a string or an integer)} or {"problem", "solution"} (its last \\boxed{})
+    math        JSONL rows {"problem", "answer"} (a string or an integer) or {"problem", "solution"}
+                (the answer: the solution's last \\boxed{})
     gridworld   multi-turn: reach the goal on a small map, avoiding walls and holes
     guess       multi-turn: find a hidden number with higher/lower hints
     boxes       multi-turn: find a key among numbered boxes, some holding a note; the embedded default
@@ -307,7 +308,9 @@ def episode_summary(reward: float, actions: list[str], observations: list[str], 
     """SPEC §1: the reward, then each action (visible text) with the observation that followed it, each
     observation cut to `obs_chars` characters. An empty observation (a one-turn task's) is left out.
     `left_out`: how many earlier turns the caller dropped to fit the context (a line says so)."""
-    lines = [SUMMARY_REWARD.format(reward=f"{reward:g}")] + ([SUMMARY_LEFT_OUT.format(turns=left_out)] if left_out else [])
+    lines = [SUMMARY_REWARD.format(reward=f"{reward:g}")]
+    if left_out:
+        lines.append(SUMMARY_LEFT_OUT.format(turns=left_out))
     for action, observation in zip(actions, observations):
         lines.append(SUMMARY_ACTION.format(action=visible_response(action)))
         if observation:

@@ -1343,7 +1343,8 @@ def one_line(error, limit=300):
 
 def add_episode_args(p):
     """Episode, chain and sampler flags, the same in training and in eval.py (SPEC §1, §2.1-2.4)."""
-    p.add_argument("--compile_sampler", action=argparse.BooleanOptionalAction, default=False, help="decode steps' layers through torch.compile: "
+    p.add_argument("--compile_sampler", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode steps' layers through torch.compile: "
                    "on an H100 1.07-1.17x faster sampling at 1-64 sequences (README), after a one-off compile")
     p.add_argument("--max_turns", type=int, default=0, help="most action turns per episode (SPEC §1; 0: the "
                    "task's own, 1 for one-turn tasks)")
@@ -1427,8 +1428,10 @@ def build_parser():
     p.add_argument("--warm_start_lr", type=float, default=3e-3, help="warm-start learning rate")
     p.add_argument("--warm_start_batch", type=int, default=64, help="warm-start examples per step, global")
     # systems
-    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="shard with FSDP2 (fully_shard) instead of DDP")
-    p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, default=False, help="recompute each layer in the backward pass")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
+                   help="shard with FSDP2 (fully_shard) instead of DDP")
+    p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each layer in the backward pass")
     p.add_argument("--seed", type=int, default=0, help="seeds init, data order and every sampling call")
     # schedule and output
     p.add_argument("--steps", type=int, default=None, help="RL steps (default: the task's own, 60; boxes 150)")

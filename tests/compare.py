@@ -276,9 +276,11 @@ def run_comparison(args):
             runner.evaluate(warm, WARM, task)
             for variant in variants:
                 run = os.path.join(args.out, task, variant, f"seed{seed}")
-                # micro-batches as make train's (a --model folder defaults to 2, for real models); --icrl_args may override
-                flags = ["--micro_batch", "64"] + common + ["--model", os.path.join(warm, WARM), "--warm_start_steps", "0",
-                                                            "--steps", str(steps), "--out", run] + VARIANTS[variant]
+                # micro-batches as make train's (a --model folder defaults to 2, for real models); --icrl_args
+                # may override them
+                flags = ["--micro_batch", "64"] + common + ["--model", os.path.join(warm, WARM),
+                                                            "--warm_start_steps", "0", "--steps", str(steps),
+                                                            "--out", run] + VARIANTS[variant]
                 # a warm start (re)made now makes every earlier run of this seed stale
                 if runner.train(run, flags, steps, force=status == "ran"):
                     runner.evaluate(run, "final", task)
