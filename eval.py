@@ -40,6 +40,8 @@ Figures (summary.json and the printed table), over all chains; null where a rate
     turns, trunc_frac    mean action turns per episode; share of episodes ended by context, max_turns or
                          cutoff (retries included, second attempts not)
     examples, chains     how many; plus the settings
+    dropped_long_prompts examples left out before sampling: S(x) with no room, within the positions or
+                         --max_context, for what the K rounds generate after it (icrl.py's rule, with a warning)
 Outputs: the table on stdout, DIR/summary.json and DIR/samples.jsonl, one line per chain in (example, chain)
 order: example, id, question, answer (reference), chain, rounds, second_attempt_reward and second_attempt
 (null unless the first attempt failed and was critiqued). rounds[k] is episode k + 1: context and text
@@ -67,9 +69,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from icrl import (DTYPES, TRAINER_STATE, TRUNCATED_ENDS, SamplingConfig, UsageError, _Parser, add_episode_args,
-                  checked_folder, checked_task, checked_tokenizer, chunks, first_rank, init_distributed, mix_seed,
-                  one_line, print0, rollout, run_then_shut_down, same_setting, saved_trainer_state, show, usage_exit,
-                  warn, write_atomic)
+                  checked_folder, checked_task, checked_tokenizer, chunks, drop_long_prompts, first_rank,
+                  init_distributed, mix_seed, one_line, print0, prompt_limit, rollout, run_then_shut_down, same_setting,
+                  saved_trainer_state, show, usage_exit, warn, write_atomic)
 from model import Qwen3
 
 
@@ -453,6 +455,12 @@ def run(args, ctx, task, tokenizer):
     print0(ctx, "config:", json.dumps(vars(args), indent=1))
     if args.max_examples > len(examples):
         print0(ctx, f"note: {args.task} has {len(examples)} examples, fewer than --max_examples {args.max_examples}")
+    # icrl.py's rule: an S(x) with no room, within the positions (or --max_context), for what the rounds
+    # generate after it is dropped, with a count (eval.py samples every role, and has no --max_prompt_tokens)
+    limit = prompt_limit(argparse.Namespace(**vars(args), algo="icrl", max_prompt_tokens=0), tokenizer,
+                         model.config.max_position_embeddings)
+    kept = drop_long_prompts(task, examples, tokenizer, limit, args, f"--task {args.task}")
+    dropped, examples = len(examples) - len(kept), kept
     n_batches = math.ceil(len(examples) / args.batch_examples)
     if n_batches < ctx.world:
         print0(ctx, f"note: {n_batches} batch(es) for {ctx.world} ranks; lower --batch_examples to use them all")
@@ -462,7 +470,8 @@ def run(args, ctx, task, tokenizer):
         return None
     summary = dict(figures(rows, args.k, args.rounds, greedy=args.temperature == 0),
                    **{key: getattr(args, key) for key in SETTINGS},
-                   critic_model=None if critic is None else args.critic_model, world_size=ctx.world,
+                   critic_model=None if critic is None else args.critic_model, dropped_long_prompts=dropped,
+                   world_size=ctx.world,
                    seconds=time.perf_counter() - t0)
     write_atomic(os.path.join(args.out, "samples.jsonl"), samples_jsonl(rows))
     write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2, allow_nan=False) + "\n")

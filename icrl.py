@@ -1742,9 +1742,9 @@ def drop_long_prompts(task, examples, tokenizer, limit, args, what):
         more = ", ..." if len(dropped) > 5 else ""
         if not kept:
             raise UsageError(f"{what}: every example's prompt S(x) is longer than {limit} tokens "
-                             f"(--max_prompt_tokens): {shown}{more}")
+                             f"(--max_prompt_tokens, or the positions or --max_context less what a step generates): {shown}{more}")
         warn(f"{what}: dropped {len(dropped)} of {len(examples)} examples whose prompt S(x) is longer than {limit} "
-             f"tokens (--max_prompt_tokens): {shown}{more}")
+             f"tokens (--max_prompt_tokens, or the positions or --max_context less what a step generates): {shown}{more}")
     return kept
 
 

@@ -297,6 +297,21 @@ ROUND_FIELDS = {"context", "text", "actions", "observations", "reward", "end", "
                 "critique", "critique_tokens", "critique_finished"}
 
 
+def test_prompts_with_no_room_for_the_rounds_are_dropped_with_a_count(checkpoints, tmp_path, capsys):
+    """icrl.py's rule: an S(x) with no room, within --max_context (or the positions), for what K rounds generate
+    after it (the action, and the critique with its instructions) is dropped before sampling, with a warning and
+    a count in summary.json, not sampled past the budget."""
+    solver, _ = checkpoints
+    problems = ["1+1", "2+2", "What is " + "very " * 60 + "long?"]
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"problem": p, "answer": "2"}) + "\n" for p in problems))
+    summary = ev.main(["--model", solver, "--task", "math", "--eval_file", str(data), "--out", str(tmp_path / "e"),
+                       "--max_context", "200", "--n", "1", "--max_new_tokens", "6", "--critic_max_new_tokens", "5"])
+    assert (summary["examples"], summary["dropped_long_prompts"]) == (2, 1)
+    assert "dropped 1 of 3 examples" in capsys.readouterr().err
+    assert [r["question"] for r in read_samples(tmp_path / "e")] == problems[:2]
+
+
 def test_end_to_end(checkpoints, tmp_path, capsys, monkeypatch):
     solver, _ = checkpoints
     sizes, real_generate = [], icrl.generate

@@ -336,7 +336,7 @@ def test_over_long_prompts_are_dropped_before_the_model_loads(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "dropped 2 of 4" in err and f"{train}:2" in err and f"{train}:3" in err, err
     assert "dropped 1 of 2" in err and f"{test}:2" in err, err
-    # --max_prompt_tokens sets a lower bound (S(x) of "What is 1+1?" is 21 tokens here) ...
+    # --max_prompt_tokens sets a tighter limit (S(x) of "What is 1+1?" is 21 tokens here) ...
     small = gsm8k_file(tmp_path / "small.jsonl", ["What is 1+1?", "w" * 60, "What is 0+2?"])
     with pytest.raises(ModelLoaded):
         icrl.main(FAST + ["--task", "gsm8k", "--train_file", small, "--eval_file", small, "--max_prompt_tokens", "40"])
