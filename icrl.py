@@ -696,7 +696,8 @@ def old_logprobs(model, samples, args, ctx, under_training_context=True):
     """log pi_old of every sample's tokens under its training context (l_old; for a retry, l_free under
     S(x)), and for retries also under S(x, c) (l_cond, SPEC §2.7), of the full softmax at the temperature
     (see the comment above). Recomputed by the trainer, so that rho = 1 exactly on the first pass; the
-    sampler's own log-probs only feed the logprob_gap metric. `under_training_context` False: l_cond only
+    sampler's own log-probs feed the logprob_gap metric, and l_cond under --calib_logp sampler (then no
+    forward under S(x, c) runs). `under_training_context` False: l_cond only
     (with one update per step, `update` takes l_old from its own forward: see one_update_per_step)."""
     try:
         _old_logprobs(model, samples, args, ctx, under_training_context)
@@ -711,6 +712,10 @@ def _old_logprobs(model, samples, args, ctx, under_training_context):
     """The log-probs stay on the device until every micro-batch is done, then come to the host in one copy:
     a .cpu() per micro-batch would make the host wait for each forward in turn."""
     retries = [s for s in samples if s.calib_context is not None]
+    if args.calib_logp == "sampler":  # l_cond as the sampler computed it under S(x, c) (SPEC §2.7's note)
+        for s in retries:
+            s.cond_logp = torch.tensor(s.sampler_logprobs, dtype=torch.float)
+        retries = []
     free, cond = even_passes([micro_batches(samples, args.micro_batch) if under_training_context else [],
                               micro_batches(retries, args.micro_batch,
                                             key=lambda s: len(s.calib_context) + len(s.response))], args, ctx)
@@ -893,7 +898,7 @@ def step_metrics(rollouts, samples, stats, times, args, ctx):
     gap = 0.0
     for x in samples:  # the sampler's log-probs against the trainer's, on trained tokens (SPEC §3)
         reference = x.cond_logp if x.calib_context is not None else x.old_logp
-        if x.trained_tokens:
+        if x.trained_tokens and not (x.calib_context is not None and args.calib_logp == "sampler"):
             diff = (torch.tensor(x.sampler_logprobs) - reference).abs() * torch.tensor(x.loss_mask)
             gap = max(gap, float(diff.max()))
     gap, t_sample, t_env, t_train = all_reduce([gap, times["sample"], times["env"], times["train"]], ctx, MAX)
@@ -1402,6 +1407,10 @@ def build_parser():
     p.add_argument("--algo", default="icrl", choices=["icrl", "grpo"], help="grpo: the baseline, one round, no critique")
     p.add_argument("--calib", default="token", choices=["token", "seq", "none"], help="§2.7 weight granularity")
     p.add_argument("--calib_clip", type=float, default=2.0, help="W: upper clip of the §2.7 weight")
+    p.add_argument("--calib_logp", default="trainer", choices=["trainer", "sampler"], help="where §2.7's l_cond "
+                   "comes from: a trainer forward of each retry under S(x, c), or the sampler's log-probs of it "
+                   "(the authors' way: one forward fewer per retry; the two differ by the sampler's rounding, "
+                   "which logprob_gap then reports on first attempts and critiques only)")
     p.add_argument("--adv", default="rolewise", choices=["rolewise", "pooled"], help="§2.6 advantage groups")
     p.add_argument("--no_critic_train", action="store_true", help="sample critiques, drop them from the loss")
     p.add_argument("--critic_coef", type=float, default=1.0, help="lambda_c of §2.8")

@@ -3,7 +3,8 @@
     .venv/bin/python tests/bench_icrl.py          # (make bench) prints a table, writes bench_results/icrl.json
 
 Both algorithms run in this process on the same weights, queries and seeds, with the same token limit for
-every role (16), so the ratio counts samples and passes, not longer critiques:
+every role (16), so the ratio counts samples and passes, not longer critiques; ICRL twice, with l_cond from
+the trainer (the default) and from the sampler (--calib_logp sampler):
 - all failing: the random-init model never emits the stop token, so every first attempt runs to the limit
   and fails, every chain is critiqued and retried (three times GRPO's samples), the worst case;
 - about half failing: after a short supervised warm start to ~50% greedy accuracy on training examples."""
@@ -22,8 +23,14 @@ STEPS = 3
 FLAGS = ["--task", "arithmetic", "--max_new_tokens", "16", "--critic_max_new_tokens", "16", "--max_turns", "1"]
 
 
-def bench(model, tokenizer, task, algo):
-    args = icrl.parse_args(["--algo", algo, "--warm_start_steps", "0"] + FLAGS)
+# The peers: ICRL as make train runs it, ICRL with l_cond from the sampler (no forward under S(x, c): the
+# authors' way, SPEC §2.7's note), and GRPO.
+PEERS = {"icrl": ["--algo", "icrl"], "icrl_sampler_lcond": ["--algo", "icrl", "--calib_logp", "sampler"],
+         "grpo": ["--algo", "grpo"]}
+
+
+def bench(model, tokenizer, task, peer):
+    args = icrl.parse_args(PEERS[peer] + ["--warm_start_steps", "0"] + FLAGS)
     ctx = icrl.Dist()
     model = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -45,18 +52,20 @@ def main():
     ctx = icrl.Dist()
     model, tokenizer = icrl.load_model_and_tokenizer(args, ctx)
     task = icrl.load_task(args.task, split="train", seed=args.seed)
-    results = {"all failing": {algo: bench(model, tokenizer, task, algo) for algo in ("icrl", "grpo")}}
+    results = {"all failing": {peer: bench(model, tokenizer, task, peer) for peer in PEERS}}
     icrl.warm_start(model, tokenizer, task, args, ctx)
-    results["about half failing"] = {algo: bench(model, tokenizer, task, algo) for algo in ("icrl", "grpo")}
+    results["about half failing"] = {peer: bench(model, tokenizer, task, peer) for peer in PEERS}
     print(f"tiny config, G={args.group_size}, {args.batch_prompts} queries/step, {torch.get_num_threads()} thread(s), "
           f"mean of {STEPS} steps")
-    print(f"{'state':20} {'algo':5} {'acc':>5} {'critiqued':>9} {'total s':>8} {'sample':>7} {'env':>7} {'train':>7}")
-    for state, by_algo in results.items():
-        for algo, r in by_algo.items():
-            print(f"{state:20} {algo:5} {r['acc']:5.2f} {r['critiqued']:9.2f} {r['total']:8.2f} {r['sample']:7.2f} "
+    print(f"{'state':20} {'peer':18} {'acc':>5} {'critiqued':>9} {'total s':>8} {'sample':>7} {'env':>7} {'train':>7}")
+    for state, by_peer in results.items():
+        for peer, r in by_peer.items():
+            print(f"{state:20} {peer:18} {r['acc']:5.2f} {r['critiqued']:9.2f} {r['total']:8.2f} {r['sample']:7.2f} "
                   f"{r['env']:7.4f} {r['train']:7.2f}")
-        by_algo["icrl_over_grpo"] = by_algo["icrl"]["total"] / by_algo["grpo"]["total"]
-        print(f"{state}: ICRL step / GRPO step = {by_algo['icrl_over_grpo']:.2f}x")
+        by_peer["icrl_over_grpo"] = by_peer["icrl"]["total"] / by_peer["grpo"]["total"]
+        by_peer["icrl_sampler_lcond_over_grpo"] = by_peer["icrl_sampler_lcond"]["total"] / by_peer["grpo"]["total"]
+        print(f"{state}: ICRL step / GRPO step = {by_peer['icrl_over_grpo']:.2f}x "
+              f"(l_cond from the sampler: {by_peer['icrl_sampler_lcond_over_grpo']:.2f}x)")
     os.makedirs("bench_results", exist_ok=True)
     with open("bench_results/icrl.json", "w") as f:
         json.dump(results, f, indent=1)

@@ -452,6 +452,31 @@ def test_non_finite_loss_skips_the_update(capsys):
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_calib_logp_sampler_takes_l_cond_from_the_sampler(monkeypatch):
+    """--calib_logp sampler (SPEC §2.7's note: the authors' way): a retry's l_cond is the sampler's log-probs of
+    its tokens under S(x, c), and the trainer runs no forward under S(x, c); the weights follow by hand from
+    l_free (the trainer's, under S(x)) and those numbers, W = 2."""
+    model = tiny_model(40)
+    args = icrl.parse_args(["--calib_logp", "sampler", "--batch_prompts", "1"])
+    s_xc = [1, 9, 9, 2]
+    retry = icrl.TrainSample([1, 2], [3, 4, 5], False, 1.0, mask=[1, 0, 1], calib_context=s_xc,
+                             sampler_logprobs=[-0.5, 0.0, -9.0])
+    first = icrl.TrainSample([1, 2], [6], False, -1.0, sampler_logprobs=[-1.0])
+    seen, real = [], icrl.response_logprobs
+    monkeypatch.setattr(icrl, "response_logprobs", lambda m, contexts, *a, **k: seen.extend(contexts) or
+                        real(m, contexts, *a, **k))
+    icrl.old_logprobs(model, [first, retry], args, icrl.Dist())
+    assert seen and s_xc not in seen                      # l_old / l_free under S(x) only
+    assert retry.cond_logp.tolist() == [-0.5, 0.0, -9.0]
+    free = retry.old_logp.tolist()
+    expected = [min(math.exp(free[0] + 0.5), 2.0), 0.0, min(math.exp(free[2] + 9.0), 2.0)]
+    assert expected[2] == 2.0 and expected[0] < 2.0       # W binds on one token, not on the other
+    torch.testing.assert_close(icrl.sample_weights([retry], 3, args)[0], torch.tensor(expected))
+    seen.clear()
+    icrl.old_logprobs(model, [first, retry], icrl.parse_args(["--batch_prompts", "1"]), icrl.Dist())
+    assert s_xc in seen                                    # the default: the trainer's forward under S(x, c)
+
+
 def test_a_skipped_update_leaves_the_others_of_the_step_and_their_figures(capsys):
     """Two updates in a step (--minibatch 1 of 2 queries), the first with a non-finite advantage: it is skipped,
     the second is taken, and the step's loss and grad norm are the second's alone, not NaN."""
