@@ -69,9 +69,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from icrl import (DTYPES, TRAINER_STATE, TRUNCATED_ENDS, SamplingConfig, UsageError, _Parser, add_episode_args,
-                  checked_folder, checked_task, checked_tokenizer, chunks, drop_long_prompts, first_rank,
-                  init_distributed, mix_seed, one_line, print0, prompt_limit, rollout, run_then_shut_down, same_setting,
-                  saved_trainer_state, show, usage_exit, warn, write_atomic)
+                  check_sampling_flags, checked_folder, checked_task, checked_tokenizer, chunks, drop_long_prompts,
+                  first_rank, init_distributed, mix_seed, one_line, print0, prompt_limit, rollout, run_then_shut_down,
+                  same_setting, saved_trainer_state, show, usage_exit, warn, write_atomic)
 from model import Qwen3
 
 
@@ -413,13 +413,10 @@ def parse_args(argv=None):
         p.error("--max_examples must be >= 0 and --batch_examples >= 1")
     if min(args.rollout_batch, args.max_context, args.obs_chars) < 0:
         p.error("--rollout_batch, --max_context and --obs_chars must be >= 0")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        p.error(f"--temperature {args.temperature}: must be a finite number >= 0")
-    if not 0 < args.top_p <= 1:
-        p.error(f"--top_p {args.top_p}: must be in (0, 1]")
-    for flag in ("max_new_tokens", "critic_max_new_tokens"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    try:
+        check_sampling_flags(args, greedy=True)   # icrl.py's checks; --temperature 0 is greedy decoding here
+    except UsageError as e:
+        p.error(str(e))
     if args.split == "train" and args.eval_file:
         p.error(f"--split train: --eval_file {args.eval_file} is read whatever the split (--split picks a "
                 f"synthetic task's split); pass the file of the split to evaluate")

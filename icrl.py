@@ -1551,30 +1551,41 @@ def show(value):
     return str(value)
 
 
+def need(args, ok, flag, why):
+    """A UsageError naming --flag, its value and `why`, unless ok."""
+    if not ok:
+        raise UsageError(f"--{flag} {getattr(args, flag)}: {why}")
+
+
+def check_sampling_flags(args, greedy=False):
+    """--temperature, --top_p and the token limits, as icrl.py and eval.py check them (greedy: eval.py's
+    --temperature 0 is allowed; training's log-probs are taken at the sampling temperature, so not there)."""
+    t = args.temperature
+    need(args, math.isfinite(t) and (t >= 0 if greedy else t > 0), "temperature", "must be a finite number " +
+         (">= 0" if greedy else "> 0 (the trainer's log-probs are taken at the sampling temperature)"))
+    need(args, 0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
+    for flag in ("max_new_tokens", "critic_max_new_tokens"):
+        need(args, getattr(args, flag) >= 1, flag, "must be at least 1")
+
+
 def check_flags(args):
     """Every flag's range, before anything is loaded: a UsageError naming the flag and why."""
-    def need(ok, flag, why):
-        if not ok:
-            raise UsageError(f"--{flag} {getattr(args, flag)}: {why}")
-
-    for flag, positive in (("lr", True), ("warm_start_lr", True), ("temperature", True), ("calib_clip", True),
-                           ("grad_clip", True), ("critic_coef", False), ("clip_high", False),
-                           ("weight_decay", False)):
+    check_sampling_flags(args)
+    for flag, positive in (("lr", True), ("warm_start_lr", True), ("calib_clip", True), ("grad_clip", True),
+                           ("critic_coef", False), ("clip_high", False), ("weight_decay", False)):
         value = getattr(args, flag)
-        need(math.isfinite(value) and (value > 0 if positive else value >= 0), flag,
-             f"must be a finite number {'> 0' if positive else '>= 0'}" +
-             (" (the trainer's log-probs are taken at the sampling temperature)" if flag == "temperature" else ""))
-    need(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
-    need(0 <= args.clip_low < 1, "clip_low", "must be in [0, 1)")
-    need(0 <= args.warm_start_target <= 1, "warm_start_target", "must be in [0, 1]")
-    for flag in ("group_size", "batch_prompts", "minibatch", "micro_batch", "rounds", "ppo_epochs", "max_new_tokens",
-                 "critic_max_new_tokens", "eval_examples", "eval_samples", "warm_start_batch"):
-        need(getattr(args, flag) >= 1, flag, "must be at least 1")
+        need(args, math.isfinite(value) and (value > 0 if positive else value >= 0), flag,
+             f"must be a finite number {'> 0' if positive else '>= 0'}")
+    need(args, 0 <= args.clip_low < 1, "clip_low", "must be in [0, 1)")
+    need(args, 0 <= args.warm_start_target <= 1, "warm_start_target", "must be in [0, 1]")
+    for flag in ("group_size", "batch_prompts", "minibatch", "micro_batch", "rounds", "ppo_epochs",
+                 "eval_examples", "eval_samples", "warm_start_batch"):
+        need(args, getattr(args, flag) >= 1, flag, "must be at least 1")
     for flag in ("steps", "save_every", "eval_every", "warm_start_steps", "warm_start_role_steps", "lr_warmup",
                  "rollout_batch", "max_turns", "max_context", "obs_chars", "max_prompt_tokens"):
-        need(getattr(args, flag) >= 0, flag, "must be 0 or more")
+        need(args, getattr(args, flag) >= 0, flag, "must be 0 or more")
     one_round = args.algo == "grpo" or args.rounds == 1
-    need(args.group_size > 1 or not one_round, "group_size", "every advantage would be 0 (a group of one "
+    need(args, args.group_size > 1 or not one_round, "group_size", "every advantage would be 0 (a group of one "
          "attempt has no relative signal), so nothing is learned; use 2 or more")
     if args.group_size == 1:
         warn("--group_size 1: a query has one chain, so its groups hold that chain alone: a first attempt that "
