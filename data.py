@@ -820,10 +820,11 @@ GAME_OVER = "The game is over."
 
 def _number_key(action: str) -> str:
     """What guess and boxes read of an action: its one integer (as a number: "07" is 7), else its text."""
-    numbers = _INTEGER.findall(_action_text(action))
+    text = _action_text(action)
+    numbers = _INTEGER.findall(text)
     if len(numbers) == 1 and len(numbers[0].lstrip("-")) <= 6:   # int() of a bounded string
         return str(int(numbers[0]))
-    return _action_text(action)
+    return text
 
 
 def _action_text(action: str) -> str:

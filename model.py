@@ -79,7 +79,7 @@ class Qwen3Config:
             if rope_type != "default":
                 reject(f"{key} has rope_type {rope_type!r} ({rope}); only plain RoPE (rope_type 'default')")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if d.get("head_dim", 128) is None or not isinstance(d.get("head_dim", 128), int):
+        if not isinstance(d.get("head_dim", 128), int):
             reject(f"head_dim is {d.get('head_dim')!r}, not an integer")
         sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
         if missing := [k for k in sizes if k not in d]:
