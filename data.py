@@ -47,7 +47,6 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -272,17 +271,34 @@ def evaluate_expression(text: str) -> tuple[Fraction, list[int]] | None:
 
 
 def _chat_ids(tokenizer, messages: list[dict], enable_thinking: bool) -> list[int]:
-    """Token ids of `messages` + the assistant generation prompt, by the tokenizer's own chat template."""
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                        enable_thinking=enable_thinking, return_dict=False)
-    if isinstance(ids, Mapping):  # transformers may hand back a BatchEncoding whatever return_dict says
-        ids = ids["input_ids"]
-    return [int(token) for token in ids]
+    """Token ids of `messages` + the assistant generation prompt, by the tokenizer's own chat template.
+    Only the template's own special tokens become special ids: the text of each message (a task, an
+    observation, an action, a critique) is encoded with special-token strings split, as an observation turn
+    is, so no text placed in a prompt can forge a chat turn. The tokenizer encodes the text between two
+    special tokens on its own, so encoding the same runs of text here gives the whole rendering's ids."""
+    marks = [f"\x00CONTENT{i}\x00" for i in range(len(messages))]
+    text = tokenizer.apply_chat_template([dict(m, content=mark) for m, mark in zip(messages, marks)], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=enable_thinking)
+    if any(text.count(mark) != 1 for mark in marks):
+        raise ValueError("the chat template does not write each message's content once, verbatim")
+    specials = re.compile("|".join(re.escape(t.content) for t in tokenizer.added_tokens_decoder.values() if t.special))
+    ids, run = [], ""  # run: text since the template's last special token
+    for piece in re.split("(" + "|".join(map(re.escape, marks)) + ")", text):
+        if piece in marks:
+            run += messages[marks.index(piece)]["content"]
+            continue
+        start = 0
+        for special in specials.finditer(piece):
+            ids += encode_observation(tokenizer, run + piece[start:special.start()])
+            ids.append(tokenizer.convert_tokens_to_ids(special.group()))
+            run, start = "", special.end()
+        run += piece[start:]
+    return ids + encode_observation(tokenizer, run)
 
 
 # ==================================================================================================
 # Role contexts (SPEC §1): solver S(x), retry S(x, c), critic C(x, tau). Model text placed in a prompt
-# is its visible part (reasoning removed) and was decoded without special tokens, so it cannot forge a turn.
+# is its visible part (reasoning removed); no text placed in a prompt can forge a turn (_chat_ids).
 # ==================================================================================================
 
 

@@ -258,8 +258,8 @@ class Sampler:
         return max(self.cfg.max_batch // self.cfg.group_size, 1) * self.cfg.group_size
 
     def text(self, generation):
-        # The stop id excluded and special tokens dropped: model text can never forge a chat turn when it
-        # is placed into the next role's prompt or sent to an environment.
+        # The stop id excluded and special ids dropped. Special-token strings the model wrote as plain
+        # tokens stay text; placed in a prompt they are encoded as text (data._chat_ids), never as a turn.
         ids = generation.tokens[:-1] if generation.finished else generation.tokens
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
