@@ -1094,9 +1094,12 @@ def save_optimizer(model, optimizer, folder):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     fresh = not optimizer.state
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # this rank's shard under FSDP2
+    if fresh:  # get_optimizer_state_dict made the state with an optimizer step at lr 0: saved as no step taken
+        for param_state in state["optimizer"]["state"].values():
+            param_state["step"] = torch.zeros_like(param_state["step"])
     with dcp_quietly():
         dcp.save(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
-    if fresh:  # get_optimizer_state_dict gave it state with a zero step: its first real step must stay a first
+    if fresh:  # and gave it that state: its first real step must stay a first step
         optimizer.state.clear()
 
 

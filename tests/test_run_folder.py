@@ -613,6 +613,21 @@ def test_saving_a_fresh_optimizer_leaves_its_first_step_a_first_step(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_fresh_optimizer_saved_and_loaded_takes_a_first_step(tmp_path):
+    """A checkpoint saved before any update was taken (the warm start's, or every update skipped) resumes to
+    the run that never stopped: the loaded AdamW state's next step is a first step (bias corrections of step 1)."""
+    models = [tiny_model(50), tiny_model(50)]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    icrl.save_optimizer(models[0], optimizers[0], str(tmp_path / icrl.OPTIMIZER))
+    icrl.load_optimizer(models[0], optimizers[0], str(tmp_path))
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    for m, opt in zip(models, optimizers):
+        m(ids).float().square().mean().backward()
+        opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+
+
 def test_a_failing_rank_stops_the_run_with_its_error_instead_of_hanging(tmp_path):
     """Rank 1 raises while rank 0 waits in a collective: the run ends (torchrun stops rank 0), nonzero, with
     rank 1's error in the output, instead of rank 1 waiting forever at its shutdown barrier."""
