@@ -1130,10 +1130,11 @@ def save_checkpoint(model, optimizer, tokenizer, args, ctx, step, name):
 
     Kill-safe at every point: the folder is written under .tmp-NAME (every rank its optimizer file, then rank
     0 the rest), fsynced and renamed; only then is DIR/latest (a file naming the newest folder) replaced,
-    atomically, and then DIR/final. A checkpoint that `latest` names is never removed or rewritten (saving
-    it again only points `final` at it), so `latest` and `final` always name a whole checkpoint."""
+    atomically, and then DIR/final. A whole checkpoint that `latest` names is never removed or rewritten
+    (saving it again only points `final` at it), so `latest` and `final` always name a whole checkpoint; one
+    found damaged (a run resumed from an earlier checkpoint reaches its step again) is written anew."""
     folder = f"step_{step}" if name == "final" else name
-    saved = ctx.main and latest_name(args.out) == folder
+    saved = ctx.main and latest_name(args.out) == folder and whole_checkpoint(os.path.join(args.out, folder), step)
     saved = all_reduce([float(saved)], ctx)[0] > 0  # rank 0's reading of `latest`, so every rank agrees
     if saved:
         if ctx.main and name == "final":
@@ -1162,6 +1163,14 @@ def save_checkpoint(model, optimizer, tokenizer, args, ctx, step, name):
                 point_final(args.out, folder)
     if ctx.world > 1:
         dist.barrier()
+
+
+def whole_checkpoint(folder, step):
+    """The checkpoint of `step` reads as one that resumes (its trainer state and optimizer folder)."""
+    try:
+        return read_trainer_state(folder)["step"] == step
+    except UsageError:
+        return False
 
 
 def write_trainer_state(folder, step, args):

@@ -94,6 +94,17 @@ def test_resume_of_a_checkpoint_continues_its_own_run_folder(base_run, tmp_path,
     assert os.path.realpath(saved["args"]["out"]) == os.path.realpath(run)
 
 
+def test_resuming_an_earlier_checkpoint_rewrites_the_damaged_one_latest_names(base_run, tmp_path):
+    """`latest` names step_2, which is gone: the error says to resume from another checkpoint; doing so from
+    step_1 trains step 2 again and must write step_2 anew, not take the missing folder for a saved one."""
+    run = copy_run(base_run, tmp_path / "a")
+    shutil.rmtree(os.path.join(run, "step_2"))
+    os.remove(os.path.join(run, "final"))
+    icrl.main(["--resume", os.path.join(run, "step_1"), "--eval_every", "0"])
+    assert icrl.read_trainer_state(os.path.join(run, "final"))["step"] == 2
+    assert icrl.resolve_checkpoint(run) == os.path.join(run, "step_2")
+
+
 @pytest.mark.parametrize("extra, names", [
     (["--out", "elsewhere"], ["--out", "elsewhere"]),
     (["--steps", "1"], ["--steps", "1", "2"]),
