@@ -1946,9 +1946,8 @@ def check_run_folder(args):
     if args.resume:
         read_metrics(os.path.join(args.out, "metrics.jsonl"), quiet=True)
         return
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out}: a file, not a folder")
-    entries = sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []
+    check_out(args.out)
+    entries = sorted(os.listdir(args.out))
     if entries and not args.overwrite:
         listed = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise UsageError(f"--out {args.out} is not empty ({listed}): pass --overwrite to replace the run there, "
@@ -1960,6 +1959,15 @@ def check_run_folder(args):
     if entries and over:
         raise UsageError(f"--model {args.model}: the new run would save its {over[0]} checkpoint over it in --out "
                          f"{args.out}; copy it out of {args.out} first, or give another --out")
+
+
+def check_out(out):
+    """--out, created and writable before any weight loads: a bad path found at the end loses the work."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UsageError(f"--out {out}: not a writable folder ({type(e).__name__}: {one_line(e)})") from None
 
 
 def clear_run_folder(out, model):

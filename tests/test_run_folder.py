@@ -245,6 +245,12 @@ def test_bad_flags_fail_in_one_line_before_the_model_loads(tmp_path, monkeypatch
     assert flag in err, err
 
 
+def test_an_out_that_cannot_be_a_folder_fails_before_the_model_loads(tmp_path, monkeypatch, capsys, no_model):
+    (tmp_path / "afile").write_text("")
+    err = usage_error(capsys, FAST + ["--out", str(tmp_path / "afile" / "run")])
+    assert "--out" in err and "afile" in err
+
+
 def test_every_rank_gets_the_same_share_of_a_warm_start_batch():
     """--warm_start_batch is split over the ranks like --batch_prompts: on 2 ranks 3 would leave one example out
     (and 1 would leave none per rank); refused in one line, where a warm start runs."""
