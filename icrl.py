@@ -1995,6 +1995,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         check_run_folder(args)
+        need(args, not args.fsdp or "RANK" in os.environ, "fsdp", "shards over torchrun's processes: run under "
+             "torchrun (--nproc_per_node 1 for one process), or pass --no-fsdp")
     except UsageError as e:  # the same on every rank under torchrun: rank 0 says it
         usage_exit(e, say=first_rank())
     ctx = init_distributed()

@@ -251,6 +251,13 @@ def test_an_out_that_cannot_be_a_folder_fails_before_the_model_loads(tmp_path, m
     assert "--out" in err and "afile" in err
 
 
+def test_fsdp_without_torchrun_fails_before_the_model_loads(tmp_path, monkeypatch, capsys, no_model):
+    """A resumed --fsdp run inherits fsdp; one process without torchrun has no process group to shard over."""
+    monkeypatch.delenv("RANK", raising=False)
+    err = usage_error(capsys, FAST + ["--fsdp", "--out", str(tmp_path / "run")])
+    assert "--fsdp" in err and "torchrun" in err and "--no-fsdp" in err
+
+
 def test_every_rank_gets_the_same_share_of_a_warm_start_batch():
     """--warm_start_batch is split over the ranks like --batch_prompts: on 2 ranks 3 would leave one example out
     (and 1 would leave none per rank); refused in one line, where a warm start runs."""
