@@ -1286,6 +1286,18 @@ def resolve_resume(path):
             raise UsageError(f"--resume {path}: its latest names {name}, but there is no "
                              f"{os.path.join(checkpoint, TRAINER_STATE)}")
         return checkpoint, path
+    steps = {}  # a kill between a first checkpoint's rename and the first `latest` write leaves it unnamed
+    for name in sorted(os.listdir(path)):
+        if os.path.islink(os.path.join(path, name)):  # final: a name for one of them
+            continue
+        try:
+            steps[name] = saved_trainer_state(os.path.join(path, name))["step"]
+        except UsageError:
+            pass
+    if steps:
+        newest = max(steps, key=steps.get)
+        raise UsageError(f"--resume {path}: no `latest` file names a checkpoint to resume; its newest is "
+                         f"{newest}: --resume {os.path.join(path, newest)}")
     raise UsageError(f"--resume {path}: no {TRAINER_STATE} there and no `latest` file: neither an icrl.py "
                      f"checkpoint nor a run folder")
 

@@ -146,6 +146,15 @@ def test_resume_refusals_name_what_is_wrong(base_run, tmp_path, monkeypatch, cap
         assert flag in help_text
 
 
+def test_a_run_folder_without_latest_names_its_newest_checkpoint(base_run, tmp_path, monkeypatch, capsys, no_model):
+    """A kill after the first checkpoint's rename but before `latest` was written: the error names the
+    checkpoint to resume."""
+    run = copy_run(base_run, tmp_path / "a")
+    os.remove(os.path.join(run, "latest"))
+    err = usage_error(capsys, ["--resume", run])
+    assert f"--resume {os.path.join(run, 'step_2')}" in err, err
+
+
 def test_resume_can_turn_the_boolean_settings_that_may_change_off(base_run, tmp_path):
     """--fsdp, --grad_ckpt and --compile_sampler may change on resume: a run saved with them resumes with them,
     and --no-fsdp, --no-grad_ckpt, --no-compile_sampler turn them off (else only turning on was possible)."""
