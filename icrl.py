@@ -797,7 +797,7 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
     # loss_solver, loss_critic, clipped tokens, tokens, grad_norm summed over the updates taken (a skipped one's
     # figures are dropped): float64, on the device
     sums = torch.zeros(5, dtype=torch.float64, device=device)
-    updates = skipped = 0
+    updates = skipped = critic_updates = 0
     own_old = []  # (micro-batch, "old_logp", log-probs): l_old from the update's own forward, where not given
     micros_by_update = even_passes([micro_batches(mb, args.micro_batch) for mb in minibatches], args, ctx)
     for u, micros in enumerate(micros_by_update):
@@ -842,6 +842,7 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
             sums[:4] += this_update
             sums[4] += grad_norm.detach().double()
             updates += 1
+            critic_updates += n_critic > 0
         else:
             skipped += 1
             print0(ctx, f"warning: step {step}: non-finite loss or gradient, update skipped")
@@ -849,7 +850,7 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
     to_host(own_old)  # for the step's metrics (logprob_gap, calibration summary)
     loss_solver, loss_critic, clipped, tokens, grad_norm = sums.tolist()
     return dict(loss_solver=loss_solver, loss_critic=loss_critic, clipped=clipped, tokens=tokens,
-                grad_norm=grad_norm, updates=updates, skipped=skipped)
+                grad_norm=grad_norm, updates=updates, skipped=skipped, critic_updates=critic_updates)
 
 
 def autocast_for(model, args):
@@ -918,7 +919,7 @@ def step_metrics(rollouts, samples, stats, times, args, ctx):
             critiqued_frac=ratio(s["critiqued"], s["chains"]),
             retry_acc=ratio(sum(s[f"retry_wins_r{k}"] for k in range(2, rounds + 1)), retries),
             final_acc=ratio(s["final_reward"], s["chains"]), critic_reward=ratio(s["critic_reward"], s["critiques"]),
-            len_critic=ratio(s["critique_tokens"], s["critiques"]), loss_critic=ratio(s["loss_critic"], n_updates),
+            len_critic=ratio(s["critique_tokens"], s["critiques"]), loss_critic=ratio(s["loss_critic"], stats["critic_updates"]),
             **calibration_summary([x for x in samples if x.calib_context is not None], args, ctx))
         if rounds > 2:
             metrics.update({f"retry_acc_r{k}": ratio(s[f"retry_wins_r{k}"], s[f"retries_r{k}"])

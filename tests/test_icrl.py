@@ -197,7 +197,8 @@ def test_step_reports_by_hand():
     rollouts = [icrl.QueryRollout("x", [chain_of([1.0]), chain_of([0.0, 0.0, 1.0]), chain_of([0.0, 1.0]),
                                         chain_of([0.0, 0.0, 0.0])])]
     args = icrl.parse_args(["--rounds", "3"])
-    stats = dict(loss_solver=0.0, loss_critic=0.0, clipped=0.0, tokens=1.0, grad_norm=0.0, updates=1, skipped=0)
+    stats = dict(loss_solver=0.0, loss_critic=0.0, clipped=0.0, tokens=1.0, grad_norm=0.0, updates=1, skipped=0,
+                 critic_updates=1)
     m = icrl.step_metrics(rollouts, [], stats, {"sample": 1.0, "env": 0.0, "train": 1.0}, args, icrl.Dist())
     assert (m["acc"], m["critiqued_frac"], m["retry_acc"], m["retry_acc_r2"], m["retry_acc_r3"], m["final_acc"],
             m["critic_reward"], m["len_critic"]) == pytest.approx((1 / 4, 3 / 4, 2 / 5, 1 / 3, 1 / 2, 3 / 4, 2 / 5, 1.0))
@@ -319,6 +320,19 @@ def test_update_takes_the_loss_flags(flags, loss_solver, loss_critic):
     args = icrl.parse_args(["--batch_prompts", "1", "--lr", "1e-9"] + flags)
     stats = icrl.update(model, torch.optim.SGD(model.parameters(), lr=1e-9), [rho_batch(model)], args, icrl.Dist(), 0)
     assert (stats["loss_solver"], stats["loss_critic"]) == pytest.approx((loss_solver, loss_critic), abs=1e-5)
+
+
+def test_loss_critic_is_null_when_no_critique_was_trained():
+    """No critic token in the updates taken (every chain succeeded, or --no_critic_train): loss_critic is null,
+    as len_critic and critic_reward are, not a 0 that reads as a loss."""
+    model = tiny_model(40)
+    args = icrl.parse_args(["--batch_prompts", "1", "--lr", "1e-9"])
+    first, retry, _ = rho_batch(model)
+    stats = icrl.update(model, torch.optim.SGD(model.parameters(), lr=1e-9), [[first, retry]], args, icrl.Dist(), 0)
+    assert stats["critic_updates"] == 0 and stats["loss_solver"] == pytest.approx((-1.1 + 1.6) / 2, abs=1e-5)
+    rollouts = [icrl.QueryRollout("x", [chain_of([1.0]), chain_of([1.0])])]
+    m = icrl.step_metrics(rollouts, [], stats, {"sample": 1.0, "env": 0.0, "train": 1.0}, args, icrl.Dist())
+    assert m["loss_critic"] is None and m["loss_solver"] == pytest.approx(0.25, abs=1e-5)
 
 
 def test_critic_coef_scales_the_critic_term_of_the_update():
