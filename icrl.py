@@ -939,8 +939,16 @@ def calibration_summary(retries, args, ctx):
     w = torch.cat(gathered)
     if not w.numel():
         return dict(calib_w_mean=None, calib_w_p10=None, calib_w_low_frac=None)
-    return dict(calib_w_mean=float(w.mean()), calib_w_p10=float(torch.quantile(w, 0.1)),
+    return dict(calib_w_mean=float(w.mean()), calib_w_p10=float(quantile(w, 0.1)),
                 calib_w_low_frac=float((w < 0.5).float().mean()))
+
+
+def quantile(values, q):
+    """torch.quantile's linear interpolation of a 1-D tensor, for any number of values (torch.quantile refuses
+    more than 2^24)."""
+    ordered = values.sort().values
+    rank = torch.tensor(q, dtype=ordered.dtype) * (ordered.numel() - 1)
+    return ordered[rank.long()].lerp(ordered[rank.ceil().long()], rank - rank.floor())
 
 
 @torch.no_grad()

@@ -204,6 +204,17 @@ def test_step_reports_by_hand():
             m["critic_reward"], m["len_critic"]) == pytest.approx((1 / 4, 3 / 4, 2 / 5, 1 / 3, 1 / 2, 3 / 4, 2 / 5, 1.0))
 
 
+def test_tenth_percentile_of_any_number_of_weights():
+    """calib_w_p10 (SPEC §3) is torch.quantile's linear interpolation, also past the 2^24 values torch.quantile
+    refuses (a large batch of long retries)."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 1000):
+        w = torch.rand(n, generator=gen)
+        assert icrl.quantile(w, 0.1) == torch.quantile(w, 0.1)
+    n = 2 ** 24 + 1
+    assert float(icrl.quantile(torch.arange(n, dtype=torch.float32).flip(0) / (n - 1), 0.1)) == pytest.approx(0.1, abs=1e-6)
+
+
 def test_sampling_config_takes_the_episode_flags():
     """The training rollout's SamplingConfig carries SPEC §1-2's episode and chain flags (K, the gate, the
     limits), as eval.py's does (test_eval.test_round_and_episode_flags)."""
