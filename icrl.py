@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (CRITIQUE_RIGHT, AgentGymTask, Task, build_char_tokenizer, critic_context, encode_observation,
+from data import (CRITIQUE_RIGHT, OBS_CHARS, AgentGymTask, Task, build_char_tokenizer, critic_context, encode_observation,
                   end_of_turn_id, episode_summary, extract_critique, load_task, observation_turn, solver_context,
                   solver_message, task_class, typed_knobs)
 from model import Qwen3, Qwen3Config, Session, check_pretrained, generate
@@ -990,7 +990,8 @@ def expert_episode(task, tokenizer, example, observation_markers, actions=None, 
     return tokens, mask
 
 
-def warm_start_pairs(task, tokenizer, example, think, observation_markers, attempt=None, gate="failure", rng=None):
+def warm_start_pairs(task, tokenizer, example, think, observation_markers, attempt=None, gate="failure", rng=None,
+                     obs_chars=OBS_CHARS):
     """(context, tokens, loss mask) triples that teach the SPEC §1 roles: the solver's expert episode
     under S(x); given the model's own sampled `attempt` (an Episode) that failed, a critique under C(x, tau)
     and the expert episode again under S(x, c) with the task's tip (`task.warm_start_critique`: a one-turn
@@ -1011,7 +1012,7 @@ def warm_start_pairs(task, tokenizer, example, think, observation_markers, attem
         if critique is None:
             return pairs
         taught = task.warm_start_critic_target(example, critique, rng or random.Random(example.id))
-    summary = episode_summary(attempt.reward, attempt.actions, attempt.observations)
+    summary = episode_summary(attempt.reward, attempt.actions, attempt.observations, obs_chars)
     critique_ids = tokenizer.encode(taught, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
     pairs.append((critic_context(tokenizer, task_text, first_observation, summary, think), critique_ids,
                   [1] * len(critique_ids)))
@@ -1050,7 +1051,7 @@ def warm_start(model, tokenizer, task, args, ctx):
                                       seed=mix_seed(args.seed, step, ctx.rank, 8), critique=False)
             attempts = [ro.chains[0].episodes[0] for ro in rollouts]
         pairs = [p for example, attempt in zip(examples, attempts) for p in warm_start_pairs(
-            task, tokenizer, example, args.enable_thinking, markers, attempt, args.critic_gate, rng)]
+            task, tokenizer, example, args.enable_thinking, markers, attempt, args.critic_gate, rng, args.obs_chars)]
         contexts, responses, masks = zip(*pairs)
         with autocast_for(model, args):
             logp, mask = response_logprobs(model, contexts, responses, 1.0, ctx.device, masks)

@@ -994,6 +994,8 @@ def test_warm_start_pairs_expert_episode_and_own_failure(char_tokenizer):
     assert "Reward of the attempt: 0\nAction: 1\nObservation: 1 is too low" in char_tokenizer.decode(c_ctx)
     assert "Tips from the previous critique: It is from 3 to 9." in char_tokenizer.decode(r_ctx)
     assert (r_tokens, r_mask) == (tokens, mask) and "Tips" not in char_tokenizer.decode(s_ctx)
+    c_ctx = icrl.warm_start_pairs(task, char_tokenizer, example, False, markers, failed, obs_chars=4)[1][0]
+    assert "Observation: 1 is\n" in char_tokenizer.decode(c_ctx)  # --obs_chars, as the critic sees it in RL
     # a tip that holds the secret (14 of [10, 14]): the retry's target searches within it, 13 then 14
     near = icrl.Episode([], actions=["12", "16"], observations=["12 is too low. It is from 13 to 14.",
                                                                "16 is outside 10 to 14. It is from 13 to 14."], reward=0.0)
