@@ -1556,9 +1556,13 @@ def continue_run(args, given):
                              f"{newest_step} ({newest}); continuing from here would overwrite that: resume {run_dir}, "
                              f"or copy {checkpoint} into a new folder and resume that copy")
     saved = state.get("args") if isinstance(state.get("args"), dict) else {}
+    flags = {action.dest: action for action in build_parser()._actions}
     for key, old in saved.items():
         if key in NOT_SETTINGS or not hasattr(args, key):
             continue
+        if not flag_takes(flags[key], old):  # a hand-edited file
+            raise UsageError(f"{os.path.join(checkpoint, TRAINER_STATE)}: the saved setting {key} = {json.dumps(old)} "
+                             f"is not a value --{key} takes")
         if key not in given:
             setattr(args, key, old)
         elif key not in RESUME_MAY_CHANGE and not same_setting(key, getattr(args, key), old):
@@ -1569,6 +1573,24 @@ def continue_run(args, given):
         raise UsageError(f"--steps {args.steps} is below step {start} of --resume {checkpoint}: a resume continues "
                          f"a run, never rewinds it; pass --steps {start} or more")
     args.out, args.resume = run_dir, checkpoint
+
+
+def flag_takes(action, value):
+    """`value`, read from JSON, is one the flag's parser gives: a bool for a switch, a list of strings for a
+    repeated flag, None where that is the default, else what its type and choices accept."""
+    if action.nargs == 0:  # store_true, BooleanOptionalAction
+        return isinstance(value, bool)
+    if isinstance(action, argparse._AppendAction):
+        return value is None or isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if value is None:
+        return action.default is None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return False
+    try:
+        converted = (action.type or str)(str(value))
+    except ValueError:
+        return False
+    return converted == value and (action.choices is None or converted in action.choices)
 
 
 def same_setting(key, new, old):

@@ -425,6 +425,20 @@ def test_bad_model_folders_give_one_line(tmp_path, monkeypatch, capsys, no_model
     assert os.path.join(folder, "config.json") in err, err
 
 
+@pytest.mark.parametrize("key, value", [("lr", "abc"), ("fsdp", "false"), ("group_size", 2.5), ("algo", "ppo"),
+                                        ("task_knob", "n=3"), ("micro_batch", True)])
+def test_a_saved_setting_of_the_wrong_type_gives_one_line(base_run, tmp_path, monkeypatch, capsys, no_model, key, value):
+    """A hand-edited trainer_state.json: a setting its flag would not take is one line naming the file and
+    the setting, never a traceback or a string "false" read as true."""
+    run = copy_run(base_run, tmp_path / "a")
+    file = os.path.join(run, "step_2", icrl.TRAINER_STATE)
+    state = json.load(open(file))
+    state["args"][key] = value
+    json.dump(state, open(file, "w"))
+    err = usage_error(capsys, ["--resume", run, "--steps", "3"])
+    assert file in err and key in err, err
+
+
 @pytest.mark.parametrize("target, damage", [
     (icrl.TRAINER_STATE, "garbage"), (icrl.TRAINER_STATE, "truncated"), (icrl.TRAINER_STATE, "missing"),
     (icrl.OPTIMIZER, "missing"), (f"{icrl.OPTIMIZER}/.metadata", "garbage"),
