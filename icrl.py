@@ -1282,6 +1282,12 @@ def is_checkpoint(folder):
     return any(os.path.isfile(os.path.join(folder, name)) for name in (TRAINER_STATE, OLD_TRAINER_STATE))
 
 
+def is_our_checkpoint(folder):
+    """A checkpoint folder this trainer names (warm_start, step_N): another trainer's may hold a trainer_state.json."""
+    name = os.path.basename(os.path.normpath(folder))
+    return (name == "warm_start" or name.startswith("step_") and name[5:].isdigit()) and is_checkpoint(folder)
+
+
 def resolve_resume(path):
     """--resume PATH: a checkpoint folder (its run folder is its parent) or a run folder (then the
     checkpoint its `latest` names). Returns (checkpoint, run folder)."""
@@ -2026,7 +2032,7 @@ def clear_run_folder(out, model):
         path = os.path.join(out, name)
         holds_model = model == os.path.realpath(path) or model.startswith(os.path.realpath(path) + os.sep)
         ours = not holds_model and (name in ("metrics.jsonl", "metrics.jsonl.tmp", "latest", "latest.tmp", "final")
-                                    or name.startswith(".tmp-") or is_checkpoint(path))
+                                    or name.startswith(".tmp-") or is_our_checkpoint(path))
         (removed if ours else kept).append(name)
         if ours:
             remove_path(path)

@@ -176,9 +176,13 @@ def test_overwrite_keeps_the_model_folder_and_a_resume_reads_its_own_tokenizer(b
     run = copy_run(base_run, tmp_path / "a")
     model_folder = os.path.join(run, "warm_start")   # a run's RL starting point, as make compare's variants use it
     shutil.copytree(os.path.join(run, "step_1"), model_folder)
+    other = os.path.join(run, "checkpoint-500")   # another trainer's checkpoint (it too has a trainer_state.json)
+    os.makedirs(other)
+    open(os.path.join(other, icrl.TRAINER_STATE), "w").write('{"global_step": 500}')
     icrl.main(FAST + ["--model", model_folder, "--steps", "1", "--out", run, "--overwrite"])
     assert icrl.read_trainer_state(model_folder)["step"] == 1   # the starting point is still there, untouched
     assert not os.path.exists(os.path.join(run, "step_2"))      # the old run's other checkpoints are gone
+    assert os.path.isfile(os.path.join(other, icrl.TRAINER_STATE))   # what is not this trainer's stays
     shutil.rmtree(model_folder)   # --model gone: the run still resumes, from its own checkpoint's tokenizer
     icrl.main(["--resume", run, "--steps", "2"])
     assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1, 2]
