@@ -33,7 +33,7 @@ train: $(STAMP)
 eval: $(STAMP)
 	$(PY) eval.py --model $(OUT)/final --task $(TASK) --out $(OUT)/eval
 
-# Speed as ratios against a peer run in the same process on the same inputs (README, "Benchmarks").
+# Speed as ratios against a peer run in the same process on the same inputs (README, "Tests and benchmarks").
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) tests/bench_model.py
 	OMP_NUM_THREADS=1 $(PY) tests/bench_icrl.py
@@ -45,7 +45,7 @@ bench: $(STAMP)
 gpu-check:
 	$(GPU_PY) tests/gpu_check.py
 
-# On one CUDA GPU, ~2 minutes: README's worked memory table measured at Qwen3-4B/8B shapes (tests/memory_gpu.py).
+# On one CUDA GPU: README's worked memory table measured at Qwen3-4B/8B shapes (tests/memory_gpu.py).
 # Apart from gpu-check: figures to quote, not a pass/fail check, and gpu-check's 8 minutes are nearly spent.
 gpu-memory:
 	$(GPU_PY) tests/memory_gpu.py

@@ -427,7 +427,7 @@ class OneTurnEnv(Environment):
     The problem is the observation, as an agentic environment's instance is, so that S(x, c)'s tips
     (SPEC §1: between the task and the first observation) come before it and the answer starts right
     after the problem under S(x) and S(x, c) alike: SPEC §2.8 never trains under S(x, c), so what the
-    retry can do there is what carries over from S(x) (README, "The embedded default")."""
+    retry can do there is what carries over from S(x) (README, "One-turn `arithmetic`")."""
 
     def __init__(self, task: "Task", example: "Example"):
         self.task, self.example = task, example

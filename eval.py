@@ -8,8 +8,8 @@ Run:
     python eval.py ... --critic_model runs/other/final    # critic swap: another checkpoint critiques
     torchrun --standalone --nproc_per_node 2 eval.py --model runs/icrl/final --task boxes --out runs/icrl/eval
         (under torchrun spell --n as --samples: torchrun takes `--n` for an abbreviation of its own flags)
-    torchrun --nproc_per_node 8 eval.py --model runs/qwen3-8b/final --task math --eval_file test.jsonl \
-        --samples 16 --k 1 --k 8 --k 16 --rounds 3 --batch_examples 16 --rollout_batch 64 \
+    torchrun --nproc_per_node 8 eval.py --model runs/qwen3-8b/final --task math --eval_file test.jsonl \\
+        --samples 16 --k 1 --k 8 --k 16 --rounds 3 --batch_examples 16 --rollout_batch 64 \\
         --max_examples 500 --max_new_tokens 2048 --critic_max_new_tokens 1024 --dtype bfloat16 --out runs/qwen3-8b/eval
 Without --task, the task is the one --model was trained on, with its knobs (icrl.py's trainer_state.json in
 the folder; boxes for a folder without one).
@@ -371,7 +371,8 @@ def parse_args(argv=None):
                    "its --task_knob and --env_url where those are not given; boxes for a folder without one")
     p.add_argument("--env_url", default=None, help="agentgym tasks: comma-separated AgentGym server URLs, one "
                    "episode at a time each (../shared/AGENTGYM.md)")
-    p.add_argument("--eval_file", default=None, help="JSONL split (gsm8k, math)")
+    p.add_argument("--eval_file", default=None, help="JSONL split (gsm8k, math), or AgentGym task ids (JSONL "
+                   "or one per line)")
     p.add_argument("--task_knob", action="append", default=None, metavar="KEY=VALUE", help="a task option, "
                    "repeatable, as for icrl.py (e.g. --task_knob digits=3)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="split of a synthetic task (or "

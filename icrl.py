@@ -12,8 +12,8 @@ Run (the embedded default: tiny random Qwen3 + character tokenizer on the multi-
     torchrun --standalone --nproc_per_node 2 icrl.py           # what `make train` runs
     torchrun --standalone --nproc_per_node 2 icrl.py --task arithmetic   # a one-turn task
 Real checkpoints on GPUs (README has the full commands for Qwen3-4B/8B and AgentGym's ALFWorld):
-    torchrun --nproc_per_node 8 icrl.py --model /path/Qwen3-8B --task math --train_file train.jsonl \
-        --eval_file test.jsonl --dtype bfloat16 --fsdp --grad_ckpt --lr 1e-6 --max_new_tokens 2048 \
+    torchrun --nproc_per_node 8 icrl.py --model /path/Qwen3-8B --task math --train_file train.jsonl \\
+        --eval_file test.jsonl --dtype bfloat16 --fsdp --grad_ckpt --lr 1e-6 --max_new_tokens 2048 \\
         --critic_max_new_tokens 1024 --micro_batch 2 --rollout_batch 32 --out runs/qwen3-8b
 """
 import argparse
@@ -1426,8 +1426,10 @@ def build_parser():
                    "--env_url (data.py)")
     p.add_argument("--env_url", default=None, help="agentgym tasks: comma-separated AgentGym server URLs, one "
                    "episode at a time each (../shared/AGENTGYM.md)")
-    p.add_argument("--train_file", default=None, help="JSONL training split (gsm8k, math)")
-    p.add_argument("--eval_file", default=None, help="JSONL held-out split (gsm8k, math)")
+    p.add_argument("--train_file", default=None, help="JSONL training split (gsm8k, math), or AgentGym task ids "
+                   "(JSONL or one per line)")
+    p.add_argument("--eval_file", default=None, help="JSONL held-out split (gsm8k, math), or AgentGym task ids "
+                   "(JSONL or one per line)")
     p.add_argument("--task_knob", action="append", default=[], metavar="KEY=VALUE", help="a task option, "
                    "repeatable, e.g. --task_knob digits=3 --task_knob ops=+-* (data.py lists each task's)")
     p.add_argument("--enable_thinking", action="store_true", help="passed to the chat template (SPEC §1)")

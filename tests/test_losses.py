@@ -129,7 +129,7 @@ def test_calibration_weights_none_mode_and_stopgrad():
     mask = torch.tensor([[1.0, 0.0]])
     close(calibration_weights(free, cond, mask, mode="none"), [[1.0, 0.0]])
     w = calibration_weights(free, cond, mask, mode="token")
-    assert not w.requires_grad  # stopgrad (§2.6): the weight scales the loss, it is never trained
+    assert not w.requires_grad  # stopgrad (§2.7): the weight scales the loss, it is never trained
     close(w, [[math.exp(-2.0), 0.0]])
     with pytest.raises(ValueError, match="mode"):
         calibration_weights(free, cond, mask, mode="product")
