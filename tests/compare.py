@@ -245,6 +245,8 @@ class Runner:
                 code_version():
             return True
         cmd = [sys.executable, os.path.join(ROOT, "eval.py")] + flags
+        # an evaluation that fails must not leave the previous one's summary.json to be read as this one's
+        shutil.rmtree(os.path.join(run, "eval"), ignore_errors=True)
         print(f"  {run}: {shlex.join(cmd)}", flush=True)
         t = time.perf_counter()
         rc = self._run(cmd, os.path.join(run, "eval.log"))

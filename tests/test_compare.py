@@ -253,6 +253,25 @@ def test_runs_of_other_code_and_evaluations_of_other_flags_are_left_out(tmp_path
     assert table_rows(out) == []
 
 
+def test_a_failed_evaluation_leaves_no_old_figures_and_is_redone(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "c"
+    icrl = out / "arithmetic" / "icrl" / "seed0"
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS), "--out", str(out),
+            "--no_plot", "--eval_args", "--n 2"]
+    assert compare.main(argv[:-2]) == 0
+    real = compare.run_command
+    monkeypatch.setattr(compare, "run_command", lambda cmd, log, env: 1 if str(icrl) in cmd[cmd.index("--model") + 1]
+                        and cmd[1].endswith("eval.py") else real(cmd, log, env))
+    assert compare.main(argv) == 1   # icrl's new evaluation fails: its earlier figures are not shown as new
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tasks"]["arithmetic"]["rows"]["icrl"]["per_seed"]["0"]["pass1"] is None
+    monkeypatch.setattr(compare, "run_command", real)
+    calls.clear()
+    assert compare.main(argv) == 0 and [c[c.index("--out") + 1] for c in calls] == [str(icrl / "eval")]
+
+
 def interrupted_run(tmp_path):
     """guess seed 1: a complete warm start, and an icrl run stopped after its step_1 checkpoint (no final/)."""
     out = tmp_path / "c" / "guess"
