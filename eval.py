@@ -12,7 +12,9 @@ Run:
         --samples 16 --k 1 --k 8 --k 16 --rounds 3 --batch_examples 16 --rollout_batch 64 \
         --max_examples 500 --max_new_tokens 2048 --critic_max_new_tokens 1024 --dtype bfloat16 --out runs/qwen3-8b/eval
 Without --task, the task is the one --model was trained on, with its knobs (icrl.py's trainer_state.json in
-the folder; boxes for a folder without one).
+the folder; boxes for a folder without one); on that task, the episode settings that are not given
+(--enable_thinking, --max_new_tokens, --critic_max_new_tokens, --max_turns, --max_context, --obs_chars) are
+that run's too.
 
 What is sampled (icrl.rollout, SPEC §2.1-2.4, the same code as training): for every example, n chains
 (--n) of up to K rounds (--rounds). Round 1 is a critique-free episode tau_1 ~ S(x). While the gate lets a
@@ -196,10 +198,17 @@ def check_critic_matches(args, config, critic_config, tokenizer, critic_tokenize
         raise UsageError(f"{where}: tokenizer vocabularies differ: {detail}")
 
 
-def default_task_from_checkpoint(args):
-    """--task, --task_knob and --env_url not given come from the run that trained --model (icrl.py's
-    trainer_state.json), said in one line; a --task or --task_knob that differs from it is warned about. A
-    folder without that file (a plain Hugging Face model) defaults to boxes."""
+# Episode settings that, not given, are those of the run that trained --model (--enable_thinking changes S(x)
+# itself, SPEC §1), else eval.py's defaults.
+EPISODE_SETTINGS = ("enable_thinking", "max_new_tokens", "critic_max_new_tokens", "max_turns", "max_context",
+                    "obs_chars")
+
+
+def defaults_from_checkpoint(args, fallback):
+    """--task, --task_knob, --env_url and the EPISODE_SETTINGS not given (None) come from the run that trained
+    --model (icrl.py's trainer_state.json), said in one line, the others only on that run's task; a --task or
+    --task_knob that differs from it is warned about. A folder without that file (a plain Hugging Face model)
+    defaults to boxes; an episode setting still None takes `fallback`'s value."""
     file = os.path.join(args.model, TRAINER_STATE)
     try:
         saved = saved_trainer_state(args.model).get("args", {}) if os.path.isfile(file) else {}
@@ -222,6 +231,14 @@ def default_task_from_checkpoint(args):
             elif key == "task_knob" and given is not None and not same_setting(key, given, old):
                 warn(f"--task_knob {show(given)} differs from {show(old) if old else 'no knobs'}, --model's "
                      f"training ({file})")
+        for key in EPISODE_SETTINGS:
+            if getattr(args, key) is None and key in saved:
+                setattr(args, key, saved[key])
+                taken.append(f"--{'' if saved[key] else 'no-'}{key}" if key == "enable_thinking" else
+                             f"--{key} {saved[key]}")
+    for key in EPISODE_SETTINGS:
+        if getattr(args, key) is None:
+            setattr(args, key, fallback[key])
     args.task_knob = args.task_knob or []
     if taken and first_rank():
         print(f"{' '.join(taken)}: from {file} (the run that trained --model)")
@@ -368,7 +385,8 @@ def parse_args(argv=None):
     p.add_argument("--task", default=None, help="arithmetic | countdown | gsm8k | math (one turn); "
                    "gridworld | guess | boxes (multi-turn); agentgym:<alfworld|webshop|sciworld|searchqa> with "
                    "--env_url (data.py). Default: the task --model was trained on (its trainer_state.json), with "
-                   "its --task_knob and --env_url where those are not given; boxes for a folder without one")
+                   "its --task_knob, --env_url and episode settings (--enable_thinking, --max_new_tokens, ...) where "
+                   "those are not given; boxes for a folder without one")
     p.add_argument("--env_url", default=None, help="agentgym tasks: comma-separated AgentGym server URLs, one "
                    "episode at a time each (../shared/AGENTGYM.md)")
     p.add_argument("--eval_file", default=None, help="JSONL split (gsm8k, math)")
@@ -379,7 +397,8 @@ def parse_args(argv=None):
     p.add_argument("--task_seed", type=int, default=0, help="seed of a synthetic task's examples (icrl.py "
                    "generates its held-out split with its --seed, default 0)")
     p.add_argument("--max_examples", type=int, default=200, help="the first M examples (0: all)")
-    p.add_argument("--enable_thinking", action="store_true", help="passed to the chat template (SPEC §1)")
+    p.add_argument("--enable_thinking", action=argparse.BooleanOptionalAction, default=False,
+                   help="passed to the chat template (SPEC §1)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute dtype")
     # chains and rounds (SPEC §2.1-2.4, §4)
     # --samples is --n's alias for torchrun, whose own parser rejects a later `--n` as an ambiguous
@@ -401,7 +420,11 @@ def parse_args(argv=None):
                    "the KV cache (rounded down to a multiple of n, at least n; 0: a phase's whole batch at once)")
     # output
     p.add_argument("--out", default="runs/icrl/eval", help="folder for summary.json and samples.jsonl")
+    # the EPISODE_SETTINGS not given are None here, then --model's run's (defaults_from_checkpoint) or these
+    fallback = {key: p.get_default(key) for key in EPISODE_SETTINGS}
+    p.set_defaults(**dict.fromkeys(EPISODE_SETTINGS))
     args = p.parse_args(argv)
+    defaults_from_checkpoint(args, fallback)
     args.k = sorted(set(args.k or [args.n]) | {1})  # pass@1 always: the critique-free reference
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}")
@@ -428,7 +451,6 @@ def main(argv=None):
     checkpoint folder or --out is one line (exit status 2) before any weight loads."""
     try:
         args = parse_args(argv)
-        default_task_from_checkpoint(args)
         task = checked_task(args, args.eval_file, args.split, args.task_seed)
         tokenizer = checked_models(args)
         check_out(args.out)
