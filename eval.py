@@ -45,8 +45,9 @@ Figures (summary.json and the printed table), over all chains; null where a rate
     dropped_long_prompts examples left out before sampling: S(x) with no room, within the positions or
                          --max_context, for what the K rounds generate after it (icrl.py's rule, with a warning)
 Outputs: the table on stdout, DIR/summary.json and DIR/samples.jsonl, one line per chain in (example, chain)
-order: example, id, question, answer (reference), chain, rounds, second_attempt_reward and second_attempt
-(null unless the first attempt failed and was critiqued). rounds[k] is episode k + 1: context and text
+order: example (the task's own index of it, whatever was dropped before it), id, question, answer
+(reference), chain, rounds, second_attempt_reward and second_attempt (null unless the first attempt failed
+and was critiqued). rounds[k] is episode k + 1: context and text
 (decoded, special tokens kept), actions, observations, reward, end (done | max_turns | repeat | context |
 cutoff), action_tokens; and the critique written about it: critic_context (decoded), critique (the extracted
 text the retry was given), critique_tokens, critique_finished (all null when it was not critiqued).
@@ -165,14 +166,15 @@ def figures(rows, ks, rounds, greedy=False):
 # ==================================================================================================
 
 def checked_models(args):
-    """--model's tokenizer, once every folder has passed icrl.py's checks, no weight read (config.json and
-    the safetensors headers; tokenizer files that load, with a chat template): a UsageError naming the flag."""
+    """(--model's tokenizer, its max_position_embeddings), once every folder has passed icrl.py's checks, no
+    weight read (config.json and the safetensors headers; tokenizer files that load, with a chat template): a
+    UsageError naming the flag."""
     config = checked_folder("--model", args.model)
     tokenizer = checked_tokenizer("--model", args.model)
     if not self_critic(args):
         check_critic_matches(args, config, checked_folder("--critic_model", args.critic_model), tokenizer,
                              checked_tokenizer("--critic_model", args.critic_model))
-    return tokenizer
+    return tokenizer, config.max_position_embeddings
 
 
 def self_critic(args):
@@ -244,6 +246,22 @@ def defaults_from_checkpoint(args, fallback):
         print(f"{' '.join(taken)}: from {file} (the run that trained --model)")
 
 
+def examples_to_sample(args, task, tokenizer, positions):
+    """(numbered, dropped): the first --max_examples examples as (the task's index, example), less those whose
+    S(x) has no room, within the positions or --max_context, for what the K rounds generate after it (icrl.py's
+    rule, with its warning), and how many those were. Before any weight loads: no room at all is a UsageError."""
+    examples = task.examples[:args.max_examples] if args.max_examples else task.examples
+    if args.max_examples > len(examples) and first_rank():
+        print(f"note: {args.task} has {len(examples)} examples, fewer than --max_examples {args.max_examples}")
+    # eval.py samples every role, and has no --max_prompt_tokens
+    limit = prompt_limit(argparse.Namespace(**vars(args), algo="icrl", max_prompt_tokens=0), tokenizer, positions)
+    kept = {id(ex) for ex in drop_long_prompts(   # by identity: two examples may be equal
+        task, examples, tokenizer, limit, args, f"--task {args.task}",
+        why="the positions or --max_context less what a round generates after it: --max_new_tokens, and with "
+            "--rounds over 1 --critic_max_new_tokens and the critic's instructions")}
+    return [(i, ex) for i, ex in enumerate(examples) if id(ex) in kept], len(examples) - len(kept)
+
+
 def load_models(args, device):
     """(solver model, critic model or None), from folders checked_models passed. None: the solver critiques
     itself."""
@@ -295,13 +313,13 @@ def chain_row(index, example, c, chain, tokenizer):
                 rounds=rounds, second_attempt_reward=None, second_attempt=None)
 
 
-def evaluate(model, tokenizer, critic, task, examples, args, ctx):
-    """This rank's per-chain rows. Batch b (of --batch_examples examples) goes to rank b % world and is
-    sampled with seed (--seed, b), its second attempts with (--seed, b, 1): every batch is the same
-    whatever the number of ranks."""
+def evaluate(model, tokenizer, critic, task, numbered, args, ctx):
+    """This rank's per-chain rows of the (index, example) pairs `numbered`. Batch b (of --batch_examples
+    examples) goes to rank b % world and is sampled with seed (--seed, b), its second attempts with
+    (--seed, b, 1): every batch is the same whatever the number of ranks."""
     cfg = eval_config(args)
     second_cfg = dataclasses.replace(cfg, group_size=1)
-    batches = list(enumerate(chunks(list(enumerate(examples)), args.batch_examples)))
+    batches = list(enumerate(chunks(numbered, args.batch_examples)))
     mine = batches[ctx.rank::ctx.world]
     rows = []
     bar = tqdm(total=sum(len(b) for _, b in mine), disable=not ctx.main, unit="ex", dynamic_ncols=True)
@@ -452,13 +470,14 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         task = checked_task(args, args.eval_file, args.split, args.task_seed)
-        tokenizer = checked_models(args)
+        tokenizer, positions = checked_models(args)
         check_out(args.out)
+        numbered, dropped = examples_to_sample(args, task, tokenizer, positions)
     except UsageError as e:  # the same on every rank under torchrun: rank 0 says it
         usage_exit(e, say=first_rank())
     ctx = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-    return run_then_shut_down(lambda: run(args, ctx, task, tokenizer), ctx, fsdp=False)
+    return run_then_shut_down(lambda: run(args, ctx, task, tokenizer, numbered, dropped), ctx, fsdp=False)
 
 
 SETTINGS = ("task", "task_knob", "split", "eval_file", "model", "n", "k", "rounds", "critic_gate", "max_turns",
@@ -466,25 +485,16 @@ SETTINGS = ("task", "task_knob", "split", "eval_file", "model", "n", "k", "round
             "enable_thinking", "dtype", "seed", "task_seed", "batch_examples", "rollout_batch")
 
 
-def run(args, ctx, task, tokenizer):
+def run(args, ctx, task, tokenizer, numbered, dropped):
     t0 = time.perf_counter()
     model, critic = load_models(args, ctx.device)
     args.max_turns = args.max_turns or task.max_turns
-    examples = task.examples[:args.max_examples] if args.max_examples else task.examples
     print0(ctx, "config:", json.dumps(vars(args), indent=1))
-    if args.max_examples > len(examples):
-        print0(ctx, f"note: {args.task} has {len(examples)} examples, fewer than --max_examples {args.max_examples}")
-    # icrl.py's rule: an S(x) with no room, within the positions (or --max_context), for what the rounds
-    # generate after it is dropped, with a count (eval.py samples every role, and has no --max_prompt_tokens)
-    limit = prompt_limit(argparse.Namespace(**vars(args), algo="icrl", max_prompt_tokens=0), tokenizer,
-                         model.config.max_position_embeddings)
-    kept = drop_long_prompts(task, examples, tokenizer, limit, args, f"--task {args.task}")
-    dropped, examples = len(examples) - len(kept), kept
-    n_batches = math.ceil(len(examples) / args.batch_examples)
+    n_batches = math.ceil(len(numbered) / args.batch_examples)
     if n_batches < ctx.world:
         print0(ctx, f"note: {n_batches} batch(es) for {ctx.world} ranks; lower --batch_examples to use them all")
     with torch.no_grad():
-        rows = gather(evaluate(model, tokenizer, critic, task, examples, args, ctx), ctx)
+        rows = gather(evaluate(model, tokenizer, critic, task, numbered, args, ctx), ctx)
     if not ctx.main:
         return None
     summary = dict(figures(rows, args.k, args.rounds, greedy=args.temperature == 0),

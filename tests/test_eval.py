@@ -196,7 +196,7 @@ def scripted_run(monkeypatch, tokenizer, *flags, seeds=None):
                 for name, f, r in (("a", 0.0, 1.0), ("b", 1.0, 0.0), ("c", 0.0, 0.0))]
     args = ev.parse_args(["--n", "2", "--rounds", "3", "--max_turns", "1", *flags])
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))  # only its positions are read
-    rows = ev.evaluate(model, tokenizer, None, ScriptedTask(examples), examples, args, icrl.Dist())
+    rows = ev.evaluate(model, tokenizer, None, ScriptedTask(examples), list(enumerate(examples)), args, icrl.Dist())
     return rows, args, sizes
 
 
@@ -309,14 +309,27 @@ def test_prompts_with_no_room_for_the_rounds_are_dropped_with_a_count(checkpoint
     after it (the action, and the critique with its instructions) is dropped before sampling, with a warning and
     a count in summary.json, not sampled past the budget."""
     solver, _ = checkpoints
-    problems = ["1+1", "2+2", "What is " + "very " * 60 + "long?"]
+    problems = ["What is " + "very " * 60 + "long?", "1+1", "2+2"]
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps({"problem": p, "answer": "2"}) + "\n" for p in problems))
     summary = ev.main(["--model", solver, "--task", "math", "--eval_file", str(data), "--out", str(tmp_path / "e"),
                        "--max_context", "200", "--n", "1", "--max_new_tokens", "6", "--critic_max_new_tokens", "5"])
     assert (summary["examples"], summary["dropped_long_prompts"]) == (2, 1)
-    assert "dropped 1 of 3 examples" in capsys.readouterr().err
-    assert [r["question"] for r in read_samples(tmp_path / "e")] == problems[:2]
+    err = capsys.readouterr().err
+    assert "dropped 1 of 3 examples" in err
+    assert "--max_prompt_tokens" not in err and "--max_new_tokens" in err   # eval.py's flags, not icrl.py's
+    # `example` is the task's own index of the example, whatever was dropped before it
+    assert [(r["example"], r["question"]) for r in read_samples(tmp_path / "e")] == [(1, "1+1"), (2, "2+2")]
+
+
+def test_no_room_for_a_prompt_is_one_line_before_any_weight_loads(checkpoints, tmp_path, capsys, no_weights_load):
+    solver, _ = checkpoints
+    argv = ["--model", solver, "--out", str(tmp_path / "e")] + FAST
+    assert "no room is left" in refusal(argv + ["--max_context", "30"], capsys)
+    data = tmp_path / "math.jsonl"
+    data.write_text(json.dumps({"problem": "What is " + "very " * 60 + "long?", "answer": "2"}) + "\n")
+    err = refusal(argv + ["--task", "math", "--eval_file", str(data), "--max_context", "200"], capsys)
+    assert "every example's prompt S(x) is longer than" in err and "--max_prompt_tokens" not in err
 
 
 def test_end_to_end(checkpoints, tmp_path, capsys, monkeypatch):
