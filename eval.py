@@ -168,12 +168,22 @@ def figures(rows, ks, rounds, greedy=False):
 def checked_models(args):
     """(--model's tokenizer, its max_position_embeddings), once every folder has passed icrl.py's checks, no
     weight read (config.json and the safetensors headers; tokenizer files that load, with a chat template): a
-    UsageError naming the flag."""
+    UsageError naming the flag. A --critic_model with fewer positions than the context lowers --max_context to
+    them: C(x, tau) and its critique must fit the critic's positions, and the sampler bounds critiques and
+    attempts alike by the context."""
     config = checked_folder("--model", args.model)
     tokenizer = checked_tokenizer("--model", args.model)
     if not self_critic(args):
-        check_critic_matches(args, config, checked_folder("--critic_model", args.critic_model), tokenizer,
+        critic_config = checked_folder("--critic_model", args.critic_model)
+        check_critic_matches(args, config, critic_config, tokenizer,
                              checked_tokenizer("--critic_model", args.critic_model))
+        context = min(config.max_position_embeddings, args.max_context or config.max_position_embeddings)
+        if critic_config.max_position_embeddings < context:
+            args.max_context = critic_config.max_position_embeddings
+            if first_rank():
+                print(f"--max_context {args.max_context}: --critic_model {args.critic_model} has {args.max_context} "
+                      f"positions, fewer than the context of {context}; its C(x, tau) and critique must fit them "
+                      f"(and the attempts are held to them too)")
     return tokenizer, config.max_position_embeddings
 
 

@@ -418,6 +418,23 @@ def test_critic_swap_uses_the_other_checkpoints_critiques(checkpoints, tmp_path)
     assert first(rows) == first(own_rows)
 
 
+def test_a_critic_with_fewer_positions_bounds_the_context(checkpoints, tmp_path, capsys):
+    """Critic swap: C(x, tau) and its critique must fit the critic's positions, not only the solver's: the
+    smaller of the two bounds the context (--max_context), and a critic with no room is refused before any
+    weight loads."""
+    solver, _ = checkpoints
+    V = char_vocab_size(tmp_path)
+    short = lambda n: save_checkpoint(icrl.Qwen3(icrl.Qwen3Config(
+        vocab_size=V, **{**icrl.TINY_CONFIG, "max_position_embeddings": n})), tmp_path / f"critic{n}")
+    summary = ev.main(["--model", solver, "--critic_model", short(200), "--out", str(tmp_path / "e")] + FAST)
+    assert summary["max_context"] == 200
+    assert "--critic_model" in capsys.readouterr().out
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ev.Qwen3, "from_pretrained", lambda *a, **kw: pytest.fail("weights loaded"))
+        assert "no room is left" in refusal(["--model", solver, "--critic_model", short(40), "--out",
+                                             str(tmp_path / "e2")] + FAST, capsys)
+
+
 def refusal(argv, capsys):
     """eval.main's refusal of a mistake: exit status 2 and one line on stderr (no traceback), returned."""
     with pytest.raises(SystemExit) as stop:
