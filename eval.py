@@ -12,7 +12,9 @@ Run:
         --samples 16 --k 1 --k 8 --k 16 --rounds 3 --batch_examples 16 --rollout_batch 64 \\
         --max_examples 500 --max_new_tokens 2048 --critic_max_new_tokens 1024 --dtype bfloat16 --out runs/qwen3-8b/eval
 Without --task, the task is the one --model was trained on, with its knobs (icrl.py's trainer_state.json in
-the folder; boxes for a folder without one).
+the folder; boxes for a folder without one); on that task, the episode settings that are not given
+(--enable_thinking, --max_new_tokens, --critic_max_new_tokens, --max_turns, --max_context, --obs_chars) are
+that run's too.
 
 What is sampled (icrl.rollout, SPEC §2.1-2.4, the same code as training): for every example, n chains
 (--n) of up to K rounds (--rounds). Round 1 is a critique-free episode tau_1 ~ S(x). While the gate lets a
@@ -43,8 +45,9 @@ Figures (summary.json and the printed table), over all chains; null where a rate
     dropped_long_prompts examples left out before sampling: S(x) with no room, within the positions or
                          --max_context, for what the K rounds generate after it (icrl.py's rule, with a warning)
 Outputs: the table on stdout, DIR/summary.json and DIR/samples.jsonl, one line per chain in (example, chain)
-order: example, id, question, answer (reference), chain, rounds, second_attempt_reward and second_attempt
-(null unless the first attempt failed and was critiqued). rounds[k] is episode k + 1: context and text
+order: example (the task's own index of it, whatever was dropped before it), id, question, answer
+(reference), chain, rounds, second_attempt_reward and second_attempt (null unless the first attempt failed
+and was critiqued). rounds[k] is episode k + 1: context and text
 (decoded, special tokens kept), actions, observations, reward, end (done | max_turns | repeat | context |
 cutoff), action_tokens; and the critique written about it: critic_context (decoded), critique (the extracted
 text the retry was given), critique_tokens, critique_finished (all null when it was not critiqued).
@@ -163,14 +166,25 @@ def figures(rows, ks, rounds, greedy=False):
 # ==================================================================================================
 
 def checked_models(args):
-    """--model's tokenizer, once every folder has passed icrl.py's checks, no weight read (config.json and
-    the safetensors headers; tokenizer files that load, with a chat template): a UsageError naming the flag."""
+    """(--model's tokenizer, its max_position_embeddings), once every folder has passed icrl.py's checks, no
+    weight read (config.json and the safetensors headers; tokenizer files that load, with a chat template): a
+    UsageError naming the flag. A --critic_model with fewer positions than the context lowers --max_context to
+    them: C(x, tau) and its critique must fit the critic's positions, and the sampler bounds critiques and
+    attempts alike by the context."""
     config = checked_folder("--model", args.model)
     tokenizer = checked_tokenizer("--model", args.model)
     if not self_critic(args):
-        check_critic_matches(args, config, checked_folder("--critic_model", args.critic_model), tokenizer,
+        critic_config = checked_folder("--critic_model", args.critic_model)
+        check_critic_matches(args, config, critic_config, tokenizer,
                              checked_tokenizer("--critic_model", args.critic_model))
-    return tokenizer
+        context = min(config.max_position_embeddings, args.max_context or config.max_position_embeddings)
+        if critic_config.max_position_embeddings < context:
+            args.max_context = critic_config.max_position_embeddings
+            if first_rank():
+                print(f"--max_context {args.max_context}: --critic_model {args.critic_model} has {args.max_context} "
+                      f"positions, fewer than the context of {context}; its C(x, tau) and critique must fit them "
+                      f"(and the attempts are held to them too)")
+    return tokenizer, config.max_position_embeddings
 
 
 def self_critic(args):
@@ -196,10 +210,17 @@ def check_critic_matches(args, config, critic_config, tokenizer, critic_tokenize
         raise UsageError(f"{where}: tokenizer vocabularies differ: {detail}")
 
 
-def default_task_from_checkpoint(args):
-    """--task, --task_knob and --env_url not given come from the run that trained --model (icrl.py's
-    trainer_state.json), said in one line; a --task or --task_knob that differs from it is warned about. A
-    folder without that file (a plain Hugging Face model) defaults to boxes."""
+# Episode settings that, not given, are those of the run that trained --model (--enable_thinking changes S(x)
+# itself, SPEC §1), else eval.py's defaults.
+EPISODE_SETTINGS = ("enable_thinking", "max_new_tokens", "critic_max_new_tokens", "max_turns", "max_context",
+                    "obs_chars")
+
+
+def defaults_from_checkpoint(args, fallback):
+    """--task, --task_knob, --env_url and the EPISODE_SETTINGS not given (None) come from the run that trained
+    --model (icrl.py's trainer_state.json), said in one line, the others only on that run's task; a --task or
+    --task_knob that differs from it is warned about. A folder without that file (a plain Hugging Face model)
+    defaults to boxes; an episode setting still None takes `fallback`'s value."""
     file = os.path.join(args.model, TRAINER_STATE)
     try:
         saved = saved_trainer_state(args.model).get("args", {}) if os.path.isfile(file) else {}
@@ -222,9 +243,33 @@ def default_task_from_checkpoint(args):
             elif key == "task_knob" and given is not None and not same_setting(key, given, old):
                 warn(f"--task_knob {show(given)} differs from {show(old) if old else 'no knobs'}, --model's "
                      f"training ({file})")
+        for key in EPISODE_SETTINGS:
+            if getattr(args, key) is None and key in saved:
+                setattr(args, key, saved[key])
+                taken.append(f"--{'' if saved[key] else 'no-'}{key}" if key == "enable_thinking" else
+                             f"--{key} {saved[key]}")
+    for key in EPISODE_SETTINGS:
+        if getattr(args, key) is None:
+            setattr(args, key, fallback[key])
     args.task_knob = args.task_knob or []
     if taken and first_rank():
         print(f"{' '.join(taken)}: from {file} (the run that trained --model)")
+
+
+def examples_to_sample(args, task, tokenizer, positions):
+    """(numbered, dropped): the first --max_examples examples as (the task's index, example), less those whose
+    S(x) has no room, within the positions or --max_context, for what the K rounds generate after it (icrl.py's
+    rule, with its warning), and how many those were. Before any weight loads: no room at all is a UsageError."""
+    examples = task.examples[:args.max_examples] if args.max_examples else task.examples
+    if args.max_examples > len(examples) and first_rank():
+        print(f"note: {args.task} has {len(examples)} examples, fewer than --max_examples {args.max_examples}")
+    # eval.py samples every role, and has no --max_prompt_tokens
+    limit = prompt_limit(argparse.Namespace(**vars(args), algo="icrl", max_prompt_tokens=0), tokenizer, positions)
+    kept = {id(ex) for ex in drop_long_prompts(   # by identity: two examples may be equal
+        task, examples, tokenizer, limit, args, f"--task {args.task}",
+        why="the positions or --max_context less what a round generates after it: --max_new_tokens, and with "
+            "--rounds over 1 --critic_max_new_tokens and the critic's instructions")}
+    return [(i, ex) for i, ex in enumerate(examples) if id(ex) in kept], len(examples) - len(kept)
 
 
 def load_models(args, device):
@@ -278,13 +323,13 @@ def chain_row(index, example, c, chain, tokenizer):
                 rounds=rounds, second_attempt_reward=None, second_attempt=None)
 
 
-def evaluate(model, tokenizer, critic, task, examples, args, ctx):
-    """This rank's per-chain rows. Batch b (of --batch_examples examples) goes to rank b % world and is
-    sampled with seed (--seed, b), its second attempts with (--seed, b, 1): every batch is the same
-    whatever the number of ranks."""
+def evaluate(model, tokenizer, critic, task, numbered, args, ctx):
+    """This rank's per-chain rows of the (index, example) pairs `numbered`. Batch b (of --batch_examples
+    examples) goes to rank b % world and is sampled with seed (--seed, b), its second attempts with
+    (--seed, b, 1): every batch is the same whatever the number of ranks."""
     cfg = eval_config(args)
     second_cfg = dataclasses.replace(cfg, group_size=1)
-    batches = list(enumerate(chunks(list(enumerate(examples)), args.batch_examples)))
+    batches = list(enumerate(chunks(numbered, args.batch_examples)))
     mine = batches[ctx.rank::ctx.world]
     rows = []
     bar = tqdm(total=sum(len(b) for _, b in mine), disable=not ctx.main, unit="ex", dynamic_ncols=True)
@@ -368,7 +413,8 @@ def parse_args(argv=None):
     p.add_argument("--task", default=None, help="arithmetic | countdown | gsm8k | math (one turn); "
                    "gridworld | guess | boxes (multi-turn); agentgym:<alfworld|webshop|sciworld|searchqa> with "
                    "--env_url (data.py). Default: the task --model was trained on (its trainer_state.json), with "
-                   "its --task_knob and --env_url where those are not given; boxes for a folder without one")
+                   "its --task_knob, --env_url and episode settings (--enable_thinking, --max_new_tokens, ...) where "
+                   "those are not given; boxes for a folder without one")
     p.add_argument("--env_url", default=None, help="agentgym tasks: comma-separated AgentGym server URLs, one "
                    "episode at a time each (../shared/AGENTGYM.md)")
     p.add_argument("--eval_file", default=None, help="JSONL split (gsm8k, math), or AgentGym task ids (JSONL "
@@ -380,7 +426,8 @@ def parse_args(argv=None):
     p.add_argument("--task_seed", type=int, default=0, help="seed of a synthetic task's examples (icrl.py "
                    "generates its held-out split with its --seed, default 0)")
     p.add_argument("--max_examples", type=int, default=200, help="the first M examples (0: all)")
-    p.add_argument("--enable_thinking", action="store_true", help="passed to the chat template (SPEC §1)")
+    p.add_argument("--enable_thinking", action=argparse.BooleanOptionalAction, default=False,
+                   help="passed to the chat template (SPEC §1)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute dtype")
     # chains and rounds (SPEC §2.1-2.4, §4)
     # --samples is --n's alias for torchrun, whose own parser rejects a later `--n` as an ambiguous
@@ -402,7 +449,11 @@ def parse_args(argv=None):
                    "the KV cache (rounded down to a multiple of n, at least n; 0: a phase's whole batch at once)")
     # output
     p.add_argument("--out", default="runs/icrl/eval", help="folder for summary.json and samples.jsonl")
+    # the EPISODE_SETTINGS not given are None here, then --model's run's (defaults_from_checkpoint) or these
+    fallback = {key: p.get_default(key) for key in EPISODE_SETTINGS}
+    p.set_defaults(**dict.fromkeys(EPISODE_SETTINGS))
     args = p.parse_args(argv)
+    defaults_from_checkpoint(args, fallback)
     args.k = sorted(set(args.k or [args.n]) | {1})  # pass@1 always: the critique-free reference
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}")
@@ -429,15 +480,15 @@ def main(argv=None):
     checkpoint folder or --out is one line (exit status 2) before any weight loads."""
     try:
         args = parse_args(argv)
-        default_task_from_checkpoint(args)
         task = checked_task(args, args.eval_file, args.split, args.task_seed)
-        tokenizer = checked_models(args)
+        tokenizer, positions = checked_models(args)
         check_out(args.out)
+        numbered, dropped = examples_to_sample(args, task, tokenizer, positions)
     except UsageError as e:  # the same on every rank under torchrun: rank 0 says it
         usage_exit(e, say=first_rank())
     ctx = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-    return run_then_shut_down(lambda: run(args, ctx, task, tokenizer), ctx, fsdp=False)
+    return run_then_shut_down(lambda: run(args, ctx, task, tokenizer, numbered, dropped), ctx, fsdp=False)
 
 
 SETTINGS = ("task", "task_knob", "split", "eval_file", "model", "n", "k", "rounds", "critic_gate", "max_turns",
@@ -445,25 +496,16 @@ SETTINGS = ("task", "task_knob", "split", "eval_file", "model", "n", "k", "round
             "enable_thinking", "dtype", "seed", "task_seed", "batch_examples", "rollout_batch")
 
 
-def run(args, ctx, task, tokenizer):
+def run(args, ctx, task, tokenizer, numbered, dropped):
     t0 = time.perf_counter()
     model, critic = load_models(args, ctx.device)
     args.max_turns = args.max_turns or task.max_turns
-    examples = task.examples[:args.max_examples] if args.max_examples else task.examples
     print0(ctx, "config:", json.dumps(vars(args), indent=1))
-    if args.max_examples > len(examples):
-        print0(ctx, f"note: {args.task} has {len(examples)} examples, fewer than --max_examples {args.max_examples}")
-    # icrl.py's rule: an S(x) with no room, within the positions (or --max_context), for what the rounds
-    # generate after it is dropped, with a count (eval.py samples every role, and has no --max_prompt_tokens)
-    limit = prompt_limit(argparse.Namespace(**vars(args), algo="icrl", max_prompt_tokens=0), tokenizer,
-                         model.config.max_position_embeddings)
-    kept = drop_long_prompts(task, examples, tokenizer, limit, args, f"--task {args.task}")
-    dropped, examples = len(examples) - len(kept), kept
-    n_batches = math.ceil(len(examples) / args.batch_examples)
+    n_batches = math.ceil(len(numbered) / args.batch_examples)
     if n_batches < ctx.world:
         print0(ctx, f"note: {n_batches} batch(es) for {ctx.world} ranks; lower --batch_examples to use them all")
     with torch.no_grad():
-        rows = gather(evaluate(model, tokenizer, critic, task, examples, args, ctx), ctx)
+        rows = gather(evaluate(model, tokenizer, critic, task, numbered, args, ctx), ctx)
     if not ctx.main:
         return None
     summary = dict(figures(rows, args.k, args.rounds, greedy=args.temperature == 0),

@@ -1796,7 +1796,8 @@ def prompt_limit(args, tokenizer, positions):
     return args.max_prompt_tokens or room
 
 
-def drop_long_prompts(task, examples, tokenizer, limit, args, what):
+def drop_long_prompts(task, examples, tokenizer, limit, args, what,
+                      why="--max_prompt_tokens, or the positions or --max_context less what a step generates"):
     """The examples whose S(x) has at most `limit` tokens; the others are dropped with a warning (a count
     and the first few lines or ids); none left is a UsageError. The work is bounded: a text over
     MAX_CHARS_PER_TOKEN characters per token of the limit is over-long without tokenizing it, and one
@@ -1826,9 +1827,9 @@ def drop_long_prompts(task, examples, tokenizer, limit, args, what):
         more = ", ..." if len(dropped) > 5 else ""
         if not kept:
             raise UsageError(f"{what}: every example's prompt S(x) is longer than {limit} tokens "
-                             f"(--max_prompt_tokens, or the positions or --max_context less what a step generates): {shown}{more}")
+                             f"({why}): {shown}{more}")
         warn(f"{what}: dropped {len(dropped)} of {len(examples)} examples whose prompt S(x) is longer than {limit} "
-             f"tokens (--max_prompt_tokens, or the positions or --max_context less what a step generates): {shown}{more}")
+             f"tokens ({why}): {shown}{more}")
     return kept
 
 

@@ -20,10 +20,13 @@ A run is complete when its folder has final/ and its metrics.jsonl has the last 
 skipped, so an interrupted comparison continues where it stopped. An incomplete run resumes from its
 latest step checkpoint when it has one (`--resume`, only with --save_every in --icrl_args), otherwise
 its folder is removed and the run redone. A complete run whose compare_run.json records other icrl.py
-flags, another process count or other code (code_version) is redone, and so is every run of a seed whose warm start was redone;
-an evaluation is redone when its flags changed. Wall time is measured here, per run, and kept in the run's
-compare_run.json. The summary covers every complete run under OUT (with the task's RL steps), not only
-the seeds and variants of this invocation, so SEEDS=3 after a 3-seed comparison gives a 4-seed table.
+flags, another process count, other code (code_version) or another warm start (the one it began from, by
+its start time) is redone; an evaluation is redone when its flags or code changed. Wall time is measured
+here, per run, and kept in the run's compare_run.json. The summary covers every complete run under OUT
+(with the task's RL steps), not only the seeds and variants of this invocation, so SEEDS=3 after a 3-seed
+comparison gives a 4-seed table; it leaves out, each with a line saying why, a run this invocation did not
+bring up to date: made by other code, begun from an earlier warm start of its seed, or evaluated by other
+code or with other eval.py flags than its warm start.
 """
 import argparse
 import functools
@@ -183,11 +186,12 @@ class Runner:
         self.failed = []
         self.ran = []
 
-    def train(self, run, flags, steps, force=False):
-        """One icrl.py run into `run`. Skipped when complete and run with the same flags and process count;
-        redone when `force` (its warm start was just redone). Returns "skipped", "ran", or None on failure."""
+    def train(self, run, flags, steps, force=False, warm_start=None):
+        """One icrl.py run into `run`. Skipped when complete and run with the same flags, process count, code
+        and warm start (`warm_start`: the "started" of the warm start's record; None for a warm start); redone
+        when `force` (its warm start was just redone). Returns "skipped", "ran", or None on failure."""
         cmd = torchrun(self.args.nproc) + flags
-        setting = {"flags": flags, "nproc": self.args.nproc, "code": code_version()}
+        setting = {"flags": flags, "nproc": self.args.nproc, "code": code_version(), "warm_start": warm_start}
         record_path = os.path.join(run, "compare_run.json")
         record = read_json(record_path, {})
         if is_complete(run, steps) and not force:
@@ -196,8 +200,9 @@ class Runner:
             if not record or all(k in record and record[k] == v for k, v in setting.items()):
                 print(f"  {run}: complete, skipped")
                 return "skipped"
-            print(f"  {run}: complete, but made by other code, flags or process count (code {record.get('code')}, "
-                  f"{record.get('nproc')} x {shlex.join(record.get('flags', []))}): removed and redone")
+            print(f"  {run}: complete, but made by other code, flags, process count or warm start (code "
+                  f"{record.get('code')}, {record.get('nproc')} x {shlex.join(record.get('flags', []))}): removed "
+                  f"and redone")
             shutil.rmtree(run)
         checkpoint = None if force or not steps else resumable_checkpoint(run, steps)
         if checkpoint and any(record.get(k, v) != v for k, v in setting.items()):
@@ -212,13 +217,15 @@ class Runner:
             cmd = cmd + ["--overwrite"]
         os.makedirs(run, exist_ok=True)
         attempts = record.get("attempts", []) if checkpoint else []
+        # a new start time identifies a new run: the runs begun from a warm start record it (is_stale)
+        started = record.get("started") if checkpoint else time.time()
         print(f"  {run}: {shlex.join(cmd)}", flush=True)
         t, rc = time.perf_counter(), None
         try:
             rc = self._run(cmd, os.path.join(run, "train.log"))
         finally:
             attempts.append(round(time.perf_counter() - t, 3))
-            write_json(record_path, dict(setting, cmd=cmd, resumed=bool(checkpoint),
+            write_json(record_path, dict(setting, started=started, cmd=cmd, resumed=bool(checkpoint),
                                          attempts=attempts, wall_s=sum(attempts), returncode=rc,
                                          complete=rc == 0 and is_complete(run, steps)))
         if rc != 0 or not is_complete(run, steps):
@@ -238,6 +245,8 @@ class Runner:
                 code_version():
             return True
         cmd = [sys.executable, os.path.join(ROOT, "eval.py")] + flags
+        # an evaluation that fails must not leave the previous one's summary.json to be read as this one's
+        shutil.rmtree(os.path.join(run, "eval"), ignore_errors=True)
         print(f"  {run}: {shlex.join(cmd)}", flush=True)
         t = time.perf_counter()
         rc = self._run(cmd, os.path.join(run, "eval.log"))
@@ -274,6 +283,7 @@ def run_comparison(args):
             if status is None:
                 continue  # no starting point: this seed's variants cannot run
             runner.evaluate(warm, WARM, task)
+            started = read_json(os.path.join(warm, "compare_run.json"), {}).get("started")
             for variant in variants:
                 run = os.path.join(args.out, task, variant, f"seed{seed}")
                 # micro-batches as make train's (a --model folder defaults to 2, for real models); --icrl_args
@@ -282,7 +292,7 @@ def run_comparison(args):
                                                             "--warm_start_steps", "0", "--steps", str(steps),
                                                             "--out", run] + VARIANTS[variant]
                 # a warm start (re)made now makes every earlier run of this seed stale
-                if runner.train(run, flags, steps, force=status == "ran"):
+                if runner.train(run, flags, steps, force=status == "ran", warm_start=started):
                     runner.evaluate(run, "final", task)
     return runner
 
@@ -337,23 +347,61 @@ def run_figures(run):
             "wall_s": record.get("wall_s"), "eval_wall_s": record.get("eval_wall_s")}
 
 
+def shared_eval_part(flags):
+    """eval.py flags as Runner.evaluate builds them, less their first and last pair (--model and --out): the
+    same for every checkpoint evaluated with the same settings."""
+    return (flags or [])[2:-2]
+
+
+def is_stale(run, warm_record=None):
+    """Why a complete run does not belong in the table now, or None: made by other code, begun from another
+    warm start than its seed's (warm_record: that warm start's compare_run.json; None for a warm start), or
+    evaluated by other code or with other eval.py flags than that warm start. The icrl.py flags need no
+    check: other flags make another warm start. A run with no record (made by hand) is trusted, as by
+    Runner.train."""
+    record = read_json(os.path.join(run, "compare_run.json"), {})
+    if not record:
+        return None
+    if record.get("code") != code_version():
+        return f"trained by other code (code_version {record.get('code')}, now {code_version()})"
+    if warm_record is not None and record.get("warm_start") != warm_record.get("started"):
+        return "trained from an earlier warm start of its seed"
+    if eval_complete(run):
+        if record.get("eval_code") != code_version():
+            return f"evaluated by other code (code_version {record.get('eval_code')}, now {code_version()})"
+        if warm_record and "eval_flags" in warm_record and \
+                shared_eval_part(record.get("eval_flags")) != shared_eval_part(warm_record["eval_flags"]):
+            return "evaluated with other eval.py flags than its warm start"
+    return None
+
+
+def is_current(run, warm_record=None):
+    """Not is_stale; a stale run is named, with why, on stdout."""
+    why = is_stale(run, warm_record)
+    if why:
+        print(f"left out of the table: {run}: {why}")
+    return not why
+
+
 def task_steps(task, steps=None):
     """RL steps of every run of `task`: `steps` when given (--steps), else the task's own."""
     return steps or task_class(task).rl_steps
 
 
 def summarize(out, steps=None):
-    """Every complete run under out (tasks and variants known to this script), as summary.json's dict;
-    a run counts when it has its task's RL steps (task_steps)."""
+    """Every complete, current run under out (tasks and variants known to this script), as summary.json's
+    dict; a run counts when it has its task's RL steps (task_steps) and is not stale (is_stale)."""
     summary = {"tasks": {}}
     for task, task_variants in TASKS.items():
         task_rl_steps = task_steps(task, steps)
-        warm = {seed: run_figures(run) for seed, run in seed_folders(os.path.join(out, task, WARM)).items()
-                if is_complete(run, 0)}
+        warm_folder = os.path.join(out, task, WARM)
+        warm = {seed: run_figures(run) for seed, run in seed_folders(warm_folder).items()
+                if is_complete(run, 0) and is_current(run)}
+        warm_record = lambda seed: read_json(os.path.join(warm_folder, f"seed{seed}", "compare_run.json"), {})
         variants = {}
         for variant in task_variants:
             runs = {seed: run_figures(run) for seed, run in seed_folders(os.path.join(out, task, variant)).items()
-                    if is_complete(run, task_rl_steps)}
+                    if is_complete(run, task_rl_steps) and is_current(run, warm_record(seed))}
             if runs:
                 variants[variant] = runs
         if not variants and not warm:

@@ -3,6 +3,7 @@ skip of complete runs (the subprocess runner replaced by a recorder); a 2-varian
 a few steps end to end."""
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -33,9 +34,10 @@ def write_run(folder, steps=STEPS, curve=None, start=None, eval_summary=None, wa
         os.makedirs(os.path.join(folder, "eval"), exist_ok=True)
         with open(os.path.join(folder, "eval", "summary.json"), "w") as f:
             json.dump(eval_summary, f)
-    if wall is not None:
+    if wall is not None:   # as Runner writes it, on the current code
         with open(os.path.join(folder, "compare_run.json"), "w") as f:
-            json.dump({"cmd": [], "attempts": [wall], "wall_s": wall, "eval_wall_s": 1.0}, f)
+            json.dump({"cmd": [], "attempts": [wall], "wall_s": wall, "eval_wall_s": 1.0,
+                       "code": compare.code_version(), "eval_code": compare.code_version()}, f)
 
 
 def ev(pass1, cv, r2):
@@ -202,6 +204,72 @@ def test_a_complete_run_whose_record_lacks_its_setting_is_redone(tmp_path, monke
     assert compare.main(argv) == 0
     trained = [c[c.index("--out") + 1] for c in calls if not c[1].endswith("eval.py")]
     assert trained == [str(out / "warm_start" / "seed0"), str(out / "icrl" / "seed0")]  # and its variant after it
+
+
+def table_rows(out, task="arithmetic"):
+    return list(json.loads((out / "summary.json").read_text())["tasks"].get(task, {}).get("rows", {}))
+
+
+def test_a_run_from_an_earlier_warm_start_is_left_out_and_redone(tmp_path, monkeypatch, capsys):
+    """A partial rerun (--variants icrl) redoes the warm start and icrl but not grpo, which still holds a run
+    from the earlier warm start: the table leaves it out, with a line saying why, instead of pairing it with
+    the new start; a later --variants grpo redoes it, whichever invocation redid the warm start."""
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "c"
+    argv = ["--seeds", "0", "--tasks", "arithmetic", "--steps", str(STEPS), "--out", str(out), "--no_plot"]
+    assert compare.main(argv + ["--variants", "icrl", "grpo"]) == 0
+    shutil.rmtree(out / "arithmetic" / "warm_start" / "seed0")   # removed, or cut off while being redone
+    capsys.readouterr()
+    assert compare.main(argv + ["--variants", "icrl"]) == 0
+    grpo = out / "arithmetic" / "grpo" / "seed0"
+    assert f"left out of the table: {grpo}: trained from an earlier warm start" in capsys.readouterr().out
+    assert table_rows(out) == ["warm_start", "icrl"]
+    calls.clear()
+    assert compare.main(argv + ["--variants", "grpo"]) == 0
+    assert [c[c.index("--out") + 1] for c in calls] == [str(grpo), str(grpo / "eval")]
+    assert table_rows(out) == ["warm_start", "icrl", "grpo"]
+
+
+def test_runs_of_other_code_and_evaluations_of_other_flags_are_left_out(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "c"
+    argv = ["--seeds", "0", "--tasks", "arithmetic", "--steps", str(STEPS), "--out", str(out), "--no_plot"]
+    assert compare.main(argv + ["--variants", "icrl", "grpo"]) == 0
+    # other eval.py flags for icrl only: the warm start and icrl are evaluated again, grpo keeps its evaluation
+    capsys.readouterr()
+    assert compare.main(argv + ["--variants", "icrl", "--eval_args", "--n 2"]) == 0
+    grpo = out / "arithmetic" / "grpo" / "seed0"
+    assert f"left out of the table: {grpo}: evaluated with other eval.py flags than its warm start" in \
+        capsys.readouterr().out
+    assert table_rows(out) == ["warm_start", "icrl"]
+    # the code changed since: every run is left out, each named
+    monkeypatch.setattr(compare, "code_version", lambda: "changed")
+    assert compare.main(argv + ["--summary_only"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("warm_start", "icrl", "grpo"):
+        assert f"left out of the table: {out / 'arithmetic' / name / 'seed0'}: trained by other code" in printed
+    assert table_rows(out) == []
+
+
+def test_a_failed_evaluation_leaves_no_old_figures_and_is_redone(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "c"
+    icrl = out / "arithmetic" / "icrl" / "seed0"
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS), "--out", str(out),
+            "--no_plot", "--eval_args", "--n 2"]
+    assert compare.main(argv[:-2]) == 0
+    real = compare.run_command
+    monkeypatch.setattr(compare, "run_command", lambda cmd, log, env: 1 if str(icrl) in cmd[cmd.index("--model") + 1]
+                        and cmd[1].endswith("eval.py") else real(cmd, log, env))
+    assert compare.main(argv) == 1   # icrl's new evaluation fails: its earlier figures are not shown as new
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tasks"]["arithmetic"]["rows"]["icrl"]["per_seed"]["0"]["pass1"] is None
+    monkeypatch.setattr(compare, "run_command", real)
+    calls.clear()
+    assert compare.main(argv) == 0 and [c[c.index("--out") + 1] for c in calls] == [str(icrl / "eval")]
 
 
 def interrupted_run(tmp_path):

@@ -17,6 +17,13 @@ import icrl
 from data import CRITIC_INSTRUCTION, Environment, Example, Task, build_char_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+@pytest.fixture(autouse=True)
+def away_from_runs(tmp_path, monkeypatch):
+    """--model's default, runs/icrl/final, is relative: a checkout's own run (its task and episode settings,
+    defaults_from_checkpoint) must not change what these tests parse."""
+    monkeypatch.chdir(tmp_path)
+
+
 FAST = ["--task", "arithmetic", "--max_examples", "3", "--n", "2", "--max_new_tokens", "6",
         "--critic_max_new_tokens", "5"]
 
@@ -189,7 +196,7 @@ def scripted_run(monkeypatch, tokenizer, *flags, seeds=None):
                 for name, f, r in (("a", 0.0, 1.0), ("b", 1.0, 0.0), ("c", 0.0, 0.0))]
     args = ev.parse_args(["--n", "2", "--rounds", "3", "--max_turns", "1", *flags])
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))  # only its positions are read
-    rows = ev.evaluate(model, tokenizer, None, ScriptedTask(examples), examples, args, icrl.Dist())
+    rows = ev.evaluate(model, tokenizer, None, ScriptedTask(examples), list(enumerate(examples)), args, icrl.Dist())
     return rows, args, sizes
 
 
@@ -302,14 +309,27 @@ def test_prompts_with_no_room_for_the_rounds_are_dropped_with_a_count(checkpoint
     after it (the action, and the critique with its instructions) is dropped before sampling, with a warning and
     a count in summary.json, not sampled past the budget."""
     solver, _ = checkpoints
-    problems = ["1+1", "2+2", "What is " + "very " * 60 + "long?"]
+    problems = ["What is " + "very " * 60 + "long?", "1+1", "2+2"]
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps({"problem": p, "answer": "2"}) + "\n" for p in problems))
     summary = ev.main(["--model", solver, "--task", "math", "--eval_file", str(data), "--out", str(tmp_path / "e"),
                        "--max_context", "200", "--n", "1", "--max_new_tokens", "6", "--critic_max_new_tokens", "5"])
     assert (summary["examples"], summary["dropped_long_prompts"]) == (2, 1)
-    assert "dropped 1 of 3 examples" in capsys.readouterr().err
-    assert [r["question"] for r in read_samples(tmp_path / "e")] == problems[:2]
+    err = capsys.readouterr().err
+    assert "dropped 1 of 3 examples" in err
+    assert "--max_prompt_tokens" not in err and "--max_new_tokens" in err   # eval.py's flags, not icrl.py's
+    # `example` is the task's own index of the example, whatever was dropped before it
+    assert [(r["example"], r["question"]) for r in read_samples(tmp_path / "e")] == [(1, "1+1"), (2, "2+2")]
+
+
+def test_no_room_for_a_prompt_is_one_line_before_any_weight_loads(checkpoints, tmp_path, capsys, no_weights_load):
+    solver, _ = checkpoints
+    argv = ["--model", solver, "--out", str(tmp_path / "e")] + FAST
+    assert "no room is left" in refusal(argv + ["--max_context", "30"], capsys)
+    data = tmp_path / "math.jsonl"
+    data.write_text(json.dumps({"problem": "What is " + "very " * 60 + "long?", "answer": "2"}) + "\n")
+    err = refusal(argv + ["--task", "math", "--eval_file", str(data), "--max_context", "200"], capsys)
+    assert "every example's prompt S(x) is longer than" in err and "--max_prompt_tokens" not in err
 
 
 def test_end_to_end(checkpoints, tmp_path, capsys, monkeypatch):
@@ -398,6 +418,23 @@ def test_critic_swap_uses_the_other_checkpoints_critiques(checkpoints, tmp_path)
     assert first(rows) == first(own_rows)
 
 
+def test_a_critic_with_fewer_positions_bounds_the_context(checkpoints, tmp_path, capsys):
+    """Critic swap: C(x, tau) and its critique must fit the critic's positions, not only the solver's: the
+    smaller of the two bounds the context (--max_context), and a critic with no room is refused before any
+    weight loads."""
+    solver, _ = checkpoints
+    V = char_vocab_size(tmp_path)
+    short = lambda n: save_checkpoint(icrl.Qwen3(icrl.Qwen3Config(
+        vocab_size=V, **{**icrl.TINY_CONFIG, "max_position_embeddings": n})), tmp_path / f"critic{n}")
+    summary = ev.main(["--model", solver, "--critic_model", short(200), "--out", str(tmp_path / "e")] + FAST)
+    assert summary["max_context"] == 200
+    assert "--critic_model" in capsys.readouterr().out
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ev.Qwen3, "from_pretrained", lambda *a, **kw: pytest.fail("weights loaded"))
+        assert "no room is left" in refusal(["--model", solver, "--critic_model", short(40), "--out",
+                                             str(tmp_path / "e2")] + FAST, capsys)
+
+
 def refusal(argv, capsys):
     """eval.main's refusal of a mistake: exit status 2 and one line on stderr (no traceback), returned."""
     with pytest.raises(SystemExit) as stop:
@@ -474,7 +511,6 @@ def arithmetic_run(checkpoints, tmp_path):
 
 def task_of(argv):
     args = ev.parse_args(argv)
-    ev.default_task_from_checkpoint(args)
     return args.task, args.task_knob, args.env_url
 
 
@@ -485,12 +521,15 @@ def test_the_task_defaults_to_the_checkpoints(arithmetic_run, checkpoints, tmp_p
     summary = ev.main(["--model", arithmetic_run, "--out", str(tmp_path / "eval")] + FAST[2:])
     out, err = capsys.readouterr()
     assert (summary["task"], summary["task_knob"]) == ("arithmetic", ["digits=3", "ops=*"]) and "warning" not in err
-    assert f"--task arithmetic --task_knob digits=3 ops=*: from {state} (the run that trained --model)" in out
+    assert (f"--task arithmetic --task_knob digits=3 ops=* --no-enable_thinking --max_turns 0 --max_context 0 "
+            f"--obs_chars 800: from {state} (the run that trained --model)") in out   # the others were given
     questions = [r["question"] for r in read_samples(tmp_path / "eval")]
     assert all(re.fullmatch(r"[0-9]{3}\*[0-9]{3}", q) for q in questions), questions
     # --task given as saved: its knobs still come from the checkpoint (`make eval TASK=...` passes --task).
     assert task_of(["--model", arithmetic_run, "--task", "arithmetic"]) == ("arithmetic", ["digits=3", "ops=*"], None)
-    assert capsys.readouterr().out == f"--task_knob digits=3 ops=*: from {state} (the run that trained --model)\n"
+    assert capsys.readouterr().out == (
+        f"--task_knob digits=3 ops=* --no-enable_thinking --max_new_tokens 16 --critic_max_new_tokens 24 --max_turns 0 "
+        f"--max_context 0 --obs_chars 800: from {state} (the run that trained --model)\n")
     assert task_of(["--model", checkpoints[0]]) == ("boxes", [], None)
     assert capsys.readouterr().out == ""
 
@@ -507,6 +546,42 @@ def test_a_task_or_knob_other_than_the_checkpoints_is_warned_about(arithmetic_ru
     assert task_of(["--model", arithmetic_run, "--task_knob", "ops=*", "--task_knob", "digits=3"]) == \
         ("arithmetic", ["ops=*", "digits=3"], None)
     assert capsys.readouterr().err == ""
+
+
+@pytest.fixture
+def thinking_run(checkpoints, tmp_path):
+    """A checkpoint trained with other episode settings than eval.py's defaults, --enable_thinking among them."""
+    folder = tmp_path / "thinking"
+    shutil.copytree(checkpoints[0], folder)
+    trained = icrl.parse_args(["--task", "arithmetic", "--enable_thinking", "--max_new_tokens", "7",
+                               "--critic_max_new_tokens", "5", "--max_turns", "1", "--max_context", "900",
+                               "--obs_chars", "50"])
+    icrl.write_trainer_state(str(folder), 3, trained)
+    return str(folder)
+
+
+def test_episode_settings_default_to_the_checkpoints(thinking_run, tmp_path, capsys):
+    """Not given, the episode settings are those the run that trained --model used (--enable_thinking changes
+    S(x) itself), said in the same one line as the task; a flag given wins."""
+    state = os.path.join(thinking_run, "trainer_state.json")
+    args = ev.parse_args(["--model", thinking_run])
+    assert (args.enable_thinking, args.max_new_tokens, args.critic_max_new_tokens, args.max_turns, args.max_context,
+            args.obs_chars) == (True, 7, 5, 1, 900, 50)
+    assert capsys.readouterr().out == (
+        f"--task arithmetic --enable_thinking --max_new_tokens 7 --critic_max_new_tokens 5 --max_turns 1 "
+        f"--max_context 900 --obs_chars 50: from {state} (the run that trained --model)\n")
+    args = ev.parse_args(["--model", thinking_run, "--no-enable_thinking", "--max_new_tokens", "3", "--obs_chars", "60"])
+    assert (args.enable_thinking, args.max_new_tokens, args.critic_max_new_tokens, args.obs_chars) == (False, 3, 5, 60)
+    assert "--enable_thinking" not in capsys.readouterr().out
+    summary = ev.main(["--model", thinking_run, "--out", str(tmp_path / "eval"), "--max_examples", "2", "--n", "1"])
+    assert (summary["enable_thinking"], summary["max_new_tokens"], summary["max_context"]) == (True, 7, 900)
+    first = read_samples(tmp_path / "eval")[0]["rounds"][0]
+    assert "<think>" not in first["context"] and first["action_tokens"] <= 7   # no empty think block: thinking on
+    # a checkpoint of another run's defaults (no trainer_state.json): eval.py's own
+    assert task_of(["--model", str(tmp_path / "nowhere")])[0] == "boxes"
+    args = ev.parse_args(["--model", str(tmp_path / "nowhere")])
+    assert (args.enable_thinking, args.max_new_tokens, args.critic_max_new_tokens, args.max_turns, args.max_context,
+            args.obs_chars) == (False, 16, 24, 0, 0, 800)
 
 
 def test_a_damaged_trainer_state_is_one_line_unless_task_is_given(arithmetic_run, tmp_path, capsys, no_weights_load):
