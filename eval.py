@@ -63,7 +63,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections import defaultdict
 
@@ -72,9 +71,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from icrl import (DTYPES, TRAINER_STATE, TRUNCATED_ENDS, SamplingConfig, UsageError, _Parser, add_episode_args,
-                  check_sampling_flags, checked_folder, checked_task, checked_tokenizer, chunks, drop_long_prompts,
-                  first_rank, init_distributed, mix_seed, one_line, print0, prompt_limit, rollout, run_then_shut_down,
-                  same_setting, saved_trainer_state, show, usage_exit, warn, write_atomic)
+                  check_out, check_sampling_flags, checked_folder, checked_task, checked_tokenizer, chunks,
+                  drop_long_prompts, first_rank, init_distributed, mix_seed, print0, prompt_limit, rollout,
+                  run_then_shut_down, same_setting, saved_trainer_state, show, usage_exit, warn, write_atomic)
 from model import Qwen3
 
 
@@ -277,15 +276,6 @@ def load_models(args, device):
     itself."""
     load = lambda path: Qwen3.from_pretrained(path, dtype=DTYPES[args.dtype], device=device).eval()
     return load(args.model), None if self_critic(args) else load(args.critic_model)
-
-
-def check_out(out):
-    """--out, created and writable before any weight loads: a bad path found at the end loses the evaluation."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise UsageError(f"--out {out}: not a writable folder ({type(e).__name__}: {one_line(e)})") from None
 
 
 # ==================================================================================================
