@@ -812,7 +812,7 @@ class MathTask(Task):
 # Built-in multi-turn environments (pure Python, offline)
 # ==================================================================================================
 
-MAX_ACTION_CHARS = 200        # a built-in environment reads at most this many characters of an action
+MAX_ACTION_CHARS = 200        # a built-in environment reads at most this many characters of an action's text or box
 TRAINER_REPEAT_LIMIT = 3      # SPEC §1 (icrl.REPEAT_LIMIT): the same action this many times in a row ends an episode
 ENUMERATE_LIMIT = 50_000      # a problem space at most this large is enumerated instead of drawn at random
 GAME_OVER = "The game is over."
@@ -828,12 +828,15 @@ def _number_key(action: str) -> str:
 
 
 def _action_text(action: str) -> str:
-    """What a built-in environment reads of an action: the first MAX_ACTION_CHARS characters of its visible
-    text (reasoning removed); when they hold a complete \\boxed{...}, the content of the last one. Stripped.
+    """What a built-in environment reads of an action: the content of the last complete \\boxed{...} of its
+    visible text (reasoning removed), wherever it is, at most MAX_ACTION_CHARS characters, \\text{...} and
+    the like unwrapped; without one, the first MAX_ACTION_CHARS characters of the visible text. Stripped.
     Linear in the action's length whatever it holds; never raises."""
-    text = visible_response(action)[:MAX_ACTION_CHARS]
-    boxed = last_boxed(text)
-    return (boxed if boxed is not None else text).strip()
+    text = visible_response(action)
+    boxed = last_boxed(text, limit=MAX_ACTION_CHARS)
+    if boxed is None:
+        return text[:MAX_ACTION_CHARS].strip()
+    return _TEXT_COMMAND.sub(r"\1", boxed).strip()   # \boxed{\text{down}} is the move down
 
 
 def _int_knob(task: str, name: str, value, low: int, high: int | None = None) -> int:
