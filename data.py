@@ -718,10 +718,13 @@ class GSM8KTask(Task):
         return value is not None and value == parse_exact_number(example.answer)
 
 
-_MATH_REPLACEMENTS = (("\n", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""),
-                      ("\u00b0", ""), ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("\\!", ""), ("\\,", ""),
-                      ("\\;", ""), ("\\:", ""), ("{,}", ""), ("\\displaystyle", ""), ("\u2212", "-"))
-_MATH_UNITS = re.compile(r"(.+?)\\(?:text|mbox|mathrm)\{\s*([A-Za-z][A-Za-z .]{0,40})\}(?:\^\{?[23]\}?)?",
+_MATH_REPLACEMENTS = (("\n", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\$", ""), ("$", ""), ("\\%", ""),
+                      ("%", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\text{,}", ""), ("{,}", ""),
+                      ("\\displaystyle", ""), ("\u2212", "-"))
+_MATH_SPACE = re.compile(r"(\\\\)|\\(?:q?quad(?![A-Za-z])| )|~")   # "\\" (group 1) is a matrix's row break, no space
+# A degree sign, with Celsius or Fahrenheit after it: 20^\circ\text{C} is 20
+_DEGREES = re.compile(r"(?:\^\{\\circ\}|\^\\circ|\u00b0)\s*(?:\\(?:text|mbox|mathrm)\{\s*[CF]\s*\}|[CF](?![A-Za-z]))?")
+_MATH_UNITS = re.compile(r"(.+?)\\(?:text|mbox|mathrm)\{\s*([A-Za-z][A-Za-z ./]{0,40})\}(?:\^\{?[23]\}?)?",
                          re.DOTALL)
 # Words a trailing \text{...} may hold to be dropped as a unit. A word outside it is kept, since it can
 # change the answer: \mathrm{i} (3+2i is not 3+2), \text{ hundred}, \text{ squared}.
@@ -729,17 +732,19 @@ MATH_UNIT_WORDS = frozenset("""
     mm cm m km in inch inches ft foot feet yd yard yards mi mile miles meter meters metre metres
     millimeter millimeters centimeter centimeters kilometer kilometers unit units sq square cubic
     degree degrees radian radians dollar dollars cent cents s sec second seconds min minute minutes hr hrs
-    hour hours day days week weeks month months year years mph kph g kg gram grams kilogram kilograms
+    h hour hours day days week weeks month months year years mph kph g kg gram grams kilogram kilograms
     lb lbs pound pounds oz ounce ounces l ml liter liters litre litres gallon gallons cup cups""".split())
 _LIST_COMMA = re.compile(r",\s")  # "1, 100" lists two numbers; "1,100" is one thousand one hundred
 
 
 def normalize_math_answer(text: str) -> str:
     """Canonical string of a MATH answer, after Hendrycks et al.'s `strip_string`: \\dfrac/\\tfrac ->
-    \\frac, \\left/\\right, degrees, \\$ and %, thin spaces (\\! \\, \\; \\:), {,} separators and all
-    whitespace removed; a trailing \\text{unit} dropped (MATH_UNIT_WORDS), other \\text{X} unwrapped; \\frac12 ->
-    \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}; "x=5" -> "5" (left side of at most 2 characters); ".5" -> "0.5"."""
-    text = text.strip()
+    \\frac, \\left/\\right, degrees (and a C or F after them), \\$ and %, LaTeX spaces (\\! \\, \\; \\: \\ ~
+    \\quad \\qquad), {,} and \\text{,} separators and all whitespace removed; a trailing \\text{unit} dropped
+    (MATH_UNIT_WORDS, "m/s" too), other \\text{X} unwrapped; \\frac12 -> \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}; "x=5" ->
+    "5" (left side of at most 2 characters); ".5" -> "0.5"."""
+    text = _MATH_SPACE.sub(r"\1", text.strip())
+    text = _DEGREES.sub("", text)
     for old, new in _MATH_REPLACEMENTS:
         text = text.replace(old, new)
     text = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", text)  # keeps \rightarrow

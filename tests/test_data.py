@@ -158,6 +158,16 @@ MATH_CASES = [
     (math_example("2"), "\\boxed{2\\text{ square feet}}", 1), (math_example("2"), "\\boxed{2\\mbox{ km}^2}", 1),
     # "x=5" -> "5" only for a left side of at most 2 characters (normalize_math_answer): an equation is no label
     (math_example("7"), "\\boxed{2x+3=7}", 0), (math_example("7"), "\\boxed{y_1=7}", 0), (math_example("7"), "\\boxed{y1=7}", 1),
+    # LaTeX spaces, units with a slash, degrees Celsius, a braced thousands comma; and what they must not match
+    (SIDE, "\\boxed{5\\ \\text{cm}}", 1), (SIDE, "\\boxed{5~\\text{cm}}", 1), (SIDE, "\\boxed{5\\quad\\text{cm}}", 1),
+    (SIDE, "\\boxed{5\\qquad \\mathrm{cm}}", 1), (SIDE, "\\boxed{5\\text{ m/s}}", 1), (SIDE, "\\boxed{5\\text{ km/h}}", 1),
+    (math_example("20"), "\\boxed{20^\\circ\\text{C}}", 1), (math_example("20"), "\\boxed{20^{\\circ}\\mathrm{F}}", 1),
+    (math_example("20"), "\\boxed{20\u00b0C}", 1), (math_example("1000"), "\\boxed{1\\text{,}000}", 1),
+    (math_example("6"), "\\boxed{5\\text{ m/s}}", 0), (math_example("1"), "\\boxed{1\\text{,}000}", 0),
+    (SIDE, "\\boxed{5\\text{ m/x}}", 0), (math_example("20"), "\\boxed{20\\text{C}}", 0),
+    (math_example("20"), "\\boxed{20^\\circ\\text{ Ca}}", 0), (math_example("2"), "\\boxed{2\\ \\text{hundred}}", 0),
+    (math_example("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"), "\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}", 1),
+    (math_example("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"), "\\boxed{\\begin{pmatrix}1 2\\end{pmatrix}}", 0),
 ]
 
 
