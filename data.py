@@ -660,7 +660,7 @@ def _first(rows: list, n: int | None, task: str) -> list:
 
 _TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)\{([^{}]*)\}")
 _ANSWER_LABEL = re.compile(r"^[A-Za-z][A-Za-z ]{0,30}[:=]\s*")          # "x = 18", "Answer: 18"
-_UNIT_SUFFIX = re.compile(r"(?<=[0-9.])\s*[A-Za-z][A-Za-z /.]{0,40}$")   # "18 dollars", "5 km/h"
+_UNIT_SUFFIX = re.compile(r"(?<=[0-9.])\s*[A-Za-z][A-Za-z /.]{0,40}(?:\^\{?[23]\}?)?$")   # "5 km/h", "18 cm^2"
 # Words after a number that change it: a suffix holding one is no unit, and stays (then the answer is
 # not one number and scores 0): \boxed{12 hundred} is not 12. A lone letter is a unit only when listed
 # (12 m, 12 g); 12 e, 12 i, 12k, 12 M are not 12.
@@ -682,16 +682,18 @@ def _is_unit_suffix(suffix: str) -> bool:
 
 def parse_numeric_answer(text: str) -> Fraction | None:
     """A GSM8K-style final answer as an exact number: tolerates $, \\$, %, thousands separators, \\text{},
-    a leading "x =" / "Answer:" label, trailing unit words ("18 apples", "5 km/h"; never one of
-    GSM8K_NUMBER_WORDS: "12 hundred" is no 12) and a final period; None if not one number."""
+    \\dfrac and \\tfrac, a space after the sign, a leading "x =" / "Answer:" label, trailing unit words ("18 apples",
+    "5 km/h", "18 cm^2"; never one of GSM8K_NUMBER_WORDS: "12 hundred" is no 12) and a final period; None if not
+    one number."""
     text = _TEXT_COMMAND.sub(r"\1", text)
     for decoration in ("\\$", "$", "\\%", "%", "\\!", "\\,", "{,}"):
         text = text.replace(decoration, "")
-    text = text.replace("\u2212", "-").strip()
+    text = text.replace("\u2212", "-").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").strip()
     text = _ANSWER_LABEL.sub("", text)
     if (unit := _UNIT_SUFFIX.search(text)) and _is_unit_suffix(unit.group()):
         text = text[:unit.start()]
     text = text.rstrip(".").strip()
+    text = re.sub(r"^([+-])\s+", r"\1", text)   # "- 5" is -5; "- 5 - 1" stays no number
     text = _LATEX_FRACTION.sub(lambda m: f"{m.group(1)}{m.group(2)}/{m.group(3)}", text)
     return parse_exact_number(text)
 

@@ -114,6 +114,13 @@ GSM8K_CASES = [
     (TWELVE, "\\boxed{12 dollars}", 1), (TWELVE, "\\boxed{12 km/h}", 1), (TWELVE, "\\boxed{12 apples}", 1),
     (TWELVE, "\\boxed{12 square feet}", 1), (TWELVE, "\\boxed{12 m}", 1), (TWELVE, "\\boxed{12\\text{ hours}}", 1),
     (TWELVE, "\\boxed{12 miles per hour}", 1), (TWELVE, "\\boxed{12 percent}", 1),
+    # \dfrac and \tfrac as \frac; a sign set apart from its number; a squared or cubed unit
+    (EIGHTEEN, "\\boxed{\\dfrac{36}{2}}", 1), (EIGHTEEN, "\\boxed{\\tfrac{36}{2}}", 1), (NEGATIVE, "\\boxed{- 7}", 1),
+    (NEGATIVE, "\\boxed{x = - 7}", 1), (NEGATIVE, "\\boxed{- \\dfrac{14}{2}}", 1), (EIGHTEEN, "\\boxed{+ 18}", 1),
+    (TWELVE, "\\boxed{12 cm^2}", 1), (TWELVE, "\\boxed{12 \\text{ft}^{3}}", 1), (TWELVE, "\\boxed{12 square m^2}", 1),
+    (EIGHTEEN, "\\boxed{- 18}", 0), (NEGATIVE, "\\boxed{- 7 - 1}", 0), (NEGATIVE, "\\boxed{-- 7}", 0),
+    (EIGHTEEN, "\\boxed{\\dfrac{18}{0}}", 0), (TWELVE, "\\boxed{12^2}", 0), (TWELVE, "\\boxed{12 x^2}", 0),
+    (TWELVE, "\\boxed{12 e^2}", 0), (TWELVE, "\\boxed{12 hundred^2}", 0), (TWELVE, "\\boxed{12 cm^4}", 0),
 ]
 
 HALF, RIGHT_ANGLE, ROOT_TWO, PAIR, SIDE = TASKS["math"].examples  # tests/data/math_sample.jsonl
