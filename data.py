@@ -1457,7 +1457,7 @@ def agentgym_http(url: str, method: str, path: str, timeout: float, body=None, q
     """One call to an AgentGym server: the JSON reply, or AgentGymCallFailed for a call not done within
     `timeout` seconds (the whole call: a server that trickles its reply is cut off), a connection error, a
     non-200 status, a reply over AGENTGYM_MAX_REPLY_BYTES or not JSON, or a JSON object with an "error" (not
-    null or empty).
+    null, false, 0 or empty).
 
     http.client, not urllib: no proxy from the environment (http_proxy ...) and no redirects (a 3xx is a
     non-200 status), so only the URLs the user passes are contacted; and the socket is at hand, so a
@@ -1507,7 +1507,7 @@ def agentgym_http(url: str, method: str, path: str, timeout: float, body=None, q
         reply = json.loads(raw)
     except (ValueError, RecursionError):   # RecursionError: nested too deep for the parser
         raise AgentGymCallFailed(f"{call}: reply is not JSON: {_one_line(raw.decode('utf-8', 'replace'))!r}") from None
-    if isinstance(reply, dict) and reply.get("error") not in (None, ""):   # a fork may send "error": null
+    if isinstance(reply, dict) and reply.get("error"):   # a fork may send "error": null, false or 0 on success
         raise AgentGymCallFailed(f"{call}: error {_one_line(reply['error'])!r}")
     return reply
 
@@ -1694,8 +1694,8 @@ class AgentGymTask(Task):
     alfworld's done at its own 50-step cap (reward 0) is a failure.
 
     Failures: every call has the timeout, its whole reply included. A timeout, a connection error, a non-200
-    status, a reply over AGENTGYM_MAX_REPLY_BYTES or not JSON, a JSON object with an "error" (not null or
-    empty) or a reply without the expected fields (a step's: an observation string, a finite reward, done
+    status, a reply over AGENTGYM_MAX_REPLY_BYTES or not JSON, a JSON object with an "error" (not null, false,
+    0 or empty) or a reply without the expected fields (a step's: an observation string, a finite reward, done
     true/false or 0/1) is a failure of that instance: the client forgets it, creates a fresh one and tries
     once more (reset: the reset again; step: reset, replay of the episode's earlier actions, the step). A
     second failure raises RuntimeError, one line naming the server and the call that failed (and the first

@@ -342,7 +342,8 @@ def test_an_error_reply_recreates_once_then_raises(servers, flavor):
     assert fake.count("/create") == 2 and fake.count("/step") == 2
 
 
-def test_an_error_key_fails_the_call_even_beside_the_expected_fields(servers):
+@pytest.mark.parametrize("error", ["The task has finished.", True])
+def test_an_error_key_fails_the_call_even_beside_the_expected_fields(servers, error):
     """AGENTGYM.md: an `error` key in an HTTP 200 reply is a failure, whatever else the reply holds; a reply
     with it and a well-formed observation must not be taken as a step (recreated once, then raised)."""
     fake, = servers("alfworld")
@@ -353,17 +354,18 @@ def test_an_error_key_fails_the_call_even_beside_the_expected_fields(servers):
 
     def with_error(path, payload):
         status, reply = answer(path, payload)
-        return (status, dict(reply, error="The task has finished.")) if path == "/step" else (status, reply)
+        return (status, dict(reply, error=error)) if path == "/step" else (status, reply)
 
     fake.answer = with_error
-    with pytest.raises(RuntimeError, match="The task has finished") as e:
+    with pytest.raises(RuntimeError, match=f"error '{error}'") as e:
         env.step("Action: apple")
     assert "recreating the instance once" in str(e.value) and fake.count("/step") == 2
 
 
-@pytest.mark.parametrize("empty", [None, ""])
+@pytest.mark.parametrize("empty", [None, "", False, 0, [], {}])
 def test_an_empty_error_key_is_no_error(servers, empty):
-    """A server that always sends an `error` key, null or empty when all went well, is answered as usual."""
+    """A server that always sends an `error` key, null, false, 0 or empty when all went well, is answered as
+    usual."""
     fake, = servers("alfworld")
     answer = fake.answer
 
