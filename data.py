@@ -1567,10 +1567,33 @@ def parse_agentgym_urls(env_url) -> list[str]:
     if not urls:
         raise ValueError(f"env_url names no server: {env_url!r}")
     for url in urls:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
-            raise ValueError(f"env_url: {url!r} is not an http://host:port address")
+        if (problem := _url_problem(url)) is not None:
+            raise ValueError(f"env_url (--env_url): {url!r} is not an http://host:port address ({problem})")
     return urls
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")   # "_": container names resolve in Docker networks
+
+
+def _url_problem(url: str) -> str | None:
+    """What makes `url` no http(s)://host[:port] address a call could reach, or None: checked here, because
+    http.client finds a bad port or host only at the first call, after the model has loaded."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        host, port = parsed.hostname, parsed.port   # ValueError: a port not a number or out of range
+    except ValueError as e:
+        return _one_line(e)
+    if parsed.scheme not in ("http", "https") or not host or parsed.query or parsed.fragment:
+        return "expected http:// or https://, a host and no query"
+    if port == 0:
+        return "port 0"
+    if ":" in host:   # an IPv6 address, which urlsplit has checked
+        return None
+    try:
+        labels = host.encode("idna").decode("ascii").removesuffix(".").split(".")
+    except UnicodeError:
+        labels = [""]
+    return None if all(_HOST_LABEL.fullmatch(label) for label in labels) else f"malformed host {host!r}"
 
 
 class AgentGymPool:

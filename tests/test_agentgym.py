@@ -561,6 +561,32 @@ def test_default_ids_and_task_arguments():
     assert two.urls == ["http://127.0.0.1:36001", "http://127.0.0.1:36002"]
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://127.0.0.1:0", "http://h:abc", "http://h:-1",
+                                 "http://a..b:1", "http://.a:1", "http://a b:1", "http://" + "a" * 64 + ":1",
+                                 "http://[::1:36001", "http://[1.2.3]:1", "http://h\u00e9\u200b..x:1"])
+def test_a_bad_env_url_is_one_line_naming_the_flag(url):
+    with pytest.raises(ValueError) as e:
+        load_task("agentgym:alfworld", env_url=f"http://127.0.0.1:36001,{url}")
+    message = str(e.value)
+    assert "--env_url" in message and "\n" not in message and repr(url) in message
+
+
+@pytest.mark.parametrize("url", ["http://localhost:36001", "http://[::1]:36001", "https://env.example.org",
+                                 "http://alfworld_1:36001", "http://127.0.0.1", "http://m\u00fcnchen.example:80/api"])
+def test_good_env_urls_are_taken(url):
+    assert load_task("agentgym:alfworld", env_url=url).urls == [url]
+
+
+def test_a_bad_env_url_stops_icrl_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import icrl
+    monkeypatch.setattr(icrl, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded"))
+    with pytest.raises(SystemExit) as e:
+        icrl.main(["--task", "agentgym:alfworld", "--env_url", "http://127.0.0.1:99999", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "--env_url" in error and "99999" in error
+
+
 def test_id_files(tmp_path):
     good = tmp_path / "ids.jsonl"
     good.write_text('{"id": 3}\n{"task_id": "7"}\n5\n"9"\n\nfixed_2\n')
