@@ -1456,8 +1456,8 @@ def _one_line(text, limit=200) -> str:
 def agentgym_http(url: str, method: str, path: str, timeout: float, body=None, query: dict | None = None):
     """One call to an AgentGym server: the JSON reply, or AgentGymCallFailed for a call not done within
     `timeout` seconds (the whole call: a server that trickles its reply is cut off), a connection error, a
-    non-200 status, a reply over AGENTGYM_MAX_REPLY_BYTES or not JSON, or a JSON object with an "error" (not
-    null, false, 0 or empty).
+    non-200 status, a reply over AGENTGYM_MAX_REPLY_BYTES, shorter than its Content-Length or not JSON, or a
+    JSON object with an "error" (not null, false, 0 or empty).
 
     http.client, not urllib: no proxy from the environment (http_proxy ...) and no redirects (a 3xx is a
     non-200 status), so only the URLs the user passes are contacted; and the socket is at hand, so a
@@ -1490,6 +1490,7 @@ def agentgym_http(url: str, method: str, path: str, timeout: float, body=None, q
         connection.request(method, target, body=data, headers=headers)
         response = connection.getresponse()
         status, raw = response.status, response.read(AGENTGYM_MAX_REPLY_BYTES + 1)
+        missing = response.length   # what a Content-Length promised and read() did not get (it does not raise)
     except (OSError, http.client.HTTPException) as e:
         if expired.is_set() or isinstance(e, (TimeoutError, socket.timeout)):
             raise AgentGymCallFailed(f"{call}: no reply within {timeout:g} s") from None
@@ -1503,6 +1504,8 @@ def agentgym_http(url: str, method: str, path: str, timeout: float, body=None, q
         raise AgentGymCallFailed(f"{call}: reply over {AGENTGYM_MAX_REPLY_BYTES} bytes")
     if status != 200:
         raise AgentGymCallFailed(f"{call}: HTTP {status} {_one_line(raw.decode('utf-8', 'replace'))}".rstrip())
+    if missing:   # the part that came can be valid JSON: a bare-int id cut short is another id
+        raise AgentGymCallFailed(f"{call}: reply shorter than its Content-Length ({missing} bytes missing)")
     try:
         reply = json.loads(raw)
     except (ValueError, RecursionError):   # RecursionError: nested too deep for the parser
@@ -1717,12 +1720,13 @@ class AgentGymTask(Task):
     alfworld's done at its own 50-step cap (reward 0) is a failure.
 
     Failures: every call has the timeout, its whole reply included. A timeout, a connection error, a non-200
-    status, a reply over AGENTGYM_MAX_REPLY_BYTES or not JSON, a JSON object with an "error" (not null, false,
-    0 or empty) or a reply without the expected fields (a step's: an observation string, a finite reward, done
-    true/false or 0/1) is a failure of that instance: the client forgets it, creates a fresh one and tries
-    once more (reset: the reset again; step: reset, replay of the episode's earlier actions, the step). A
-    second failure raises RuntimeError, one line naming the server and the call that failed (and the first
-    failure). close() (of the task, optional) frees the instances on servers that have POST /close."""
+    status, a reply over AGENTGYM_MAX_REPLY_BYTES, shorter than its Content-Length or not JSON, a JSON object
+    with an "error" (not null, false, 0 or empty) or a reply without the expected fields (a step's: an
+    observation string, a finite reward, done true/false or 0/1) is a failure of that instance: the client
+    forgets it, creates a fresh one and tries once more (reset: the reset again; step: reset, replay of the
+    episode's earlier actions, the step). A second failure raises RuntimeError, one line naming the server and
+    the call that failed (and the first failure). close() (of the task, optional) frees the instances on servers
+    that have POST /close."""
 
     def __init__(self, env_name: str, path: str | None = None, split: str = "train", env_url=None,
                  protocol: str = "upstream", timeout=AGENTGYM_TIMEOUT, n: int | None = None,

@@ -6,8 +6,8 @@ or the authors' unified fork. Task id n's secret word is WORDS[n % len(WORDS)]; 
 shows it; sending it wins (reward 1). Requests with other field names are answered 422, as FastAPI would.
 Faults are injected per path: "close" (drop the connection without a reply), "error" (the flavor's error:
 HTTP 200 {"error": ...} or HTTP 500), ("sleep", seconds), ("trickle", seconds: the reply one byte at a
-time, this long apart), ("raw", bytes: this HTTP 200 body instead of the reply), and `dead` closes every
-connection.
+time, this long apart), ("raw", bytes: this HTTP 200 body instead of the reply), ("short", bytes: that body,
+its Content-Length 10 bytes more, then the connection closed), and `dead` closes every connection.
 """
 import json
 import threading
@@ -87,11 +87,12 @@ class FakeAgentGym:
         else:
             with self.lock:
                 status, reply = self.answer(path, payload)
-        data = fault[1] if isinstance(fault, tuple) and fault[0] == "raw" else json.dumps(reply).encode()
+        data = fault[1] if isinstance(fault, tuple) and fault[0] in ("raw", "short") else json.dumps(reply).encode()
+        promised = len(data) + (10 if isinstance(fault, tuple) and fault[0] == "short" else 0)
         try:
             handler.send_response(status)
             handler.send_header("Content-Type", "application/json")
-            handler.send_header("Content-Length", str(len(data)))
+            handler.send_header("Content-Length", str(promised))
             handler.end_headers()
             if isinstance(fault, tuple) and fault[0] == "trickle":
                 for i in range(len(data)):
@@ -419,6 +420,20 @@ def test_an_oversized_reply_is_a_failed_call(servers):
     with pytest.raises(RuntimeError, match=rf"/step: reply over {AGENTGYM_MAX_REPLY_BYTES} bytes") as e:
         env.step("Action: apple")
     assert "\n" not in str(e.value) and fake.count("/create") == 2
+
+
+@pytest.mark.parametrize("flavor, path, body", [("alfworld", "/step", b'{"observation": "o", "reward": 1, "done": true}'),
+                                                ("webshop", "/create", b"12")])
+def test_a_reply_shorter_than_its_content_length_is_a_failed_call(servers, flavor, path, body):
+    """A connection closed before the whole body came is a failed call, even when the part that came is JSON."""
+    fake, = servers(flavor)
+    task = task_on([fake])
+    env = task.env(task.examples[0])
+    fake.always[path] = ("short", body)
+    with pytest.raises(RuntimeError, match=f"{path}: reply shorter than its Content-Length") as e:
+        env.reset()
+        env.step(WIN[flavor])
+    assert "\n" not in str(e.value) and "recreating the instance once" in str(e.value)
 
 
 def test_malformed_replies_are_failures(servers):
