@@ -505,9 +505,10 @@ class ArithmeticTask(Task):
     name = "arithmetic"
 
     def __init__(self, split="train", seed=0, n=None, digits=2, operands=2, ops="+"):
-        if digits < 1 or operands < 2 or not ops or set(ops) - set("+-*"):
-            raise ValueError(f"arithmetic: need digits >= 1, operands >= 2 and ops from '+-*'; "
-                             f"got digits={digits}, operands={operands}, ops={ops!r}")
+        digits = _int_knob(self.name, "digits", digits, 1, MAX_EXPRESSION_CHARS)   # before "9" * digits is built
+        operands = _int_knob(self.name, "operands", operands, 2, MAX_EXPRESSION_CHARS)
+        if not ops or set(ops) - set("+-*"):
+            raise ValueError(f"arithmetic: knob ops must be some of '+-*', got ops={ops!r}")
 
         largest = ("*" if "*" in ops else "+").join(["9" * digits] * operands)
         if evaluate_expression(largest) is None:
@@ -538,22 +539,24 @@ class CountdownTask(Task):
     """Reach the target from the given numbers with + - * / and parentheses, each number at most once.
 
     Instances are solvable by construction: the target is a random expression over all the numbers with
-    positive integer intermediate values (`answer` holds it). The verifier accepts any expression that
-    hits the target exactly over Fractions (fractional intermediates allowed), optionally written
-    "expr = target"; it rejects unary minus, '**', implicit multiplication, numbers not given or used
-    more often than given, and division by zero. Knobs: count (numbers), max_number, max_target, n."""
+    positive integer intermediate values (`answer` holds it), kept when the verifier reads it. The verifier
+    accepts any expression that hits the target exactly over Fractions (fractional intermediates allowed),
+    optionally written "expr = target"; it rejects unary minus, '**', implicit multiplication, numbers not
+    given or used more often than given, and division by zero. Knobs: count (numbers, 2..128), max_number and
+    max_target (at most MAX_MAGNITUDE), n."""
     name = "countdown"
     answer_format = COUNTDOWN_ANSWER_FORMAT
 
     def __init__(self, split="train", seed=0, n=None, count=4, max_number=100, max_target=100):
-        if count < 2 or max_number < 1 or max_target < 1:
-            raise ValueError(f"countdown: need count >= 2, max_number >= 1, max_target >= 1; "
-                             f"got count={count}, max_number={max_number}, max_target={max_target}")
+        # an expression the verifier reads takes a digit and an operator a number, and no value over MAX_MAGNITUDE
+        count = _int_knob(self.name, "count", count, 2, (MAX_EXPRESSION_CHARS + 1) // 2)
+        max_number = _int_knob(self.name, "max_number", max_number, 1, MAX_MAGNITUDE)
+        max_target = _int_knob(self.name, "max_target", max_target, 1, MAX_MAGNITUDE)
 
         def draw(rng):
             numbers = [rng.randint(1, max_number) for _ in range(count)]
             target, expression = _random_countdown_expression(rng, numbers)
-            if target > max_target:
+            if target > max_target or evaluate_expression(expression) is None:   # the verifier must read it
                 return None
             shown = sorted(numbers)
             question = (f"Make {target} from {', '.join(map(str, shown))} with + - * / and parentheses, "

@@ -570,6 +570,28 @@ def test_bad_arithmetic_knobs(knobs, error):
         load_task("arithmetic", **knobs)
 
 
+@pytest.mark.parametrize("name, knobs, knob", [
+    ("arithmetic", {"digits": 10**10}, "digits"), ("arithmetic", {"operands": 10**10}, "operands"),
+    ("arithmetic", {"digits": "3"}, "digits"), ("countdown", {"count": 10**9}, "count"),
+    ("countdown", {"count": 1}, "count"), ("countdown", {"max_number": 10**30}, "max_number"),
+    ("countdown", {"max_target": 10**30}, "max_target")])
+def test_knobs_that_size_the_work_are_bounded(name, knobs, knob):
+    """A knob too large for the work it sizes is a one-line error naming it, before anything is built."""
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"^{name}: knob {knob} ") as e:
+        load_task(name, **knobs)
+    assert time.perf_counter() - start < 0.5 and "\n" not in str(e.value)
+
+
+def test_countdown_references_are_read_by_the_verifier():
+    """Instances are kept only when the verifier accepts their reference: 80 numbers make references over
+    MAX_EXPRESSION_CHARS, so none."""
+    task = load_task("countdown", n=50, count=40, max_target=10**6)
+    assert all(task.reward(e, f"\\boxed{{{e.answer}}}") == 1.0 for e in task.examples)
+    with pytest.raises(ValueError, match="found only 0"):
+        load_task("countdown", n=1, count=80, max_number=9, max_target=10**12)
+
+
 def test_knobs_from_the_command_line():
     assert parse_knobs(["digits=3", "ops=+-*", "n=-2", "ops=+"]) == {"digits": 3, "ops": "+", "n": -2}
     assert load_task("arithmetic", **parse_knobs(["digits=1", "ops=*", "n=5"])).examples[0].question[1] == "*"
