@@ -83,7 +83,9 @@ MAX_PAREN_DEPTH = 32          # countdown nesting; deeper scores 0 (no Recursion
 MAX_MAGNITUDE = 10**12        # every value of an evaluated expression: |numerator|, denominator at most this
 HELD_OUT_PERCENT = 10         # share of a synthetic task's problem space reserved for split="test"
 DEFAULT_SIZE = {"train": 5000, "test": 500}   # synthetic examples per split when n is not given
-MAX_DRAWS_PER_EXAMPLE = 200   # synthetic generation gives up (with an error) after n * this draws
+MAX_SYNTHETIC_EXAMPLES = 10**6   # the largest n of a drawn synthetic task (its examples are held in memory)
+MAX_DRAWS_PER_EXAMPLE = 200   # synthetic generation gives up (with an error) after n * this draws,
+MISSES_PER_EXAMPLE = 10       # or after this * (examples found + DEFAULT_SIZE["test"]) draws in a row find none new
 
 
 @dataclass(frozen=True)
@@ -481,15 +483,17 @@ def split_of(problem_id: str) -> str:
 
 def _draw_distinct(name: str, split: str, seed: int, n: int | None, draw, knobs: str) -> list[Example]:
     """n distinct examples of `split` from `draw(rng) -> Example | None` (None: draw again)."""
-    n = DEFAULT_SIZE[split] if n is None else n
-    if n < 1:
-        raise ValueError(f"{name}: n must be at least 1, got {n}")
+    n = DEFAULT_SIZE[split] if n is None else _int_knob(name, "n", n, 1, MAX_SYNTHETIC_EXAMPLES)
     rng = random.Random(f"{name}|{split}|{seed}")  # str seeds are hashed by sha512: same list everywhere
-    examples, seen = [], set()
+    examples, seen, misses = [], set(), 0
     for _ in range(n * MAX_DRAWS_PER_EXAMPLE):
         example = draw(rng)
         if example is None or example.id in seen or split_of(example.id) != split:
+            misses += 1
+            if misses > MISSES_PER_EXAMPLE * (len(examples) + DEFAULT_SIZE["test"]):
+                break   # the space is spent: n * MAX_DRAWS_PER_EXAMPLE more draws would only repeat it
             continue
+        misses = 0
         seen.add(example.id)
         examples.append(example)
         if len(examples) == n:
@@ -501,7 +505,8 @@ def _draw_distinct(name: str, split: str, seed: int, n: int | None, draw, knobs:
 class ArithmeticTask(Task):
     """Synthetic integer arithmetic ("47+38"), standard precedence; the answer must be an integer literal.
 
-    Knobs: digits (operands in [0, 10^digits)), operands (how many), ops (a subset of "+-*"), n."""
+    Knobs: digits (operands in [0, 10^digits)), operands (how many), ops (a subset of "+-*"), n (at most
+    MAX_SYNTHETIC_EXAMPLES, as for every drawn task)."""
     name = "arithmetic"
 
     def __init__(self, split="train", seed=0, n=None, digits=2, operands=2, ops="+"):

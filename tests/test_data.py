@@ -572,15 +572,24 @@ def test_bad_arithmetic_knobs(knobs, error):
 
 @pytest.mark.parametrize("name, knobs, knob", [
     ("arithmetic", {"digits": 10**10}, "digits"), ("arithmetic", {"operands": 10**10}, "operands"),
-    ("arithmetic", {"digits": "3"}, "digits"), ("countdown", {"count": 10**9}, "count"),
+    ("arithmetic", {"digits": "3"}, "digits"), ("arithmetic", {"n": 10**9}, "n"), ("countdown", {"count": 10**9}, "count"),
     ("countdown", {"count": 1}, "count"), ("countdown", {"max_number": 10**30}, "max_number"),
-    ("countdown", {"max_target": 10**30}, "max_target")])
+    ("countdown", {"max_target": 10**30}, "max_target"), ("countdown", {"n": 10**9}, "n")])
 def test_knobs_that_size_the_work_are_bounded(name, knobs, knob):
     """A knob too large for the work it sizes is a one-line error naming it, before anything is built."""
     start = time.perf_counter()
     with pytest.raises(ValueError, match=f"^{name}: knob {knob} ") as e:
         load_task(name, **knobs)
     assert time.perf_counter() - start < 0.5 and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, knobs", [("arithmetic", {"digits": 1, "n": 100_000}),   # 90-odd train problems
+                                         ("countdown", {"count": 2, "max_number": 1, "n": 100_000})])   # 2 problems
+def test_a_spent_problem_space_is_reported_quickly(name, knobs):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="found only"):
+        load_task(name, **knobs)
+    assert time.perf_counter() - start < 5
 
 
 def test_countdown_references_are_read_by_the_verifier():
