@@ -82,7 +82,9 @@ MAX_PAREN_DEPTH = 32          # countdown nesting; deeper scores 0 (no Recursion
 MAX_MAGNITUDE = 10**12        # every value of an evaluated expression: |numerator|, denominator at most this
 HELD_OUT_PERCENT = 10         # share of a synthetic task's problem space reserved for split="test"
 DEFAULT_SIZE = {"train": 5000, "test": 500}   # synthetic examples per split when n is not given
-MAX_DRAWS_PER_EXAMPLE = 200   # synthetic generation gives up (with an error) after n * this draws
+MAX_SYNTHETIC_EXAMPLES = 10**6   # the largest n of a drawn synthetic task (its examples are held in memory)
+MAX_DRAWS_PER_EXAMPLE = 200   # synthetic generation gives up (with an error) after n * this draws,
+MISSES_PER_EXAMPLE = 10       # or after this * (examples found + DEFAULT_SIZE["test"]) draws in a row find none new
 
 
 @dataclass(frozen=True)
@@ -497,15 +499,17 @@ def split_of(problem_id: str) -> str:
 
 def _draw_distinct(name: str, split: str, seed: int, n: int | None, draw, knobs: str) -> list[Example]:
     """n distinct examples of `split` from `draw(rng) -> Example | None` (None: draw again)."""
-    n = DEFAULT_SIZE[split] if n is None else n
-    if n < 1:
-        raise ValueError(f"{name}: n must be at least 1, got {n}")
+    n = DEFAULT_SIZE[split] if n is None else _int_knob(name, "n", n, 1, MAX_SYNTHETIC_EXAMPLES)
     rng = random.Random(f"{name}|{split}|{seed}")  # str seeds are hashed by sha512: same list everywhere
-    examples, seen = [], set()
+    examples, seen, misses = [], set(), 0
     for _ in range(n * MAX_DRAWS_PER_EXAMPLE):
         example = draw(rng)
         if example is None or example.id in seen or split_of(example.id) != split:
+            misses += 1
+            if misses > MISSES_PER_EXAMPLE * (len(examples) + DEFAULT_SIZE["test"]):
+                break   # the space is spent: n * MAX_DRAWS_PER_EXAMPLE more draws would only repeat it
             continue
+        misses = 0
         seen.add(example.id)
         examples.append(example)
         if len(examples) == n:
@@ -517,13 +521,15 @@ def _draw_distinct(name: str, split: str, seed: int, n: int | None, draw, knobs:
 class ArithmeticTask(Task):
     """Synthetic integer arithmetic ("47+38"), standard precedence; the answer must be an integer literal.
 
-    Knobs: digits (operands in [0, 10^digits)), operands (how many), ops (a subset of "+-*"), n."""
+    Knobs: digits (operands in [0, 10^digits)), operands (how many), ops (a subset of "+-*"), n (at most
+    MAX_SYNTHETIC_EXAMPLES, as for every drawn task)."""
     name = "arithmetic"
 
     def __init__(self, split="train", seed=0, n=None, digits=2, operands=2, ops="+"):
-        if digits < 1 or operands < 2 or not ops or set(ops) - set("+-*"):
-            raise ValueError(f"arithmetic: need digits >= 1, operands >= 2 and ops from '+-*'; "
-                             f"got digits={digits}, operands={operands}, ops={ops!r}")
+        digits = _int_knob(self.name, "digits", digits, 1, MAX_EXPRESSION_CHARS)   # before "9" * digits is built
+        operands = _int_knob(self.name, "operands", operands, 2, MAX_EXPRESSION_CHARS)
+        if not ops or set(ops) - set("+-*"):
+            raise ValueError(f"arithmetic: knob ops must be some of '+-*', got ops={ops!r}")
 
         largest = ("*" if "*" in ops else "+").join(["9" * digits] * operands)
         if evaluate_expression(largest) is None:
@@ -554,22 +560,24 @@ class CountdownTask(Task):
     """Reach the target from the given numbers with + - * / and parentheses, each number at most once.
 
     Instances are solvable by construction: the target is a random expression over all the numbers with
-    positive integer intermediate values (`answer` holds it). The verifier accepts any expression that
-    hits the target exactly over Fractions (fractional intermediates allowed), optionally written
-    "expr = target"; it rejects unary minus, '**', implicit multiplication, numbers not given or used
-    more often than given, and division by zero. Knobs: count (numbers), max_number, max_target, n."""
+    positive integer intermediate values (`answer` holds it), kept when the verifier reads it. The verifier
+    accepts any expression that hits the target exactly over Fractions (fractional intermediates allowed),
+    optionally written "expr = target"; it rejects unary minus, '**', implicit multiplication, numbers not
+    given or used more often than given, and division by zero. Knobs: count (numbers, 2..128), max_number and
+    max_target (at most MAX_MAGNITUDE), n."""
     name = "countdown"
     answer_format = COUNTDOWN_ANSWER_FORMAT
 
     def __init__(self, split="train", seed=0, n=None, count=4, max_number=100, max_target=100):
-        if count < 2 or max_number < 1 or max_target < 1:
-            raise ValueError(f"countdown: need count >= 2, max_number >= 1, max_target >= 1; "
-                             f"got count={count}, max_number={max_number}, max_target={max_target}")
+        # an expression the verifier reads takes a digit and an operator a number, and no value over MAX_MAGNITUDE
+        count = _int_knob(self.name, "count", count, 2, (MAX_EXPRESSION_CHARS + 1) // 2)
+        max_number = _int_knob(self.name, "max_number", max_number, 1, MAX_MAGNITUDE)
+        max_target = _int_knob(self.name, "max_target", max_target, 1, MAX_MAGNITUDE)
 
         def draw(rng):
             numbers = [rng.randint(1, max_number) for _ in range(count)]
             target, expression = _random_countdown_expression(rng, numbers)
-            if target > max_target:
+            if target > max_target or evaluate_expression(expression) is None:   # the verifier must read it
                 return None
             shown = sorted(numbers)
             question = (f"Make {target} from {', '.join(map(str, shown))} with + - * / and parentheses, "
@@ -676,7 +684,7 @@ def _first(rows: list, n: int | None, task: str) -> list:
 
 _TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)\{([^{}]*)\}")
 _ANSWER_LABEL = re.compile(r"^[A-Za-z][A-Za-z ]{0,30}[:=]\s*")          # "x = 18", "Answer: 18"
-_UNIT_SUFFIX = re.compile(r"(?<=[0-9.])\s*[A-Za-z][A-Za-z /.]{0,40}$")   # "18 dollars", "5 km/h"
+_UNIT_SUFFIX = re.compile(r"(?<=[0-9.])\s*[A-Za-z][A-Za-z /.]{0,40}(?:\^\{?[23]\}?)?$")   # "5 km/h", "18 cm^2"
 # Words after a number that change it: a suffix holding one is no unit, and stays (then the answer is
 # not one number and scores 0): \boxed{12 hundred} is not 12. A lone letter is a unit only when listed
 # (12 m, 12 g); 12 e, 12 i, 12k, 12 M are not 12.
@@ -698,16 +706,18 @@ def _is_unit_suffix(suffix: str) -> bool:
 
 def parse_numeric_answer(text: str) -> Fraction | None:
     """A GSM8K-style final answer as an exact number: tolerates $, \\$, %, thousands separators, \\text{},
-    a leading "x =" / "Answer:" label, trailing unit words ("18 apples", "5 km/h"; never one of
-    GSM8K_NUMBER_WORDS: "12 hundred" is no 12) and a final period; None if not one number."""
+    \\dfrac and \\tfrac, a space after the sign, a leading "x =" / "Answer:" label, trailing unit words ("18 apples",
+    "5 km/h", "18 cm^2"; never one of GSM8K_NUMBER_WORDS: "12 hundred" is no 12) and a final period; None if not
+    one number."""
     text = _TEXT_COMMAND.sub(r"\1", text)
     for decoration in ("\\$", "$", "\\%", "%", "\\!", "\\,", "{,}"):
         text = text.replace(decoration, "")
-    text = text.replace("\u2212", "-").strip()
+    text = text.replace("\u2212", "-").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").strip()
     text = _ANSWER_LABEL.sub("", text)
     if (unit := _UNIT_SUFFIX.search(text)) and _is_unit_suffix(unit.group()):
         text = text[:unit.start()]
     text = text.rstrip(".").strip()
+    text = re.sub(r"^([+-])\s+", r"\1", text)   # "- 5" is -5; "- 5 - 1" stays no number
     text = _LATEX_FRACTION.sub(lambda m: f"{m.group(1)}{m.group(2)}/{m.group(3)}", text)
     return parse_exact_number(text)
 
@@ -734,10 +744,13 @@ class GSM8KTask(Task):
         return value is not None and value == parse_exact_number(example.answer)
 
 
-_MATH_REPLACEMENTS = (("\n", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""),
-                      ("\u00b0", ""), ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("\\!", ""), ("\\,", ""),
-                      ("\\;", ""), ("\\:", ""), ("{,}", ""), ("\\displaystyle", ""), ("\u2212", "-"))
-_MATH_UNITS = re.compile(r"(.+?)\\(?:text|mbox|mathrm)\{\s*([A-Za-z][A-Za-z .]{0,40})\}(?:\^\{?[23]\}?)?",
+_MATH_REPLACEMENTS = (("\n", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\$", ""), ("$", ""), ("\\%", ""),
+                      ("%", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\text{,}", ""), ("{,}", ""),
+                      ("\\displaystyle", ""), ("\u2212", "-"))
+_MATH_SPACE = re.compile(r"(\\\\)|\\(?:q?quad(?![A-Za-z])| )|~")   # "\\" (group 1) is a matrix's row break, no space
+# A degree sign, with Celsius or Fahrenheit after it: 20^\circ\text{C} is 20
+_DEGREES = re.compile(r"(?:\^\{\\circ\}|\^\\circ|\u00b0)\s*(?:\\(?:text|mbox|mathrm)\{\s*[CF]\s*\}|[CF](?![A-Za-z]))?")
+_MATH_UNITS = re.compile(r"(.+?)\\(?:text|mbox|mathrm)\{\s*([A-Za-z][A-Za-z ./]{0,40})\}(?:\^\{?[23]\}?)?",
                          re.DOTALL)
 # Words a trailing \text{...} may hold to be dropped as a unit. A word outside it is kept, since it can
 # change the answer: \mathrm{i} (3+2i is not 3+2), \text{ hundred}, \text{ squared}.
@@ -745,17 +758,19 @@ MATH_UNIT_WORDS = frozenset("""
     mm cm m km in inch inches ft foot feet yd yard yards mi mile miles meter meters metre metres
     millimeter millimeters centimeter centimeters kilometer kilometers unit units sq square cubic
     degree degrees radian radians dollar dollars cent cents s sec second seconds min minute minutes hr hrs
-    hour hours day days week weeks month months year years mph kph g kg gram grams kilogram kilograms
+    h hour hours day days week weeks month months year years mph kph g kg gram grams kilogram kilograms
     lb lbs pound pounds oz ounce ounces l ml liter liters litre litres gallon gallons cup cups""".split())
 _LIST_COMMA = re.compile(r",\s")  # "1, 100" lists two numbers; "1,100" is one thousand one hundred
 
 
 def normalize_math_answer(text: str) -> str:
     """Canonical string of a MATH answer, after Hendrycks et al.'s `strip_string`: \\dfrac/\\tfrac ->
-    \\frac, \\left/\\right, degrees, \\$ and %, thin spaces (\\! \\, \\; \\:), {,} separators and all
-    whitespace removed; a trailing \\text{unit} dropped (MATH_UNIT_WORDS), other \\text{X} unwrapped; \\frac12 ->
-    \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}; "x=5" -> "5" (left side of at most 2 characters); ".5" -> "0.5"."""
-    text = text.strip()
+    \\frac, \\left/\\right, degrees (and a C or F after them), \\$ and %, LaTeX spaces (\\! \\, \\; \\: \\ ~
+    \\quad \\qquad), {,} and \\text{,} separators and all whitespace removed; a trailing \\text{unit} dropped
+    (MATH_UNIT_WORDS, "m/s" too), other \\text{X} unwrapped; \\frac12 -> \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}; "x=5" ->
+    "5" (left side of at most 2 characters); ".5" -> "0.5"."""
+    text = _MATH_SPACE.sub(r"\1", text.strip())
+    text = _DEGREES.sub("", text)
     for old, new in _MATH_REPLACEMENTS:
         text = text.replace(old, new)
     text = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", text)  # keeps \rightarrow
@@ -828,7 +843,7 @@ class MathTask(Task):
 # Built-in multi-turn environments (pure Python, offline)
 # ==================================================================================================
 
-MAX_ACTION_CHARS = 200        # a built-in environment reads at most this many characters of an action
+MAX_ACTION_CHARS = 200        # a built-in environment reads at most this many characters of an action's text or box
 TRAINER_REPEAT_LIMIT = 3      # SPEC §1 (icrl.REPEAT_LIMIT): the same action this many times in a row ends an episode
 ENUMERATE_LIMIT = 50_000      # a problem space at most this large is enumerated instead of drawn at random
 GAME_OVER = "The game is over."
@@ -844,12 +859,15 @@ def _number_key(action: str) -> str:
 
 
 def _action_text(action: str) -> str:
-    """What a built-in environment reads of an action: the first MAX_ACTION_CHARS characters of its visible
-    text (reasoning removed); when they hold a complete \\boxed{...}, the content of the last one. Stripped.
+    """What a built-in environment reads of an action: the content of the last complete \\boxed{...} of its
+    visible text (reasoning removed), wherever it is, at most MAX_ACTION_CHARS characters, \\text{...} and
+    the like unwrapped; without one, the first MAX_ACTION_CHARS characters of the visible text. Stripped.
     Linear in the action's length whatever it holds; never raises."""
-    text = visible_response(action)[:MAX_ACTION_CHARS]
-    boxed = last_boxed(text)
-    return (boxed if boxed is not None else text).strip()
+    text = visible_response(action)
+    boxed = last_boxed(text, limit=MAX_ACTION_CHARS)
+    if boxed is None:
+        return text[:MAX_ACTION_CHARS].strip()
+    return _TEXT_COMMAND.sub(r"\1", boxed).strip()   # \boxed{\text{down}} is the move down
 
 
 def _int_knob(task: str, name: str, value, low: int, high: int | None = None) -> int:
@@ -1462,8 +1480,8 @@ def _one_line(text, limit=200) -> str:
 def agentgym_http(url: str, method: str, path: str, timeout: float, body=None, query: dict | None = None):
     """One call to an AgentGym server: the JSON reply, or AgentGymCallFailed for a call not done within
     `timeout` seconds (the whole call: a server that trickles its reply is cut off), a connection error, a
-    non-200 status, a reply over AGENTGYM_MAX_REPLY_BYTES or not JSON, or a JSON object with an "error" (not
-    null or empty).
+    non-200 status, a reply over AGENTGYM_MAX_REPLY_BYTES, shorter than its Content-Length or not JSON, or a
+    JSON object with an "error" (not null, false, 0 or empty).
 
     http.client, not urllib: no proxy from the environment (http_proxy ...) and no redirects (a 3xx is a
     non-200 status), so only the URLs the user passes are contacted; and the socket is at hand, so a
@@ -1496,6 +1514,7 @@ def agentgym_http(url: str, method: str, path: str, timeout: float, body=None, q
         connection.request(method, target, body=data, headers=headers)
         response = connection.getresponse()
         status, raw = response.status, response.read(AGENTGYM_MAX_REPLY_BYTES + 1)
+        missing = response.length   # what a Content-Length promised and read() did not get (it does not raise)
     except (OSError, http.client.HTTPException) as e:
         if expired.is_set() or isinstance(e, (TimeoutError, socket.timeout)):
             raise AgentGymCallFailed(f"{call}: no reply within {timeout:g} s") from None
@@ -1509,11 +1528,13 @@ def agentgym_http(url: str, method: str, path: str, timeout: float, body=None, q
         raise AgentGymCallFailed(f"{call}: reply over {AGENTGYM_MAX_REPLY_BYTES} bytes")
     if status != 200:
         raise AgentGymCallFailed(f"{call}: HTTP {status} {_one_line(raw.decode('utf-8', 'replace'))}".rstrip())
+    if missing:   # the part that came can be valid JSON: a bare-int id cut short is another id
+        raise AgentGymCallFailed(f"{call}: reply shorter than its Content-Length ({missing} bytes missing)")
     try:
         reply = json.loads(raw)
     except (ValueError, RecursionError):   # RecursionError: nested too deep for the parser
         raise AgentGymCallFailed(f"{call}: reply is not JSON: {_one_line(raw.decode('utf-8', 'replace'))!r}") from None
-    if isinstance(reply, dict) and reply.get("error") not in (None, ""):   # a fork may send "error": null
+    if isinstance(reply, dict) and reply.get("error"):   # a fork may send "error": null, false or 0 on success
         raise AgentGymCallFailed(f"{call}: error {_one_line(reply['error'])!r}")
     return reply
 
@@ -1573,10 +1594,33 @@ def parse_agentgym_urls(env_url) -> list[str]:
     if not urls:
         raise ValueError(f"env_url names no server: {env_url!r}")
     for url in urls:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
-            raise ValueError(f"env_url: {url!r} is not an http://host:port address")
+        if (problem := _url_problem(url)) is not None:
+            raise ValueError(f"env_url (--env_url): {url!r} is not an http://host:port address ({problem})")
     return urls
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")   # "_": container names resolve in Docker networks
+
+
+def _url_problem(url: str) -> str | None:
+    """What makes `url` no http(s)://host[:port] address a call could reach, or None: checked here, because
+    http.client finds a bad port or host only at the first call, after the model has loaded."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        host, port = parsed.hostname, parsed.port   # ValueError: a port not a number or out of range
+    except ValueError as e:
+        return _one_line(e)
+    if parsed.scheme not in ("http", "https") or not host or parsed.query or parsed.fragment:
+        return "expected http:// or https://, a host and no query"
+    if port == 0:
+        return "port 0"
+    if ":" in host:   # an IPv6 address, which urlsplit has checked
+        return None
+    try:
+        labels = host.encode("idna").decode("ascii").removesuffix(".").split(".")
+    except UnicodeError:
+        labels = [""]
+    return None if all(_HOST_LABEL.fullmatch(label) for label in labels) else f"malformed host {host!r}"
 
 
 class AgentGymPool:
@@ -1700,12 +1744,13 @@ class AgentGymTask(Task):
     alfworld's done at its own 50-step cap (reward 0) is a failure.
 
     Failures: every call has the timeout, its whole reply included. A timeout, a connection error, a non-200
-    status, a reply over AGENTGYM_MAX_REPLY_BYTES or not JSON, a JSON object with an "error" (not null or
-    empty) or a reply without the expected fields (a step's: an observation string, a finite reward, done
-    true/false or 0/1) is a failure of that instance: the client forgets it, creates a fresh one and tries
-    once more (reset: the reset again; step: reset, replay of the episode's earlier actions, the step). A
-    second failure raises RuntimeError, one line naming the server and the call that failed (and the first
-    failure). close() (of the task, optional) frees the instances on servers that have POST /close."""
+    status, a reply over AGENTGYM_MAX_REPLY_BYTES, shorter than its Content-Length or not JSON, a JSON object
+    with an "error" (not null, false, 0 or empty) or a reply without the expected fields (a step's: an
+    observation string, a finite reward, done true/false or 0/1) is a failure of that instance: the client
+    forgets it, creates a fresh one and tries once more (reset: the reset again; step: reset, replay of the
+    episode's earlier actions, the step). A second failure raises RuntimeError, one line naming the server and
+    the call that failed (and the first failure). close() (of the task, optional) frees the instances on servers
+    that have POST /close."""
 
     def __init__(self, env_name: str, path: str | None = None, split: str = "train", env_url=None,
                  protocol: str = "upstream", timeout=AGENTGYM_TIMEOUT, n: int | None = None,

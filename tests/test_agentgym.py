@@ -6,8 +6,8 @@ or the authors' unified fork. Task id n's secret word is WORDS[n % len(WORDS)]; 
 shows it; sending it wins (reward 1). Requests with other field names are answered 422, as FastAPI would.
 Faults are injected per path: "close" (drop the connection without a reply), "error" (the flavor's error:
 HTTP 200 {"error": ...} or HTTP 500), ("sleep", seconds), ("trickle", seconds: the reply one byte at a
-time, this long apart), ("raw", bytes: this HTTP 200 body instead of the reply), and `dead` closes every
-connection.
+time, this long apart), ("raw", bytes: this HTTP 200 body instead of the reply), ("short", bytes: that body,
+its Content-Length 10 bytes more, then the connection closed), and `dead` closes every connection.
 """
 import json
 import threading
@@ -87,11 +87,12 @@ class FakeAgentGym:
         else:
             with self.lock:
                 status, reply = self.answer(path, payload)
-        data = fault[1] if isinstance(fault, tuple) and fault[0] == "raw" else json.dumps(reply).encode()
+        data = fault[1] if isinstance(fault, tuple) and fault[0] in ("raw", "short") else json.dumps(reply).encode()
+        promised = len(data) + (10 if isinstance(fault, tuple) and fault[0] == "short" else 0)
         try:
             handler.send_response(status)
             handler.send_header("Content-Type", "application/json")
-            handler.send_header("Content-Length", str(len(data)))
+            handler.send_header("Content-Length", str(promised))
             handler.end_headers()
             if isinstance(fault, tuple) and fault[0] == "trickle":
                 for i in range(len(data)):
@@ -342,7 +343,8 @@ def test_an_error_reply_recreates_once_then_raises(servers, flavor):
     assert fake.count("/create") == 2 and fake.count("/step") == 2
 
 
-def test_an_error_key_fails_the_call_even_beside_the_expected_fields(servers):
+@pytest.mark.parametrize("error", ["The task has finished.", True])
+def test_an_error_key_fails_the_call_even_beside_the_expected_fields(servers, error):
     """AGENTGYM.md: an `error` key in an HTTP 200 reply is a failure, whatever else the reply holds; a reply
     with it and a well-formed observation must not be taken as a step (recreated once, then raised)."""
     fake, = servers("alfworld")
@@ -353,17 +355,18 @@ def test_an_error_key_fails_the_call_even_beside_the_expected_fields(servers):
 
     def with_error(path, payload):
         status, reply = answer(path, payload)
-        return (status, dict(reply, error="The task has finished.")) if path == "/step" else (status, reply)
+        return (status, dict(reply, error=error)) if path == "/step" else (status, reply)
 
     fake.answer = with_error
-    with pytest.raises(RuntimeError, match="The task has finished") as e:
+    with pytest.raises(RuntimeError, match=f"error '{error}'") as e:
         env.step("Action: apple")
     assert "recreating the instance once" in str(e.value) and fake.count("/step") == 2
 
 
-@pytest.mark.parametrize("empty", [None, ""])
+@pytest.mark.parametrize("empty", [None, "", False, 0, [], {}])
 def test_an_empty_error_key_is_no_error(servers, empty):
-    """A server that always sends an `error` key, null or empty when all went well, is answered as usual."""
+    """A server that always sends an `error` key, null, false, 0 or empty when all went well, is answered as
+    usual."""
     fake, = servers("alfworld")
     answer = fake.answer
 
@@ -417,6 +420,20 @@ def test_an_oversized_reply_is_a_failed_call(servers):
     with pytest.raises(RuntimeError, match=rf"/step: reply over {AGENTGYM_MAX_REPLY_BYTES} bytes") as e:
         env.step("Action: apple")
     assert "\n" not in str(e.value) and fake.count("/create") == 2
+
+
+@pytest.mark.parametrize("flavor, path, body", [("alfworld", "/step", b'{"observation": "o", "reward": 1, "done": true}'),
+                                                ("webshop", "/create", b"12")])
+def test_a_reply_shorter_than_its_content_length_is_a_failed_call(servers, flavor, path, body):
+    """A connection closed before the whole body came is a failed call, even when the part that came is JSON."""
+    fake, = servers(flavor)
+    task = task_on([fake])
+    env = task.env(task.examples[0])
+    fake.always[path] = ("short", body)
+    with pytest.raises(RuntimeError, match=f"{path}: reply shorter than its Content-Length") as e:
+        env.reset()
+        env.step(WIN[flavor])
+    assert "\n" not in str(e.value) and "recreating the instance once" in str(e.value)
 
 
 def test_malformed_replies_are_failures(servers):
@@ -557,6 +574,32 @@ def test_default_ids_and_task_arguments():
         load_task("agentgym:alfworld", env_url=url, digits=3)
     two = load_task("agentgym:alfworld", env_url=" http://127.0.0.1:36001/, http://127.0.0.1:36002 ")
     assert two.urls == ["http://127.0.0.1:36001", "http://127.0.0.1:36002"]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://127.0.0.1:0", "http://h:abc", "http://h:-1",
+                                 "http://a..b:1", "http://.a:1", "http://a b:1", "http://" + "a" * 64 + ":1",
+                                 "http://[::1:36001", "http://[1.2.3]:1", "http://h\u00e9\u200b..x:1"])
+def test_a_bad_env_url_is_one_line_naming_the_flag(url):
+    with pytest.raises(ValueError) as e:
+        load_task("agentgym:alfworld", env_url=f"http://127.0.0.1:36001,{url}")
+    message = str(e.value)
+    assert "--env_url" in message and "\n" not in message and repr(url) in message
+
+
+@pytest.mark.parametrize("url", ["http://localhost:36001", "http://[::1]:36001", "https://env.example.org",
+                                 "http://alfworld_1:36001", "http://127.0.0.1", "http://m\u00fcnchen.example:80/api"])
+def test_good_env_urls_are_taken(url):
+    assert load_task("agentgym:alfworld", env_url=url).urls == [url]
+
+
+def test_a_bad_env_url_stops_icrl_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import icrl
+    monkeypatch.setattr(icrl, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded"))
+    with pytest.raises(SystemExit) as e:
+        icrl.main(["--task", "agentgym:alfworld", "--env_url", "http://127.0.0.1:99999", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "--env_url" in error and "99999" in error
 
 
 def test_id_files(tmp_path):

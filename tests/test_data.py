@@ -114,6 +114,13 @@ GSM8K_CASES = [
     (TWELVE, "\\boxed{12 dollars}", 1), (TWELVE, "\\boxed{12 km/h}", 1), (TWELVE, "\\boxed{12 apples}", 1),
     (TWELVE, "\\boxed{12 square feet}", 1), (TWELVE, "\\boxed{12 m}", 1), (TWELVE, "\\boxed{12\\text{ hours}}", 1),
     (TWELVE, "\\boxed{12 miles per hour}", 1), (TWELVE, "\\boxed{12 percent}", 1),
+    # \dfrac and \tfrac as \frac; a sign set apart from its number; a squared or cubed unit
+    (EIGHTEEN, "\\boxed{\\dfrac{36}{2}}", 1), (EIGHTEEN, "\\boxed{\\tfrac{36}{2}}", 1), (NEGATIVE, "\\boxed{- 7}", 1),
+    (NEGATIVE, "\\boxed{x = - 7}", 1), (NEGATIVE, "\\boxed{- \\dfrac{14}{2}}", 1), (EIGHTEEN, "\\boxed{+ 18}", 1),
+    (TWELVE, "\\boxed{12 cm^2}", 1), (TWELVE, "\\boxed{12 \\text{ft}^{3}}", 1), (TWELVE, "\\boxed{12 square m^2}", 1),
+    (EIGHTEEN, "\\boxed{- 18}", 0), (NEGATIVE, "\\boxed{- 7 - 1}", 0), (NEGATIVE, "\\boxed{-- 7}", 0),
+    (EIGHTEEN, "\\boxed{\\dfrac{18}{0}}", 0), (TWELVE, "\\boxed{12^2}", 0), (TWELVE, "\\boxed{12 x^2}", 0),
+    (TWELVE, "\\boxed{12 e^2}", 0), (TWELVE, "\\boxed{12 hundred^2}", 0), (TWELVE, "\\boxed{12 cm^4}", 0),
 ]
 
 HALF, RIGHT_ANGLE, ROOT_TWO, PAIR, SIDE = TASKS["math"].examples  # tests/data/math_sample.jsonl
@@ -158,6 +165,16 @@ MATH_CASES = [
     (math_example("2"), "\\boxed{2\\text{ square feet}}", 1), (math_example("2"), "\\boxed{2\\mbox{ km}^2}", 1),
     # "x=5" -> "5" only for a left side of at most 2 characters (normalize_math_answer): an equation is no label
     (math_example("7"), "\\boxed{2x+3=7}", 0), (math_example("7"), "\\boxed{y_1=7}", 0), (math_example("7"), "\\boxed{y1=7}", 1),
+    # LaTeX spaces, units with a slash, degrees Celsius, a braced thousands comma; and what they must not match
+    (SIDE, "\\boxed{5\\ \\text{cm}}", 1), (SIDE, "\\boxed{5~\\text{cm}}", 1), (SIDE, "\\boxed{5\\quad\\text{cm}}", 1),
+    (SIDE, "\\boxed{5\\qquad \\mathrm{cm}}", 1), (SIDE, "\\boxed{5\\text{ m/s}}", 1), (SIDE, "\\boxed{5\\text{ km/h}}", 1),
+    (math_example("20"), "\\boxed{20^\\circ\\text{C}}", 1), (math_example("20"), "\\boxed{20^{\\circ}\\mathrm{F}}", 1),
+    (math_example("20"), "\\boxed{20\u00b0C}", 1), (math_example("1000"), "\\boxed{1\\text{,}000}", 1),
+    (math_example("6"), "\\boxed{5\\text{ m/s}}", 0), (math_example("1"), "\\boxed{1\\text{,}000}", 0),
+    (SIDE, "\\boxed{5\\text{ m/x}}", 0), (math_example("20"), "\\boxed{20\\text{C}}", 0),
+    (math_example("20"), "\\boxed{20^\\circ\\text{ Ca}}", 0), (math_example("2"), "\\boxed{2\\ \\text{hundred}}", 0),
+    (math_example("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"), "\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}", 1),
+    (math_example("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"), "\\boxed{\\begin{pmatrix}1 2\\end{pmatrix}}", 0),
 ]
 
 
@@ -567,6 +584,37 @@ def test_countdown_instances():
 def test_bad_arithmetic_knobs(knobs, error):
     with pytest.raises(error):
         load_task("arithmetic", **knobs)
+
+
+@pytest.mark.parametrize("name, knobs, knob", [
+    ("arithmetic", {"digits": 10**10}, "digits"), ("arithmetic", {"operands": 10**10}, "operands"),
+    ("arithmetic", {"digits": "3"}, "digits"), ("arithmetic", {"n": 10**9}, "n"), ("countdown", {"count": 10**9}, "count"),
+    ("countdown", {"count": 1}, "count"), ("countdown", {"max_number": 10**30}, "max_number"),
+    ("countdown", {"max_target": 10**30}, "max_target"), ("countdown", {"n": 10**9}, "n")])
+def test_knobs_that_size_the_work_are_bounded(name, knobs, knob):
+    """A knob too large for the work it sizes is a one-line error naming it, before anything is built."""
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"^{name}: knob {knob} ") as e:
+        load_task(name, **knobs)
+    assert time.perf_counter() - start < 0.5 and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, knobs", [("arithmetic", {"digits": 1, "n": 100_000}),   # 90-odd train problems
+                                         ("countdown", {"count": 2, "max_number": 1, "n": 100_000})])   # 2 problems
+def test_a_spent_problem_space_is_reported_quickly(name, knobs):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="found only"):
+        load_task(name, **knobs)
+    assert time.perf_counter() - start < 5
+
+
+def test_countdown_references_are_read_by_the_verifier():
+    """Instances are kept only when the verifier accepts their reference: 80 numbers make references over
+    MAX_EXPRESSION_CHARS, so none."""
+    task = load_task("countdown", n=50, count=40, max_target=10**6)
+    assert all(task.reward(e, f"\\boxed{{{e.answer}}}") == 1.0 for e in task.examples)
+    with pytest.raises(ValueError, match="found only 0"):
+        load_task("countdown", n=1, count=80, max_number=9, max_target=10**12)
 
 
 def test_knobs_from_the_command_line():

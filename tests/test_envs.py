@@ -170,7 +170,28 @@ def test_gridworld_reads_the_first_word_or_the_box():
         env.reset()
         assert env.step(action)[0].startswith("Invalid move"), action
     env.reset()
-    assert env.step("x" * MAX_ACTION_CHARS + "\\boxed{down}")[0].startswith("Invalid move")  # beyond the cut
+    assert env.step("x" * MAX_ACTION_CHARS + " down")[0].startswith("Invalid move")  # no box: the text is cut
+
+
+REASONING = "Let me think about it step by step before I answer. " * 5   # over MAX_ACTION_CHARS
+
+
+def test_a_box_is_read_wherever_it_is():
+    """The last \\boxed{} of the visible text is read however long the text before it, \\text{} unwrapped;
+    without a box only the first MAX_ACTION_CHARS characters are read. The repeat key reads the same."""
+    assert len(REASONING) > MAX_ACTION_CHARS
+    envs = {"down": GridworldEnv(GRID, max_moves=16), "14": GuessEnv(GUESS, max_guesses=6, hints="range"),
+            "3": BoxesEnv(BOXES, tries=9)}
+    right = {"down": "You moved down", "14": "14 is right!", "3": "You found the key"}
+    for word, env in envs.items():
+        for action in [REASONING + f"\\boxed{{{word}}}", f"\\boxed{{\\text{{{word}}}}}",
+                       f"\\boxed{{\\textbf{{{word}}}}}", REASONING + f"So: \\boxed{{\\mathrm{{{word}}}}}."]:
+            env.reset()
+            assert env.step(action)[0].startswith(right[word]), (word, action[-30:])
+            assert env.action_key(action) == env.action_key(word), action[-30:]
+        env.reset()
+        assert not env.step(REASONING + word)[0].startswith(right[word])   # beyond the cut, no box
+        assert env.action_key(REASONING + word) != env.action_key(word)
 
 
 @pytest.mark.parametrize("name", ENV_TASKS)
