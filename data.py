@@ -404,6 +404,7 @@ def encode_observation(tokenizer, text: str) -> list[int]:
 
 class Environment:
     """One task instance. A retry resets the same instance again: reset() must give the same start."""
+    remote = False   # calls wait on a server (AgentGym): the trainer makes a turn's calls at once, from threads
 
     def reset(self) -> tuple[str, str]:
         raise NotImplementedError
@@ -1674,6 +1675,8 @@ class AgentGymEnv(Environment):
     tried once more -- for step(), on the fresh instance: reset to the task id, replay this episode's
     earlier actions (the environments are deterministic), then the step. A second failure raises
     RuntimeError naming the server and the call."""
+
+    remote = True
 
     def __init__(self, task: "AgentGymTask", example: Example):
         self.task, self.example = task, example

@@ -30,6 +30,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -263,12 +264,26 @@ class Sampler:
         ids = generation.tokens[:-1] if generation.finished else generation.tokens
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def env_call(self, env, method, *args):
+    def env_calls(self, envs, method, arg_lists):
         t = time.perf_counter()
         try:
-            return checked_env_reply(env, method, getattr(env, method)(*args))
+            return call_envs(envs, method, arg_lists)
         finally:
             self.times["env"] += time.perf_counter() - t
+
+
+def call_envs(envs, method, arg_lists):
+    """[env.method(*args)] in order, each reply checked. Environments behind a server (Environment.remote:
+    AgentGym's) are called at once, from threads, so a turn waits for its slowest call, not for their sum;
+    the built-in ones, plain Python, one after another."""
+    call = lambda env, args: checked_env_reply(env, method, getattr(env, method)(*args))
+    if len(envs) > 1 and all(env.remote for env in envs):
+        with ThreadPoolExecutor(min(len(envs), MAX_ENV_THREADS)) as threads:
+            return list(threads.map(call, envs, arg_lists))
+    return [call(env, args) for env, args in zip(envs, arg_lists)]
+
+
+MAX_ENV_THREADS = 64   # server calls of one turn in flight at once (call_envs)
 
 
 def checked_env_reply(env, method, reply):
@@ -308,8 +323,7 @@ def run_episodes(sampler, envs, critiques, phase):
             rendered[message] = solver_context(tok, *message, enable_thinking=cfg.enable_thinking)
         return list(rendered[message])
 
-    for env, critique in zip(envs, critiques):
-        task_text, first_observation = sampler.env_call(env, "reset")
+    for critique, (task_text, first_observation) in zip(critiques, sampler.env_calls(envs, "reset", [()] * len(envs))):
         free = context_of(task_text, first_observation)
         context = free if critique is None else context_of(task_text, first_observation, critique)
         episodes.append(Episode(context, task_text, first_observation))
@@ -326,18 +340,24 @@ def run_episodes(sampler, envs, critiques, phase):
                 break
             gens = sampler.sample([episodes[i].context + episodes[i].tokens for i in live], cfg.max_new_tokens,
                                   (*phase, turn), call=call, session=session, continues=continues)
-            still, continues = [], []   # the episodes still running, and each one's row in this call
-            for row, (i, g) in enumerate(zip(live, gens)):
+            for i, g in zip(live, gens):
                 ep = episodes[i]
                 ep.tokens += g.tokens
                 ep.mask += [1] * len(g.tokens)
                 ep.sampler_logprobs += full_softmax_logprobs(g)
                 ep.actions.append(sampler.text(g))
-                if not g.finished:  # cut off by max_new_tokens: never sent to the environment, and the end
-                    ep.observations.append("")   # (SPEC §1: the reward stays the environment's last; 0 on turn 1)
+            # an action cut off by max_new_tokens is never sent to the environment
+            sent = [i for i, g in zip(live, gens) if g.finished]
+            replies = dict(zip(sent, sampler.env_calls([envs[i] for i in sent], "step",
+                                                       [(episodes[i].actions[-1],) for i in sent])))
+            still, continues = [], []   # the episodes still running, and each one's row in this call
+            for row, (i, g) in enumerate(zip(live, gens)):
+                ep = episodes[i]
+                if not g.finished:  # the end (SPEC §1: the reward stays the environment's last; 0 on turn 1)
+                    ep.observations.append("")
                     ep.end = "cutoff"
                     continue
-                observation, ep.reward, done = sampler.env_call(envs[i], "step", ep.actions[-1])
+                observation, ep.reward, done = replies[i]
                 ep.observations.append(observation)
                 # the markers follow the end of turn: an action that stopped on another stop id gets it as context
                 closing = [] if g.tokens[-1] == sampler.end_of_turn else [sampler.end_of_turn]

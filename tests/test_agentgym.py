@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import icrl
 from data import (AGENTGYM_INSTRUCTIONS, AGENTGYM_MAX_REPLY_BYTES, AgentGymPool, AgentGymTask, load_task, parse_knobs,
                   read_agentgym_ids)
 
@@ -33,6 +34,7 @@ class FakeAgentGym:
         self.always = {}           # path -> a fault for every request
         self.dead = False
         self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0   # requests being answered at once
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -71,6 +73,16 @@ class FakeAgentGym:
     # --- HTTP ---------------------------------------------------------------------------------------
 
     def serve(self, handler, path, payload):
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            self.answer_request(handler, path, payload)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def answer_request(self, handler, path, payload):
         with self.lock:
             self.calls.append((path, payload))
             fault = self.faults[path].pop(0) if self.faults.get(path) else self.always.get(path)
@@ -279,6 +291,26 @@ def test_pool_spreads_live_envs_over_servers_and_reuses_instances(servers):
     assert sorted(env.lease[0] for env in again) == [0, 1, 2]   # one per server again
     assert [f.count("/create") for f in fakes] == [2, 1, 1]       # the instances are reused
     for env in again:
+        env.close()
+
+
+def test_a_turn_calls_its_servers_at_once(servers):
+    """A turn's resets and steps go to the servers together (threads), so a turn waits for its slowest call,
+    not for the sum of them; the replies come back in the episodes' order."""
+    fake, = servers("alfworld")
+    task = task_on([fake])
+    envs = [task.env(example) for example in task.examples[:4]]
+    fake.always["/reset"] = fake.always["/step"] = ("sleep", 0.2)
+    first = icrl.call_envs(envs, "reset", [()] * 4)
+    assert fake.most_in_flight > 1
+    one_by_one = [task.env(example) for example in task.examples[:4]]
+    assert first == [env.reset() for env in one_by_one]
+    for env in one_by_one:
+        env.close()
+    fake.most_in_flight = 0
+    replies = icrl.call_envs(envs, "step", [("Action: look",)] * 4)
+    assert fake.most_in_flight > 1 and [reward for _, reward, _ in replies] == [0.0] * 4
+    for env in envs:
         env.close()
 
 
