@@ -648,35 +648,22 @@ def test_a_kill_at_every_point_of_a_save_leaves_a_loadable_latest(tmp_path, monk
     assert any(killed_in_optimizer) and not all(killed_in_optimizer)
 
 
-def test_saving_a_fresh_optimizer_leaves_its_first_step_a_first_step(tmp_path):
+def test_a_fresh_optimizer_saved_takes_a_first_step_and_so_does_its_load(tmp_path):
     """The warm_start checkpoint is saved before RL's first update. DCP's state dict of a fresh AdamW gives it
-    state (a zero step); the save must undo that, or RL's first update would be ~0.74 of a first Adam step
-    and `make train` would differ from a run started with --model warm_start."""
-    models = [tiny_model(50), tiny_model(50)]
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
-    icrl.save_optimizer(models[0], optimizers[0], str(tmp_path / "optimizer"))
-    assert not optimizers[0].state and (tmp_path / "optimizer" / ".metadata").is_file()
-    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
-    for m, opt in zip(models, optimizers):
-        m(ids).float().square().mean().backward()
-        opt.step()
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        assert torch.equal(a, b)
-
-
-def test_a_fresh_optimizer_saved_and_loaded_takes_a_first_step(tmp_path):
-    """A checkpoint saved before any update was taken (the warm start's, or every update skipped) resumes to
-    the run that never stopped: the loaded AdamW state's next step is a first step (bias corrections of step 1)."""
-    models = [tiny_model(50), tiny_model(50)]
+    state (an optimizer step at lr 0); the save must undo that, or RL's first update would be ~0.74 of a first
+    Adam step and `make train` would differ from a run started with --model warm_start. Loaded back (a resume
+    from that checkpoint), the state must give a first step too (bias corrections of step 1)."""
+    models = [tiny_model(50) for _ in range(3)]   # saved, loaded from the save, never saved
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
     icrl.save_optimizer(models[0], optimizers[0], str(tmp_path / icrl.OPTIMIZER))
-    icrl.load_optimizer(models[0], optimizers[0], str(tmp_path))
+    assert not optimizers[0].state and (tmp_path / icrl.OPTIMIZER / ".metadata").is_file()
+    icrl.load_optimizer(models[1], optimizers[1], str(tmp_path))
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
     for m, opt in zip(models, optimizers):
         m(ids).float().square().mean().backward()
         opt.step()
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        assert torch.equal(a, b)
+    for saved, loaded, never in zip(*(m.parameters() for m in models)):
+        assert torch.equal(saved, never) and torch.equal(loaded, never)
 
 
 def test_a_failing_rank_stops_the_run_with_its_error_instead_of_hanging(tmp_path):
