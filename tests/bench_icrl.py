@@ -7,7 +7,11 @@ every role (16), so the ratio counts samples and passes, not longer critiques; I
 the trainer (the default) and from the sampler (--calib_logp sampler):
 - all failing: the random-init model never emits the stop token, so every first attempt runs to the limit
   and fails, every chain is critiqued and retried (three times GRPO's samples), the worst case;
-- about half failing: after a short supervised warm start to ~50% greedy accuracy on training examples."""
+- about half failing: after a short supervised warm start to ~50% greedy accuracy on training examples.
+Beside the seconds, the work each peer's step does, counted in tokens (WorkCount), so the ratio of seconds can
+be read against the ratio of work: positions through the trainer with a backward (context and response of
+every trained sample), positions through a forward alone (l_cond, or l_old where a separate pass runs),
+prompt tokens prefilled by the sampler (a prompt repeated in one call counts once) and tokens it generated."""
 import copy
 import json
 import os
@@ -29,6 +33,36 @@ PEERS = {"icrl": ["--algo", "icrl"], "icrl_sampler_lcond": ["--algo", "icrl", "-
          "grpo": ["--algo", "grpo"]}
 
 
+class WorkCount:
+    """Counts the tokens the trainer and the sampler are handed, by wrapping icrl's response_logprobs and
+    generate for the duration of a `with`: a measurement of this script's, not a metric of the trainer's."""
+    KEYS = ("train_positions", "forward_positions", "prefill_tokens", "generated_tokens")
+
+    def __init__(self):
+        self.counts = dict.fromkeys(self.KEYS, 0)
+
+    def __enter__(self):
+        self.saved = icrl.response_logprobs, icrl.generate
+        logprobs, generate = self.saved
+
+        def counted_logprobs(model, contexts, responses, *args, **kwargs):
+            key = "train_positions" if torch.is_grad_enabled() else "forward_positions"
+            self.counts[key] += sum(len(c) + len(r) for c, r in zip(contexts, responses))
+            return logprobs(model, contexts, responses, *args, **kwargs)
+
+        def counted_generate(model, prompts, *args, **kwargs):
+            out = generate(model, prompts, *args, **kwargs)
+            self.counts["prefill_tokens"] += sum(map(len, set(map(tuple, prompts))))
+            self.counts["generated_tokens"] += sum(len(g.tokens) for g in out)
+            return out
+
+        icrl.response_logprobs, icrl.generate = counted_logprobs, counted_generate
+        return self
+
+    def __exit__(self, *exc):
+        icrl.response_logprobs, icrl.generate = self.saved
+
+
 def bench(model, tokenizer, task, peer):
     args = icrl.parse_args(PEERS[peer] + ["--warm_start_steps", "0"] + FLAGS)
     ctx = icrl.Dist()
@@ -38,10 +72,11 @@ def bench(model, tokenizer, task, peer):
     rows = []
     for step in range(STEPS + 1):  # step 0 warms up allocators and caches
         t = time.perf_counter()
-        m = icrl.train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step)
+        with WorkCount() as work:
+            m = icrl.train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step)
         if step:
             rows.append(dict(total=time.perf_counter() - t, sample=m["t_sample"], env=m["t_env"], train=m["t_train"],
-                             acc=m["acc"], critiqued=m.get("critiqued_frac") or 0.0))
+                             acc=m["acc"], critiqued=m.get("critiqued_frac") or 0.0, **work.counts))
     return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
@@ -64,8 +99,14 @@ def main():
                   f"{r['env']:7.4f} {r['train']:7.2f}")
         by_peer["icrl_over_grpo"] = by_peer["icrl"]["total"] / by_peer["grpo"]["total"]
         by_peer["icrl_sampler_lcond_over_grpo"] = by_peer["icrl_sampler_lcond"]["total"] / by_peer["grpo"]["total"]
+        by_peer["work_icrl_over_grpo"] = {k: by_peer["icrl"][k] / by_peer["grpo"][k] for k in WorkCount.KEYS
+                                          if by_peer["grpo"][k]}
         print(f"{state}: ICRL step / GRPO step = {by_peer['icrl_over_grpo']:.2f}x "
               f"(l_cond from the sampler: {by_peer['icrl_sampler_lcond_over_grpo']:.2f}x)")
+        print(f"{state}: work per step, ICRL / GRPO: " + ", ".join(
+            f"{k} {by_peer['icrl'][k]:.0f} / {by_peer['grpo'][k]:.0f}"
+            + (f" = {by_peer['work_icrl_over_grpo'][k]:.2f}x" if k in by_peer["work_icrl_over_grpo"] else "")
+            for k in WorkCount.KEYS))
     os.makedirs("bench_results", exist_ok=True)
     with open("bench_results/icrl.json", "w") as f:
         json.dump(results, f, indent=1)
