@@ -965,10 +965,14 @@ def calibration_summary(retries, args, ctx):
 
 def quantile(values, q):
     """torch.quantile's linear interpolation of a 1-D tensor, for any number of values (torch.quantile refuses
-    more than 2^24)."""
+    more than 2^24), NaN where a value is NaN. The rank is in the values' dtype, as torch.quantile's; past 2^24
+    values a float32 rank may round past the last index, so the indices are clamped."""
+    if values.isnan().any():
+        return values.new_tensor(float("nan"))
     ordered = values.sort().values
-    rank = torch.tensor(q, dtype=ordered.dtype) * (ordered.numel() - 1)
-    return ordered[rank.long()].lerp(ordered[rank.ceil().long()], rank - rank.floor())
+    last = ordered.numel() - 1
+    rank = torch.tensor(q, dtype=ordered.dtype) * last
+    return ordered[rank.long().clamp(max=last)].lerp(ordered[rank.ceil().long().clamp(max=last)], rank - rank.floor())
 
 
 @torch.no_grad()
@@ -1324,7 +1328,8 @@ def resolve_resume(path):
         return checkpoint, path
     steps = {}  # a kill between a first checkpoint's rename and the first `latest` write leaves it unnamed
     for name in sorted(os.listdir(path)):
-        if os.path.islink(os.path.join(path, name)):  # final: a name for one of them
+        # final: a name for one of them; .tmp-NAME: one a kill left half saved
+        if os.path.islink(os.path.join(path, name)) or name.startswith(".tmp-"):
             continue
         try:
             steps[name] = saved_trainer_state(os.path.join(path, name))["step"]

@@ -211,8 +211,13 @@ def test_tenth_percentile_of_any_number_of_weights():
     for n in (1, 2, 7, 1000):
         w = torch.rand(n, generator=gen)
         assert icrl.quantile(w, 0.1) == torch.quantile(w, 0.1)
+    for q in (0.0, 0.1, 1.0):
+        assert icrl.quantile(w, q) == torch.quantile(w, q)
     n = 2 ** 24 + 1
     assert float(icrl.quantile(torch.arange(n, dtype=torch.float32).flip(0) / (n - 1), 0.1)) == pytest.approx(0.1, abs=1e-6)
+    n = 2 ** 25   # the rank (n - 1) * q, in float32, rounds past the last index
+    assert float(icrl.quantile(torch.ones(n), 1.0)) == 1.0
+    assert icrl.quantile(torch.tensor([0.5, float("nan"), 1.0]), 0.1).isnan()   # as torch.quantile: NaN in, NaN out
 
 
 def test_sampling_config_takes_the_episode_flags():

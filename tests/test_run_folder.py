@@ -153,6 +153,12 @@ def test_a_run_folder_without_latest_names_its_newest_checkpoint(base_run, tmp_p
     os.remove(os.path.join(run, "latest"))
     err = usage_error(capsys, ["--resume", run])
     assert f"--resume {os.path.join(run, 'step_2')}" in err, err
+    # a half-saved newer one (a kill before its rename) is never the one named
+    shutil.copytree(os.path.join(run, "step_2"), os.path.join(run, ".tmp-step_3"))
+    state_path = os.path.join(run, ".tmp-step_3", icrl.TRAINER_STATE)
+    json.dump(dict(json.load(open(state_path)), step=3), open(state_path, "w"))
+    err = usage_error(capsys, ["--resume", run])
+    assert f"--resume {os.path.join(run, 'step_2')}" in err, err
 
 
 def test_resume_can_turn_the_boolean_settings_that_may_change_off(base_run, tmp_path):
