@@ -14,7 +14,7 @@ Run:
 Without --task, the task is the one --model was trained on, with its knobs (icrl.py's trainer_state.json in
 the folder; boxes for a folder without one); on that task, the episode settings that are not given
 (--enable_thinking, --max_new_tokens, --critic_max_new_tokens, --max_turns, --max_context, --obs_chars) are
-that run's too.
+that run's too (--max_turns not with other --task_knob values: then the knobbed task's own).
 
 What is sampled (icrl.rollout, SPEC §2.1-2.4, the same code as training): for every example, n chains
 (--n) of up to K rounds (--rounds). Round 1 is a critique-free episode tau_1 ~ S(x). While the gate lets a
@@ -234,15 +234,20 @@ def defaults_from_checkpoint(args, fallback):
     elif saved.get("task", args.task) != args.task:
         warn(f"--task {args.task} differs from {saved['task']}, the task --model was trained on ({file})")
     if args.task == saved.get("task"):
+        other_knobs = False
         for key in ("task_knob", "env_url"):
             given, old = getattr(args, key), saved.get(key)
             if given is None and old:
                 setattr(args, key, old)
                 taken.append(f"--{key} {show(old)}")
             elif key == "task_knob" and given is not None and not same_setting(key, given, old):
+                other_knobs = True
                 warn(f"--task_knob {show(given)} differs from {show(old) if old else 'no knobs'}, --model's "
                      f"training ({file})")
         for key in EPISODE_SETTINGS:
+            # icrl.py saves the turn limit its task's knobs gave (boxes: its tries): other knobs, the task's own
+            if key == "max_turns" and other_knobs:
+                continue
             if getattr(args, key) is None and key in saved:
                 setattr(args, key, saved[key])
                 taken.append(f"--{'' if saved[key] else 'no-'}{key}" if key == "enable_thinking" else

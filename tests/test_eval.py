@@ -548,6 +548,25 @@ def test_a_task_or_knob_other_than_the_checkpoints_is_warned_about(arithmetic_ru
     assert capsys.readouterr().err == ""
 
 
+def test_other_knobs_take_the_tasks_own_turn_limit(checkpoints, tmp_path, capsys):
+    """icrl.py saves the turn limit it took from its task's knobs (boxes: as many turns as tries); eval.py with
+    other knobs plays the task those knobs make, whole, not cut to the checkpoint's limit."""
+    folder = tmp_path / "boxes_run"
+    shutil.copytree(checkpoints[0], folder)
+    trained = icrl.parse_args(["--task", "boxes"])
+    trained.max_turns = 2   # as icrl.py saves it: the task's own (boxes: one turn per try, 2 by default), resolved
+    icrl.write_trainer_state(str(folder), 3, trained)
+    assert ev.parse_args(["--model", str(folder)]).max_turns == trained.max_turns
+    assert f"--max_turns {trained.max_turns}" in capsys.readouterr().out
+    tries = trained.max_turns + 3
+    args = ev.parse_args(["--model", str(folder), "--task_knob", f"tries={tries}"])
+    assert args.max_turns == 0 and f"--max_turns {trained.max_turns}" not in capsys.readouterr().out   # 0: the task's own
+    summary = ev.main(["--model", str(folder), "--task_knob", f"tries={tries}", "--out", str(tmp_path / "eval"),
+                       "--max_examples", "2", "--n", "1", "--rounds", "1"])
+    assert summary["max_turns"] == tries
+    assert ev.parse_args(["--model", str(folder), "--task_knob", f"tries={tries}", "--max_turns", "2"]).max_turns == 2
+
+
 @pytest.fixture
 def thinking_run(checkpoints, tmp_path):
     """A checkpoint trained with other episode settings than eval.py's defaults, --enable_thinking among them."""
