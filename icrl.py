@@ -716,7 +716,7 @@ def old_logprobs(model, samples, args, ctx, under_training_context=True):
     """log pi_old of every sample's tokens under its training context (l_old; for a retry, l_free under
     S(x)), and for retries also under S(x, c) (l_cond, SPEC §2.7), of the full softmax at the temperature
     (see the comment above). Recomputed by the trainer, so that rho = 1 exactly on the first pass; the
-    sampler's own log-probs feed the logprob_gap metric, and l_cond under --calib_logp sampler (then no
+    sampler's own log-probs feed the logprob_gap metric, and l_cond where l_cond_from_sampler (then no
     forward under S(x, c) runs). `under_training_context` False: l_cond only
     (with one update per step, `update` takes l_old from its own forward: see one_update_per_step)."""
     try:
@@ -732,7 +732,7 @@ def _old_logprobs(model, samples, args, ctx, under_training_context):
     """The log-probs stay on the device until every micro-batch is done, then come to the host in one copy:
     a .cpu() per micro-batch would make the host wait for each forward in turn."""
     retries = [s for s in samples if s.calib_context is not None]
-    if args.calib_logp == "sampler":  # l_cond as the sampler computed it under S(x, c) (SPEC §2.7's note)
+    if l_cond_from_sampler(args):
         for s in retries:
             s.cond_logp = torch.tensor(s.sampler_logprobs, dtype=torch.float)
         retries = []
@@ -749,6 +749,13 @@ def _old_logprobs(model, samples, args, ctx, under_training_context):
                                     args.temperature, ctx.device, [s.mask for s in micro])
         passes.append((micro, "cond_logp", logp))
     to_host(passes)
+
+
+def l_cond_from_sampler(args):
+    """A retry's l_cond (SPEC §2.7) is the sampler's log-probs under S(x, c): with --calib_logp sampler (§2.7's
+    note: the authors' way), and with --calib none, whose weights never read it (a forward under S(x, c) would
+    feed only the logprob_gap metric)."""
+    return args.calib_logp == "sampler" or args.calib == "none"
 
 
 def to_host(passes):
@@ -919,7 +926,7 @@ def step_metrics(rollouts, samples, stats, times, args, ctx):
     gap = 0.0
     for x in samples:  # the sampler's log-probs against the trainer's, on trained tokens (SPEC §3)
         reference = x.cond_logp if x.calib_context is not None else x.old_logp
-        if x.trained_tokens and not (x.calib_context is not None and args.calib_logp == "sampler"):
+        if x.trained_tokens and not (x.calib_context is not None and l_cond_from_sampler(args)):
             diff = (torch.tensor(x.sampler_logprobs) - reference).abs() * torch.tensor(x.loss_mask)
             gap = max(gap, float(diff.max()))
     gap, t_sample, t_env, t_train = all_reduce([gap, times["sample"], times["env"], times["train"]], ctx, MAX)

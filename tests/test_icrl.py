@@ -505,6 +505,11 @@ def test_calib_logp_sampler_takes_l_cond_from_the_sampler(monkeypatch):
     seen.clear()
     icrl.old_logprobs(model, [first, retry], icrl.parse_args(["--batch_prompts", "1"]), icrl.Dist())
     assert s_xc in seen                                    # the default: the trainer's forward under S(x, c)
+    seen.clear()
+    none = icrl.parse_args(["--calib", "none", "--batch_prompts", "1"])
+    icrl.old_logprobs(model, [first, retry], none, icrl.Dist())
+    assert seen and s_xc not in seen                       # --calib none reads no l_cond: no forward for it
+    assert icrl.sample_weights([retry], 3, none)[0].tolist() == [1.0, 0.0, 1.0]
 
 
 def test_a_skipped_update_leaves_the_others_of_the_step_and_their_figures(capsys):
