@@ -860,7 +860,7 @@ def generate(model: Qwen3, prompts: list[list[int]], max_new_tokens: int, temper
     keep the KV cache for the next call (Session)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 0:
+    if not 0 <= temperature < math.inf or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 0:
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}, "
                          f"max_new_tokens={max_new_tokens}")
     if max_new_tokens == 0:

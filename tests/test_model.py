@@ -491,6 +491,9 @@ def test_generate_rejects_bad_arguments(tiny):
         generate(model, [[1], []], 4)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1]], 4, top_p=0.0)
+    for temperature in (float("nan"), float("inf")):   # NaN fails `< 0` and would decode greedily
+        with pytest.raises(ValueError, match="temperature"):
+            generate(model, [[1]], 4, temperature=temperature)
 
 
 # ----------------------------------------------------------------------------- checkpoints
