@@ -1167,7 +1167,8 @@ def save_checkpoint(model, optimizer, tokenizer, args, ctx, step, name):
     """Write a checkpoint into the run folder DIR: a Hugging Face folder (weights, config.json with the
     stop ids in generation_config.json, the tokenizer) plus trainer_state.json (step, settings) and
     optimizer/ (DCP, a file per rank). `name` is warm_start, step_N or final; final is written as step_N
-    (N = `step`) and DIR/final is then a relative symlink to it.
+    (N = `step`), or is the whole checkpoint of that step `latest` names (warm_start after --steps 0), and
+    DIR/final is then a relative symlink to it.
 
     Kill-safe at every point: the folder is written under .tmp-NAME (every rank its optimizer file, then rank
     0 the rest), fsynced and renamed; only then is DIR/latest (a file naming the newest folder) replaced,
@@ -1175,7 +1176,10 @@ def save_checkpoint(model, optimizer, tokenizer, args, ctx, step, name):
     (saving it again only points `final` at it), so `latest` and `final` always name a whole checkpoint; one
     found damaged (a run resumed from an earlier checkpoint reaches its step again) is written anew."""
     folder = f"step_{step}" if name == "final" else name
-    saved = ctx.main and latest_name(args.out) == folder and whole_checkpoint(os.path.join(args.out, folder), step)
+    named = latest_name(args.out) if ctx.main else None
+    if name == "final" and named and whole_checkpoint(os.path.join(args.out, named), step):
+        folder = named   # --steps 0: the warm start just saved is the final checkpoint, not copied again
+    saved = ctx.main and named == folder and whole_checkpoint(os.path.join(args.out, folder), step)
     saved = all_reduce([float(saved)], ctx)[0] > 0  # rank 0's reading of `latest`, so every rank agrees
     if saved:
         if ctx.main and name == "final":

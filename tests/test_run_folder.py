@@ -219,6 +219,17 @@ def test_fresh_run_refuses_a_non_empty_out_unless_overwrite(base_run, tmp_path, 
     assert sorted(os.listdir(run)) == ["final", "latest", "notes.txt", "step_0"]
 
 
+def test_a_run_of_no_rl_step_keeps_one_copy_of_its_warm_start(tmp_path):
+    """--steps 0 after a warm start (make compare's starting points): `final` is the warm start's checkpoint,
+    not a second copy of the same weights and optimizer state (for Qwen3-8B, tens of GB)."""
+    run = str(tmp_path / "w")
+    icrl.main(TINY_RUN + ["--warm_start_steps", "2", "--warm_start_role_steps", "1", "--steps", "0", "--out", run,
+                          "--eval_examples", "1", "--eval_samples", "1"])
+    assert sorted(os.listdir(run)) == ["final", "latest", "warm_start"]
+    assert os.path.realpath(os.path.join(run, "final")) == os.path.realpath(os.path.join(run, "warm_start"))
+    assert icrl.latest_name(run) == "warm_start" and icrl.read_trainer_state(os.path.join(run, "final"))["step"] == 0
+
+
 def test_metrics_are_strict_json_and_a_torn_last_line_is_dropped(tmp_path, capsys):
     line = icrl.metrics_line({"step": 1, "loss": float("nan"), "tok_per_s": float("inf"), "x": [float("-inf"), 1.5]})
     strict = json.loads(line, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
