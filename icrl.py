@@ -2061,8 +2061,8 @@ def check_out(out):
 
 def clear_run_folder(out, model):
     """--overwrite: remove an old run's files from `out` (metrics, latest, final, every checkpoint folder,
-    leftovers of killed saves); anything else stays, and so does the folder `model` (the new run's --model,
-    e.g. the old run's warm_start)."""
+    leftovers of killed saves, and make eval's `eval/`: figures of checkpoints that go); anything else stays,
+    and so does the folder `model` (the new run's --model, e.g. the old run's warm_start)."""
     if not os.path.isdir(out):
         return
     model = os.path.realpath(model)
@@ -2071,7 +2071,8 @@ def clear_run_folder(out, model):
         path = os.path.join(out, name)
         holds_model = model == os.path.realpath(path) or model.startswith(os.path.realpath(path) + os.sep)
         ours = not holds_model and (name in ("metrics.jsonl", "metrics.jsonl.tmp", "latest", "latest.tmp", "final")
-                                    or name.startswith(".tmp-") or is_our_checkpoint(path))
+                                    or name.startswith(".tmp-") or is_our_checkpoint(path)
+                                    or name == "eval" and os.path.isfile(os.path.join(path, "summary.json")))
         (removed if ours else kept).append(name)
         if ours:
             remove_path(path)

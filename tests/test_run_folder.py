@@ -209,6 +209,8 @@ def test_overwrite_refuses_to_save_over_its_model_folder(base_run, tmp_path, mon
 def test_fresh_run_refuses_a_non_empty_out_unless_overwrite(base_run, tmp_path, monkeypatch, capsys):
     run = copy_run(base_run, tmp_path / "a")
     (tmp_path / "a" / "notes.txt").write_text("mine")
+    (tmp_path / "a" / "eval").mkdir()   # make eval's output (eval.py --out RUN/eval): the old run's figures
+    (tmp_path / "a" / "eval" / "summary.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     before = sorted(os.listdir(run))
     err = usage_error(capsys, FAST + ["--steps", "1", "--out", run])
