@@ -10,7 +10,7 @@ advantages are normalised per query and role.
 Run (the embedded default: tiny random Qwen3 + character tokenizer on the multi-turn `boxes`, CPU):
     python icrl.py                                             # one process
     torchrun --standalone --nproc_per_node 2 icrl.py           # what `make train` runs
-    torchrun --standalone --nproc_per_node 2 icrl.py --task arithmetic   # a one-turn task
+    torchrun --standalone --nproc_per_node 2 icrl.py --task arithmetic --out runs/arithmetic-icrl   # a one-turn task
 Real checkpoints on GPUs (README has the full commands for Qwen3-4B/8B and AgentGym's ALFWorld):
     torchrun --nproc_per_node 8 icrl.py --model /path/Qwen3-8B --task math --train_file train.jsonl \\
         --eval_file test.jsonl --dtype bfloat16 --fsdp --grad_ckpt --lr 1e-6 --max_new_tokens 2048 \\
