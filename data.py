@@ -1634,12 +1634,19 @@ class AgentGymPool:
     shared round-robin (two live environments on one server get slots 0 and 1, i.e. two instances there;
     the server answers them one request at a time). One instance is created per (server, slot) on first
     use and reused by every later environment on that slot (reset() reuses it: AgentGym's alfworld and
-    webshop never free instances); a failed call makes the next one create a fresh instance. Thread-safe."""
+    webshop never free instances); a failed call makes the next one create a fresh instance. Thread-safe.
+
+    A server answers one request at a time (AGENTGYM.md), so this process sends it one at a time: an
+    environment's reset() or step() holds its server's lock, and a call's timeout starts only once the lock
+    is held, so it measures the server's own time, not the wait behind this process's other calls to it.
+    `failure`: the error that stopped the run, which the calls still waiting for a lock raise unsent."""
 
     def __init__(self, urls: list[str]):
         self.urls = list(urls)
         self.busy = [set() for _ in self.urls]     # leased slots, per server
         self.instances = {}                        # (server, slot) -> instance id on that server
+        self.server_locks = [threading.Lock() for _ in self.urls]
+        self.failure = None
         rank, world = int(os.environ.get("RANK", 0) or 0), int(os.environ.get("WORLD_SIZE", 1) or 1)
         self.cursor = (rank * len(self.urls)) // max(world, 1) % len(self.urls)
         self.lock = threading.Lock()
@@ -1752,8 +1759,9 @@ class AgentGymTask(Task):
     observation string, a finite reward, done true/false or 0/1) is a failure of that instance: the client
     forgets it, creates a fresh one and tries once more (reset: the reset again; step: reset, replay of the
     episode's earlier actions, the step). A second failure raises RuntimeError, one line naming the server and
-    the call that failed (and the first failure). close() (of the task, optional) frees the instances on servers
-    that have POST /close."""
+    the call that failed (and the first failure), and the calls still waiting for a server raise it unsent.
+    Each server gets one request at a time from this process; the timeout counts from when it is sent
+    (AgentGymPool). close() (of the task, optional) frees the instances on servers that have POST /close."""
 
     def __init__(self, env_name: str, path: str | None = None, split: str = "train", env_url=None,
                  protocol: str = "upstream", timeout=AGENTGYM_TIMEOUT, n: int | None = None,
@@ -1883,19 +1891,24 @@ class AgentGymTask(Task):
         return observation, min(max(reward / self.reward_scale, 0.0), 1.0), bool(done)
 
     def recovering(self, lease, call, again):
-        """call(); after a failure, forget the instance (the next call creates a fresh one) and run again();
-        a second failure raises RuntimeError naming the server and the call."""
-        try:
-            return call()
-        except AgentGymCallFailed as first:
-            with self.pool.lock:
-                self.pool.instances.pop(lease, None)
+        """call(), holding the server's lock (AgentGymPool); after a failure, forget the instance (the next call
+        creates a fresh one) and run again(); a second failure raises RuntimeError naming the server and the
+        call, and so does every later call of this task: the run stops, and nothing waits for more timeouts."""
+        with self.pool.server_locks[lease[0]]:
+            if self.pool.failure is not None:
+                raise RuntimeError(self.pool.failure)
             try:
-                return again()
-            except AgentGymCallFailed as second:
-                before = "the same" if str(second) == str(first) else str(first)
-                raise RuntimeError(f"{self.name}: {second} (after recreating the instance once; first failure: "
-                                   f"{before})") from None
+                return call()
+            except AgentGymCallFailed as first:
+                with self.pool.lock:
+                    self.pool.instances.pop(lease, None)
+                try:
+                    return again()
+                except AgentGymCallFailed as second:
+                    before = "the same" if str(second) == str(first) else str(first)
+                    self.pool.failure = (f"{self.name}: {second} (after recreating the instance once; first "
+                                         f"failure: {before})")
+                    raise RuntimeError(self.pool.failure) from None
 
     def close(self) -> None:
         """Free the instances on servers that have POST /close (best effort); alfworld and webshop keep them."""
