@@ -797,9 +797,11 @@ def math_answers_match(predicted: str, reference: str) -> bool:
     2\\sqrt{2}, \\frac{\\pi}{2} vs \\pi/2), rounded or repeating decimals (0.33 vs \\frac{1}{3}),
     scientific notation, reordered sets / tuples / intervals / lists of solutions, units outside \\text{}
     or unit conversions, words for numbers, multiple-choice letter vs its content, matrices or equations
-    written differently, the brace-less `\\boxed 5`, Unicode digits. A comma followed by a space makes a
-    list, never a thousands separator: neither "1100" nor "1,100" matches "1, 100"."""
-    lists = [_LIST_COMMA.search(text) is not None for text in (predicted, reference)]
+    written differently, the brace-less `\\boxed 5`, Unicode digits. A comma followed by a space (a LaTeX
+    one too: \\ ~ \\quad \\qquad) makes a list, never a thousands separator: neither "1100" nor "1,100"
+    matches "1, 100" or "1,\\ 100"."""
+    spaced = lambda text: _MATH_SPACE.sub(lambda m: m.group(1) or " ", text)   # "1,\\ 100" and "1,~100" list too
+    lists = [_LIST_COMMA.search(spaced(text)) is not None for text in (predicted, reference)]
     predicted, reference = normalize_math_answer(predicted), normalize_math_answer(reference)
     if any(lists):   # no numeric reading; white space is gone, so "1, 100" now reads "1,100" like the number
         numbers = [_THOUSANDS.fullmatch(text) for text, listed in zip((predicted, reference), lists) if not listed]

@@ -159,6 +159,10 @@ MATH_CASES = [
     (math_example("1,\\!100"), "\\boxed{1, 100}", 0), (math_example("1,100"), "\\boxed{1, 100}", 0),
     (math_example("1, 100"), "\\boxed{1,100}", 0), (math_example("2,\\!500"), "\\boxed{2, 500}", 0),
     (math_example("(1,100)"), "\\boxed{(1, 100)}", 1),   # a tuple is no number: its commas are the list's
+    # a LaTeX space after a comma is a space: a list too
+    (math_example("1,\\ 100"), "\\boxed{1100}", 0), (math_example("1100"), "\\boxed{1,~100}", 0),
+    (math_example("2500"), "\\boxed{2,\\quad 500}", 0), (math_example("1,\\ 100"), "\\boxed{1, 100}", 1),
+    (math_example("1, 100"), "\\boxed{1,\\qquad100}", 1), (math_example("1,~100"), "\\boxed{1,100}", 0),
     (math_example("3+2\\mathrm{i}"), "\\boxed{3+2\\mathrm{i}}", 1), (math_example("3+2i"), "\\boxed{3+2\\mathrm{i}}", 1),
     (math_example("2"), "\\boxed{2\\text{ hundred}}", 0), (math_example("2"), "\\boxed{2\\text{ squared}}", 0),
     (math_example("2"), "\\boxed{2\\text{i}}", 0), (math_example("2"), "\\boxed{2\\text{ and }}", 0),
