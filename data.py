@@ -277,17 +277,27 @@ def _chat_ids(tokenizer, messages: list[dict], enable_thinking: bool) -> list[in
     Only the template's own special tokens become special ids: the text of each message (a task, an
     observation, an action, a critique) is encoded with special-token strings split, as an observation turn
     is, so no text placed in a prompt can forge a chat turn. The tokenizer encodes the text between two
-    special tokens on its own, so encoding the same runs of text here gives the whole rendering's ids."""
+    special tokens on its own, so encoding the same runs of text here gives the whole rendering's ids.
+    A template that does not write each content once, verbatim (one that trims it, or Qwen3's, which drops
+    an earlier assistant turn's reasoning) is refused: these ids would not be its rendering's."""
+    render = lambda contents: tokenizer.apply_chat_template(
+        [dict(m, content=c) for m, c in zip(messages, contents)], tokenize=False, add_generation_prompt=True,
+        enable_thinking=enable_thinking)
     marks = [f"\x00CONTENT{i}\x00" for i in range(len(messages))]
-    text = tokenizer.apply_chat_template([dict(m, content=mark) for m, mark in zip(messages, marks)], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=enable_thinking)
-    if any(text.count(mark) != 1 for mark in marks):
-        raise ValueError("the chat template does not write each message's content once, verbatim")
-    specials = re.compile("|".join(re.escape(t.content) for t in tokenizer.added_tokens_decoder.values() if t.special))
+    text = render(marks)
+    pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", text)
+    content = lambda piece: messages[marks.index(piece)]["content"] if piece in marks else piece
+    if any(text.count(mark) != 1 for mark in marks) or \
+            "".join(map(content, pieces)) != render([m["content"] for m in messages]):
+        raise ValueError("the chat template does not write each message's content once, verbatim (it trims, "
+                         "rewrites or drops it): the prompts could not be its own rendering")
+    special_tokens = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len,
+                            reverse=True)
+    specials = re.compile("|".join(map(re.escape, special_tokens)) or "(?!)")   # (?!): no special token, no match
     ids, run = [], ""  # run: text since the template's last special token
-    for piece in re.split("(" + "|".join(map(re.escape, marks)) + ")", text):
+    for piece in pieces:
         if piece in marks:
-            run += messages[marks.index(piece)]["content"]
+            run += content(piece)
             continue
         start = 0
         for special in specials.finditer(piece):

@@ -19,7 +19,7 @@ from data import (ANSWER_FORMAT, CHAR_PHRASES, COUNTDOWN_ANSWER_FORMAT, CRITIC_I
                   MAX_EXPRESSION_CHARS, MAX_PAREN_DEPTH, OBS_CHARS, Example, build_char_tokenizer, critic_context,
                   encode_observation, episode_summary, evaluate_expression, extract_critique, final_answer,
                   last_boxed, load_task, observation_turn, parse_exact_number, parse_knobs, solver_context,
-                  split_of, visible_response)
+                  split_of, visible_response, _chat_ids)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GSM8K_SAMPLE = os.path.join(HERE, "data", "gsm8k_sample.jsonl")
@@ -439,6 +439,41 @@ def test_thinking_actions_are_kept_verbatim_not_re_rendered(qwen3):
                                           {"role": "user", "content": "A door."}], tokenize=False,
                                          add_generation_prompt=True)
     assert "plan" not in rendered  # what re-rendering would have done
+
+
+def test_a_template_that_rewrites_content_is_refused(tmp_path, qwen3):
+    """The contexts are the template's own rendering: a template that trims or rewrites a message's content
+    (here |trim; Qwen3's removal of an assistant turn's reasoning) is refused in one line, never encoded with
+    the content put back as it was."""
+    build_char_tokenizer(str(tmp_path))
+    trimming = AutoTokenizer.from_pretrained(str(tmp_path))
+    trimming.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n"
+                              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    rendered = trimming.apply_chat_template([{"role": "user", "content": "Find the key.\nA hall."}], tokenize=False,
+                                            add_generation_prompt=True)
+    assert solver_context(trimming, "Find the key.", "A hall.") == trimming.encode(rendered, add_special_tokens=False)
+    with pytest.raises(ValueError, match="verbatim") as e:
+        solver_context(trimming, "Find the key.", "A hall. ")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="verbatim"):
+        _chat_ids(qwen3, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\na"},
+                          {"role": "user", "content": "q2"}], False)
+
+
+def test_a_tokenizer_without_special_tokens():
+    """With no special tokens at all every id is a real one: the context is the plain encoding of the rendering."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(sorted(set(string.printable)))}
+    vocab["[UNK]"] = len(vocab)
+    characters = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    characters.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=characters)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    assert not [t for t in tokenizer.added_tokens_decoder.values() if t.special]
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Find the key.\nA hall."}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert solver_context(tokenizer, "Find the key.", "A hall.") == tokenizer.encode(rendered, add_special_tokens=False)
 
 
 def test_critic_never_sees_the_reference_answer_or_the_reasoning(qwen3):
