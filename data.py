@@ -118,8 +118,11 @@ def last_boxed(text: str, limit: int | None = None) -> str | None:
     With `limit`, content longer than `limit` characters is None too, found without scanning past it:
     the time is bounded whatever follows the last \\boxed{ (10 MB of braces)."""
     start = text.rfind("\\boxed{")
-    if start == -1:
-        return None
+    return None if start == -1 else _boxed_at(text, start, limit)
+
+
+def _boxed_at(text: str, start: int, limit: int | None) -> str | None:
+    """Content of the \\boxed{...} at `start` (last_boxed's reading, its `limit` too)."""
     content_start = start + len("\\boxed{")
     depth = 1
     scanned = text[content_start:] if limit is None else text[content_start:content_start + limit + 1]
@@ -857,6 +860,7 @@ class MathTask(Task):
 # ==================================================================================================
 
 MAX_ACTION_CHARS = 200        # a built-in environment reads at most this many characters of an action's text or box
+MAX_BOXES_TRIED = 64          # an action's last complete \boxed{} is looked for among its last this many: bounded work
 TRAINER_REPEAT_LIMIT = 3      # SPEC §1 (icrl.REPEAT_LIMIT): the same action this many times in a row ends an episode
 ENUMERATE_LIMIT = 50_000      # a problem space at most this large is enumerated instead of drawn at random
 GAME_OVER = "The game is over."
@@ -873,14 +877,23 @@ def _number_key(action: str) -> str:
 
 def _action_text(action: str) -> str:
     """What a built-in environment reads of an action: the content of the last complete \\boxed{...} of its
-    visible text (reasoning removed), wherever it is, at most MAX_ACTION_CHARS characters, \\text{...} and
-    the like unwrapped; without one, the first MAX_ACTION_CHARS characters of the visible text. Stripped.
-    Linear in the action's length whatever it holds; never raises."""
+    visible text (reasoning removed) of at most MAX_ACTION_CHARS characters, wherever it is, \\text{...} and
+    the like unwrapped (nested too); a later box that never closes or is longer is passed over, up to
+    MAX_BOXES_TRIED boxes from the end. Without one, the first MAX_ACTION_CHARS characters of the visible
+    text. Stripped. Linear in the action's length whatever it holds; never raises."""
     text = visible_response(action)
-    boxed = last_boxed(text, limit=MAX_ACTION_CHARS)
-    if boxed is None:
-        return text[:MAX_ACTION_CHARS].strip()
-    return _TEXT_COMMAND.sub(r"\1", boxed).strip()   # \boxed{\text{down}} is the move down
+    end = len(text)
+    for _ in range(MAX_BOXES_TRIED):
+        start = text.rfind("\\boxed{", 0, end)
+        if start == -1:
+            break
+        boxed = _boxed_at(text, start, MAX_ACTION_CHARS)
+        if boxed is not None:
+            while (unwrapped := _TEXT_COMMAND.sub(r"\1", boxed)) != boxed:   # \\boxed{\\text{down}} is the move down
+                boxed = unwrapped
+            return boxed.strip()
+        end = start
+    return text[:MAX_ACTION_CHARS].strip()
 
 
 def _int_knob(task: str, name: str, value, low: int, high: int | None = None) -> int:
