@@ -511,8 +511,10 @@ def split_of(problem_id: str) -> str:
     return "test" if bucket < HELD_OUT_PERCENT else "train"
 
 
-def _draw_distinct(name: str, split: str, seed: int, n: int | None, draw, knobs: str) -> list[Example]:
-    """n distinct examples of `split` from `draw(rng) -> Example | None` (None: draw again)."""
+def _draw_distinct(name: str, split: str, seed: int, n: int | None, draw, knobs: str,
+                   widen: str = "widen the problem space") -> list[Example]:
+    """n distinct examples of `split` from `draw(rng) -> Example | None` (None: draw again); too few is an
+    error that says to ask for fewer or to `widen`."""
     n = DEFAULT_SIZE[split] if n is None else _int_knob(name, "n", n, 1, MAX_SYNTHETIC_EXAMPLES)
     rng = random.Random(f"{name}|{split}|{seed}")  # str seeds are hashed by sha512: same list everywhere
     examples, seen, misses = [], set(), 0
@@ -529,7 +531,7 @@ def _draw_distinct(name: str, split: str, seed: int, n: int | None, draw, knobs:
         if len(examples) == n:
             return examples
     raise ValueError(f"{name}: found only {len(examples)} distinct {split} problems with {knobs}; "
-                     f"ask for fewer (n={n}) or widen the problem space")
+                     f"ask for fewer (n={n}) or {widen}")
 
 
 class ArithmeticTask(Task):
@@ -577,14 +579,15 @@ class CountdownTask(Task):
     positive integer intermediate values (`answer` holds it), kept when the verifier reads it. The verifier
     accepts any expression that hits the target exactly over Fractions (fractional intermediates allowed),
     optionally written "expr = target"; it rejects unary minus, '**', implicit multiplication, numbers not
-    given or used more often than given, and division by zero. Knobs: count (numbers, 2..128), max_number and
-    max_target (at most MAX_MAGNITUDE), n."""
+    given or used more often than given, and division by zero. Knobs: count (numbers, 2..65: the reference of
+    65 one-digit numbers takes 255 of MAX_EXPRESSION_CHARS), max_number and max_target (at most MAX_MAGNITUDE), n."""
     name = "countdown"
     answer_format = COUNTDOWN_ANSWER_FORMAT
 
     def __init__(self, split="train", seed=0, n=None, count=4, max_number=100, max_target=100):
-        # an expression the verifier reads takes a digit and an operator a number, and no value over MAX_MAGNITUDE
-        count = _int_knob(self.name, "count", count, 2, (MAX_EXPRESSION_CHARS + 1) // 2)
+        # the reference takes at least a digit a number, an operator between two and parentheses around each
+        # operation but the last: 4 * count - 5 characters, read only within MAX_EXPRESSION_CHARS
+        count = _int_knob(self.name, "count", count, 2, (MAX_EXPRESSION_CHARS + 5) // 4)
         max_number = _int_knob(self.name, "max_number", max_number, 1, MAX_MAGNITUDE)
         max_target = _int_knob(self.name, "max_target", max_target, 1, MAX_MAGNITUDE)
 
@@ -600,7 +603,9 @@ class CountdownTask(Task):
                            meta={"numbers": shown, "target": target})
 
         knobs = f"count={count}, max_number={max_number}, max_target={max_target}"
-        super().__init__(_draw_distinct(self.name, split, seed, n, draw, knobs))
+        widen = (f"widen the problem space (max_number, max_target), or, for references over MAX_EXPRESSION_CHARS "
+                 f"({MAX_EXPRESSION_CHARS} characters), use fewer or smaller numbers (count, max_number)")
+        super().__init__(_draw_distinct(self.name, split, seed, n, draw, knobs, widen))
 
     def is_correct(self, example, answer):
         target, numbers = example.meta["target"], example.meta["numbers"]

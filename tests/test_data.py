@@ -629,7 +629,8 @@ def test_bad_arithmetic_knobs(knobs, error):
     ("arithmetic", {"digits": 10**10}, "digits"), ("arithmetic", {"operands": 10**10}, "operands"),
     ("arithmetic", {"digits": "3"}, "digits"), ("arithmetic", {"n": 10**9}, "n"), ("countdown", {"count": 10**9}, "count"),
     ("countdown", {"count": 1}, "count"), ("countdown", {"max_number": 10**30}, "max_number"),
-    ("countdown", {"max_target": 10**30}, "max_target"), ("countdown", {"n": 10**9}, "n")])
+    ("countdown", {"max_target": 10**30}, "max_target"), ("countdown", {"n": 10**9}, "n"),
+    ("countdown", {"count": 66, "max_number": 9}, "count")])   # a reference of 66 one-digit numbers: 259 characters
 def test_knobs_that_size_the_work_are_bounded(name, knobs, knob):
     """A knob too large for the work it sizes is a one-line error naming it, before anything is built."""
     start = time.perf_counter()
@@ -648,12 +649,16 @@ def test_a_spent_problem_space_is_reported_quickly(name, knobs):
 
 
 def test_countdown_references_are_read_by_the_verifier():
-    """Instances are kept only when the verifier accepts their reference: 80 numbers make references over
-    MAX_EXPRESSION_CHARS, so none."""
+    """Instances are kept only when the verifier accepts their reference: 65 one-digit numbers fit in
+    MAX_EXPRESSION_CHARS (a reference's 4 * 65 - 5 characters: digits, operators and parentheses), 55 numbers
+    up to 100 do not, and the error names the knobs that shorten them."""
     task = load_task("countdown", n=50, count=40, max_target=10**6)
     assert all(task.reward(e, f"\\boxed{{{e.answer}}}") == 1.0 for e in task.examples)
-    with pytest.raises(ValueError, match="found only 0"):
-        load_task("countdown", n=1, count=80, max_number=9, max_target=10**12)
+    task = load_task("countdown", n=2, count=65, max_number=9, max_target=10**12)
+    assert all(task.reward(e, f"\\boxed{{{e.answer}}}") == 1.0 for e in task.examples)
+    with pytest.raises(ValueError, match=r"found only 0 .*fewer or smaller numbers \(count, max_number\)") as e:
+        load_task("countdown", n=1, count=55, max_target=10**12)
+    assert "\n" not in str(e.value)
 
 
 def test_knobs_from_the_command_line():
