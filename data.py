@@ -118,8 +118,11 @@ def last_boxed(text: str, limit: int | None = None) -> str | None:
     With `limit`, content longer than `limit` characters is None too, found without scanning past it:
     the time is bounded whatever follows the last \\boxed{ (10 MB of braces)."""
     start = text.rfind("\\boxed{")
-    if start == -1:
-        return None
+    return None if start == -1 else _boxed_at(text, start, limit)
+
+
+def _boxed_at(text: str, start: int, limit: int | None) -> str | None:
+    """Content of the \\boxed{...} at `start` (last_boxed's reading, its `limit` too)."""
     content_start = start + len("\\boxed{")
     depth = 1
     scanned = text[content_start:] if limit is None else text[content_start:content_start + limit + 1]
@@ -277,17 +280,27 @@ def _chat_ids(tokenizer, messages: list[dict], enable_thinking: bool) -> list[in
     Only the template's own special tokens become special ids: the text of each message (a task, an
     observation, an action, a critique) is encoded with special-token strings split, as an observation turn
     is, so no text placed in a prompt can forge a chat turn. The tokenizer encodes the text between two
-    special tokens on its own, so encoding the same runs of text here gives the whole rendering's ids."""
+    special tokens on its own, so encoding the same runs of text here gives the whole rendering's ids.
+    A template that does not write each content once, verbatim (one that trims it, or Qwen3's, which drops
+    an earlier assistant turn's reasoning) is refused: these ids would not be its rendering's."""
+    render = lambda contents: tokenizer.apply_chat_template(
+        [dict(m, content=c) for m, c in zip(messages, contents)], tokenize=False, add_generation_prompt=True,
+        enable_thinking=enable_thinking)
     marks = [f"\x00CONTENT{i}\x00" for i in range(len(messages))]
-    text = tokenizer.apply_chat_template([dict(m, content=mark) for m, mark in zip(messages, marks)], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=enable_thinking)
-    if any(text.count(mark) != 1 for mark in marks):
-        raise ValueError("the chat template does not write each message's content once, verbatim")
-    specials = re.compile("|".join(re.escape(t.content) for t in tokenizer.added_tokens_decoder.values() if t.special))
+    text = render(marks)
+    pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", text)
+    content = lambda piece: messages[marks.index(piece)]["content"] if piece in marks else piece
+    if any(text.count(mark) != 1 for mark in marks) or \
+            "".join(map(content, pieces)) != render([m["content"] for m in messages]):
+        raise ValueError("the chat template does not write each message's content once, verbatim (it trims, "
+                         "rewrites or drops it): the prompts could not be its own rendering")
+    special_tokens = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len,
+                            reverse=True)
+    specials = re.compile("|".join(map(re.escape, special_tokens)) or "(?!)")   # (?!): no special token, no match
     ids, run = [], ""  # run: text since the template's last special token
-    for piece in re.split("(" + "|".join(map(re.escape, marks)) + ")", text):
+    for piece in pieces:
         if piece in marks:
-            run += messages[marks.index(piece)]["content"]
+            run += content(piece)
             continue
         start = 0
         for special in specials.finditer(piece):
@@ -498,8 +511,10 @@ def split_of(problem_id: str) -> str:
     return "test" if bucket < HELD_OUT_PERCENT else "train"
 
 
-def _draw_distinct(name: str, split: str, seed: int, n: int | None, draw, knobs: str) -> list[Example]:
-    """n distinct examples of `split` from `draw(rng) -> Example | None` (None: draw again)."""
+def _draw_distinct(name: str, split: str, seed: int, n: int | None, draw, knobs: str,
+                   widen: str = "widen the problem space") -> list[Example]:
+    """n distinct examples of `split` from `draw(rng) -> Example | None` (None: draw again); too few is an
+    error that says to ask for fewer or to `widen`."""
     n = DEFAULT_SIZE[split] if n is None else _int_knob(name, "n", n, 1, MAX_SYNTHETIC_EXAMPLES)
     rng = random.Random(f"{name}|{split}|{seed}")  # str seeds are hashed by sha512: same list everywhere
     examples, seen, misses = [], set(), 0
@@ -516,7 +531,7 @@ def _draw_distinct(name: str, split: str, seed: int, n: int | None, draw, knobs:
         if len(examples) == n:
             return examples
     raise ValueError(f"{name}: found only {len(examples)} distinct {split} problems with {knobs}; "
-                     f"ask for fewer (n={n}) or widen the problem space")
+                     f"ask for fewer (n={n}) or {widen}")
 
 
 class ArithmeticTask(Task):
@@ -564,14 +579,15 @@ class CountdownTask(Task):
     positive integer intermediate values (`answer` holds it), kept when the verifier reads it. The verifier
     accepts any expression that hits the target exactly over Fractions (fractional intermediates allowed),
     optionally written "expr = target"; it rejects unary minus, '**', implicit multiplication, numbers not
-    given or used more often than given, and division by zero. Knobs: count (numbers, 2..128), max_number and
-    max_target (at most MAX_MAGNITUDE), n."""
+    given or used more often than given, and division by zero. Knobs: count (numbers, 2..65: the reference of
+    65 one-digit numbers takes 255 of MAX_EXPRESSION_CHARS), max_number and max_target (at most MAX_MAGNITUDE), n."""
     name = "countdown"
     answer_format = COUNTDOWN_ANSWER_FORMAT
 
     def __init__(self, split="train", seed=0, n=None, count=4, max_number=100, max_target=100):
-        # an expression the verifier reads takes a digit and an operator a number, and no value over MAX_MAGNITUDE
-        count = _int_knob(self.name, "count", count, 2, (MAX_EXPRESSION_CHARS + 1) // 2)
+        # the reference takes at least a digit a number, an operator between two and parentheses around each
+        # operation but the last: 4 * count - 5 characters, read only within MAX_EXPRESSION_CHARS
+        count = _int_knob(self.name, "count", count, 2, (MAX_EXPRESSION_CHARS + 5) // 4)
         max_number = _int_knob(self.name, "max_number", max_number, 1, MAX_MAGNITUDE)
         max_target = _int_knob(self.name, "max_target", max_target, 1, MAX_MAGNITUDE)
 
@@ -587,7 +603,9 @@ class CountdownTask(Task):
                            meta={"numbers": shown, "target": target})
 
         knobs = f"count={count}, max_number={max_number}, max_target={max_target}"
-        super().__init__(_draw_distinct(self.name, split, seed, n, draw, knobs))
+        widen = (f"widen the problem space (max_number, max_target), or, for references over MAX_EXPRESSION_CHARS "
+                 f"({MAX_EXPRESSION_CHARS} characters), use fewer or smaller numbers (count, max_number)")
+        super().__init__(_draw_distinct(self.name, split, seed, n, draw, knobs, widen))
 
     def is_correct(self, example, answer):
         target, numbers = example.meta["target"], example.meta["numbers"]
@@ -797,9 +815,11 @@ def math_answers_match(predicted: str, reference: str) -> bool:
     2\\sqrt{2}, \\frac{\\pi}{2} vs \\pi/2), rounded or repeating decimals (0.33 vs \\frac{1}{3}),
     scientific notation, reordered sets / tuples / intervals / lists of solutions, units outside \\text{}
     or unit conversions, words for numbers, multiple-choice letter vs its content, matrices or equations
-    written differently, the brace-less `\\boxed 5`, Unicode digits. A comma followed by a space makes a
-    list, never a thousands separator: neither "1100" nor "1,100" matches "1, 100"."""
-    lists = [_LIST_COMMA.search(text) is not None for text in (predicted, reference)]
+    written differently, the brace-less `\\boxed 5`, Unicode digits. A comma followed by a space (a LaTeX
+    one too: \\ ~ \\quad \\qquad) makes a list, never a thousands separator: neither "1100" nor "1,100"
+    matches "1, 100" or "1,\\ 100"."""
+    spaced = lambda text: _MATH_SPACE.sub(lambda m: m.group(1) or " ", text)   # "1,\\ 100" and "1,~100" list too
+    lists = [_LIST_COMMA.search(spaced(text)) is not None for text in (predicted, reference)]
     predicted, reference = normalize_math_answer(predicted), normalize_math_answer(reference)
     if any(lists):   # no numeric reading; white space is gone, so "1, 100" now reads "1,100" like the number
         numbers = [_THOUSANDS.fullmatch(text) for text, listed in zip((predicted, reference), lists) if not listed]
@@ -845,6 +865,7 @@ class MathTask(Task):
 # ==================================================================================================
 
 MAX_ACTION_CHARS = 200        # a built-in environment reads at most this many characters of an action's text or box
+MAX_BOXES_TRIED = 64          # an action's last complete \boxed{} is looked for among its last this many: bounded work
 TRAINER_REPEAT_LIMIT = 3      # SPEC §1 (icrl.REPEAT_LIMIT): the same action this many times in a row ends an episode
 ENUMERATE_LIMIT = 50_000      # a problem space at most this large is enumerated instead of drawn at random
 GAME_OVER = "The game is over."
@@ -861,14 +882,23 @@ def _number_key(action: str) -> str:
 
 def _action_text(action: str) -> str:
     """What a built-in environment reads of an action: the content of the last complete \\boxed{...} of its
-    visible text (reasoning removed), wherever it is, at most MAX_ACTION_CHARS characters, \\text{...} and
-    the like unwrapped; without one, the first MAX_ACTION_CHARS characters of the visible text. Stripped.
-    Linear in the action's length whatever it holds; never raises."""
+    visible text (reasoning removed) of at most MAX_ACTION_CHARS characters, wherever it is, \\text{...} and
+    the like unwrapped (nested too); a later box that never closes or is longer is passed over, up to
+    MAX_BOXES_TRIED boxes from the end. Without one, the first MAX_ACTION_CHARS characters of the visible
+    text. Stripped. Linear in the action's length whatever it holds; never raises."""
     text = visible_response(action)
-    boxed = last_boxed(text, limit=MAX_ACTION_CHARS)
-    if boxed is None:
-        return text[:MAX_ACTION_CHARS].strip()
-    return _TEXT_COMMAND.sub(r"\1", boxed).strip()   # \boxed{\text{down}} is the move down
+    end = len(text)
+    for _ in range(MAX_BOXES_TRIED):
+        start = text.rfind("\\boxed{", 0, end)
+        if start == -1:
+            break
+        boxed = _boxed_at(text, start, MAX_ACTION_CHARS)
+        if boxed is not None:
+            while (unwrapped := _TEXT_COMMAND.sub(r"\1", boxed)) != boxed:   # \\boxed{\\text{down}} is the move down
+                boxed = unwrapped
+            return boxed.strip()
+        end = start
+    return text[:MAX_ACTION_CHARS].strip()
 
 
 def _int_knob(task: str, name: str, value, low: int, high: int | None = None) -> int:
@@ -1634,12 +1664,19 @@ class AgentGymPool:
     shared round-robin (two live environments on one server get slots 0 and 1, i.e. two instances there;
     the server answers them one request at a time). One instance is created per (server, slot) on first
     use and reused by every later environment on that slot (reset() reuses it: AgentGym's alfworld and
-    webshop never free instances); a failed call makes the next one create a fresh instance. Thread-safe."""
+    webshop never free instances); a failed call makes the next one create a fresh instance. Thread-safe.
+
+    A server answers one request at a time (AGENTGYM.md), so this process sends it one at a time: an
+    environment's reset() or step() holds its server's lock, and a call's timeout starts only once the lock
+    is held, so it measures the server's own time, not the wait behind this process's other calls to it.
+    `failure`: the error that stopped the run, which the calls still waiting for a lock raise unsent."""
 
     def __init__(self, urls: list[str]):
         self.urls = list(urls)
         self.busy = [set() for _ in self.urls]     # leased slots, per server
         self.instances = {}                        # (server, slot) -> instance id on that server
+        self.server_locks = [threading.Lock() for _ in self.urls]
+        self.failure = None
         rank, world = int(os.environ.get("RANK", 0) or 0), int(os.environ.get("WORLD_SIZE", 1) or 1)
         self.cursor = (rank * len(self.urls)) // max(world, 1) % len(self.urls)
         self.lock = threading.Lock()
@@ -1752,8 +1789,9 @@ class AgentGymTask(Task):
     observation string, a finite reward, done true/false or 0/1) is a failure of that instance: the client
     forgets it, creates a fresh one and tries once more (reset: the reset again; step: reset, replay of the
     episode's earlier actions, the step). A second failure raises RuntimeError, one line naming the server and
-    the call that failed (and the first failure). close() (of the task, optional) frees the instances on servers
-    that have POST /close."""
+    the call that failed (and the first failure), and the calls still waiting for a server raise it unsent.
+    Each server gets one request at a time from this process; the timeout counts from when it is sent
+    (AgentGymPool). close() (of the task, optional) frees the instances on servers that have POST /close."""
 
     def __init__(self, env_name: str, path: str | None = None, split: str = "train", env_url=None,
                  protocol: str = "upstream", timeout=AGENTGYM_TIMEOUT, n: int | None = None,
@@ -1883,19 +1921,24 @@ class AgentGymTask(Task):
         return observation, min(max(reward / self.reward_scale, 0.0), 1.0), bool(done)
 
     def recovering(self, lease, call, again):
-        """call(); after a failure, forget the instance (the next call creates a fresh one) and run again();
-        a second failure raises RuntimeError naming the server and the call."""
-        try:
-            return call()
-        except AgentGymCallFailed as first:
-            with self.pool.lock:
-                self.pool.instances.pop(lease, None)
+        """call(), holding the server's lock (AgentGymPool); after a failure, forget the instance (the next call
+        creates a fresh one) and run again(); a second failure raises RuntimeError naming the server and the
+        call, and so does every later call of this task: the run stops, and nothing waits for more timeouts."""
+        with self.pool.server_locks[lease[0]]:
+            if self.pool.failure is not None:
+                raise RuntimeError(self.pool.failure)
             try:
-                return again()
-            except AgentGymCallFailed as second:
-                before = "the same" if str(second) == str(first) else str(first)
-                raise RuntimeError(f"{self.name}: {second} (after recreating the instance once; first failure: "
-                                   f"{before})") from None
+                return call()
+            except AgentGymCallFailed as first:
+                with self.pool.lock:
+                    self.pool.instances.pop(lease, None)
+                try:
+                    return again()
+                except AgentGymCallFailed as second:
+                    before = "the same" if str(second) == str(first) else str(first)
+                    self.pool.failure = (f"{self.name}: {second} (after recreating the instance once; first "
+                                         f"failure: {before})")
+                    raise RuntimeError(self.pool.failure) from None
 
     def close(self) -> None:
         """Free the instances on servers that have POST /close (best effort); alfworld and webshop keep them."""

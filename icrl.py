@@ -274,8 +274,9 @@ class Sampler:
 
 def call_envs(envs, method, arg_lists):
     """[env.method(*args)] in order, each reply checked. Environments behind a server (Environment.remote:
-    AgentGym's) are called at once, from threads, so a turn waits for its slowest call, not for their sum;
-    the built-in ones, plain Python, one after another."""
+    AgentGym's) are called at once, from threads, so a turn waits for its busiest server, not for the sum of
+    all calls (each server still gets one call at a time: AgentGymPool); the built-in ones, plain Python,
+    one after another. After a failure the calls not yet started are dropped (Executor.map cancels them)."""
     call = lambda env, args: checked_env_reply(env, method, getattr(env, method)(*args))
     if len(envs) > 1 and all(env.remote for env in envs):
         with ThreadPoolExecutor(min(len(envs), MAX_ENV_THREADS)) as threads:
@@ -283,7 +284,7 @@ def call_envs(envs, method, arg_lists):
     return [call(env, args) for env, args in zip(envs, arg_lists)]
 
 
-MAX_ENV_THREADS = 64   # server calls of one turn in flight at once (call_envs)
+MAX_ENV_THREADS = 64   # threads of one turn's server calls (call_envs); those beyond one per server wait their turn
 
 
 def checked_env_reply(env, method, reply):

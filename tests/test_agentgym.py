@@ -8,6 +8,7 @@ Faults are injected per path: "close" (drop the connection without a reply), "er
 HTTP 200 {"error": ...} or HTTP 500), ("sleep", seconds), ("trickle", seconds: the reply one byte at a
 time, this long apart), ("raw", bytes: this HTTP 200 body instead of the reply), ("short", bytes: that body,
 its Content-Length 10 bytes more, then the connection closed), and `dead` closes every connection.
+`one_at_a_time=True` answers one request at a time, as a real server does (AGENTGYM.md).
 """
 import json
 import threading
@@ -26,8 +27,9 @@ ERROR_IS_500 = {"alfworld": False, "sciworld": False, "webshop": True, "searchqa
 
 
 class FakeAgentGym:
-    def __init__(self, flavor: str, step_cap: int = 50):
+    def __init__(self, flavor: str, step_cap: int = 50, one_at_a_time: bool = False):
         self.flavor, self.step_cap = flavor, step_cap
+        self.one_at_a_time = threading.Lock() if one_at_a_time else None
         self.instances = {}        # instance id -> {"task", "steps", "done", "score", "observation"}
         self.calls = []            # (path, body or query) of every request answered or failed
         self.faults = {}           # path -> list of faults, consumed one per request
@@ -73,6 +75,13 @@ class FakeAgentGym:
     # --- HTTP ---------------------------------------------------------------------------------------
 
     def serve(self, handler, path, payload):
+        if self.one_at_a_time:
+            with self.one_at_a_time:
+                self.count_in_flight(handler, path, payload)
+        else:
+            self.count_in_flight(handler, path, payload)
+
+    def count_in_flight(self, handler, path, payload):
         with self.lock:
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -294,24 +303,67 @@ def test_pool_spreads_live_envs_over_servers_and_reuses_instances(servers):
         env.close()
 
 
-def test_a_turn_calls_its_servers_at_once(servers):
-    """A turn's resets and steps go to the servers together (threads), so a turn waits for its slowest call,
-    not for the sum of them; the replies come back in the episodes' order."""
-    fake, = servers("alfworld")
-    task = task_on([fake])
-    envs = [task.env(example) for example in task.examples[:4]]
-    fake.always["/reset"] = fake.always["/step"] = ("sleep", 0.2)
+def test_a_turn_calls_its_servers_at_once_and_each_server_one_call_at_a_time(servers):
+    """A turn's resets and steps go to the servers together (threads), so a turn waits for its slowest server,
+    not for the sum of all calls; a rank sends a server one request at a time, all a server answers
+    (AGENTGYM.md). The replies come back in the episodes' order."""
+    fakes = servers("alfworld", count=2)
+    task = task_on(fakes)
+    envs = [task.env(example) for example in task.examples[:4]]   # two episodes on each server
+    in_flight = {"now": 0, "most": 0}   # requests being answered at once, over both servers
+    lock = threading.Lock()
+    for fake in fakes:
+        fake.always["/reset"] = fake.always["/step"] = ("sleep", 0.1)
+        answer = fake.answer_request
+
+        def counted(*args, answer=answer):
+            with lock:
+                in_flight["now"] += 1
+                in_flight["most"] = max(in_flight["most"], in_flight["now"])
+            try:
+                answer(*args)
+            finally:
+                with lock:
+                    in_flight["now"] -= 1
+        fake.answer_request = counted
     first = icrl.call_envs(envs, "reset", [()] * 4)
-    assert fake.most_in_flight > 1
+    assert in_flight["most"] == 2 and [fake.most_in_flight for fake in fakes] == [1, 1]
     one_by_one = [task.env(example) for example in task.examples[:4]]
     assert first == [env.reset() for env in one_by_one]
     for env in one_by_one:
         env.close()
-    fake.most_in_flight = 0
+    in_flight["most"] = 0
     replies = icrl.call_envs(envs, "step", [("Action: look",)] * 4)
-    assert fake.most_in_flight > 1 and [reward for _, reward, _ in replies] == [0.0] * 4
+    assert in_flight["most"] == 2 and [fake.most_in_flight for fake in fakes] == [1, 1]
+    assert [reward for _, reward, _ in replies] == [0.0] * 4
     for env in envs:
         env.close()
+
+
+def test_the_timeout_counts_the_servers_time_not_the_wait_behind_the_ranks_other_calls(servers):
+    """Six episodes on one server that answers one request at a time, each reset 0.2 s with a 0.6 s timeout:
+    all of them fit, one after another (1.2 s in all), however many of a turn's calls wait for that server."""
+    fake, = servers("alfworld", one_at_a_time=True)
+    task = task_on([fake], timeout=0.6)
+    fake.always["/reset"] = ("sleep", 0.2)
+    envs = [task.env(example) for example in task.examples[:6]]
+    replies = icrl.call_envs(envs, "reset", [()] * 6)
+    assert all(f"the secret word {WORDS[env.task_id % 4]}" in task_text for env, (task_text, _) in zip(envs, replies))
+    assert fake.count("/create") == 6   # no call failed: no instance was recreated
+    for env in envs:
+        env.close()
+
+
+def test_after_a_call_fails_for_good_the_calls_waiting_for_a_server_are_not_sent(servers):
+    """A failure that stops the run (RuntimeError) is not followed by the other calls queued for the server,
+    each of which would wait out its own timeouts: they raise the same error unsent."""
+    fake, = servers("alfworld")
+    task = task_on([fake], timeout=0.3)
+    fake.always["/reset"] = ("sleep", 1.0)
+    envs = [task.env(example) for example in task.examples[:6]]
+    with pytest.raises(RuntimeError, match=r"/reset: no reply within 0.3 s \(after recreating the instance once"):
+        icrl.call_envs(envs, "reset", [()] * 6)
+    assert fake.count("/reset") == 2   # one episode's reset and its retry
 
 
 def test_rank_offsets_the_first_server(monkeypatch):

@@ -19,7 +19,7 @@ from data import (ANSWER_FORMAT, CHAR_PHRASES, COUNTDOWN_ANSWER_FORMAT, CRITIC_I
                   MAX_EXPRESSION_CHARS, MAX_PAREN_DEPTH, OBS_CHARS, Example, build_char_tokenizer, critic_context,
                   encode_observation, episode_summary, evaluate_expression, extract_critique, final_answer,
                   last_boxed, load_task, observation_turn, parse_exact_number, parse_knobs, solver_context,
-                  split_of, visible_response)
+                  split_of, visible_response, _chat_ids)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GSM8K_SAMPLE = os.path.join(HERE, "data", "gsm8k_sample.jsonl")
@@ -159,6 +159,10 @@ MATH_CASES = [
     (math_example("1,\\!100"), "\\boxed{1, 100}", 0), (math_example("1,100"), "\\boxed{1, 100}", 0),
     (math_example("1, 100"), "\\boxed{1,100}", 0), (math_example("2,\\!500"), "\\boxed{2, 500}", 0),
     (math_example("(1,100)"), "\\boxed{(1, 100)}", 1),   # a tuple is no number: its commas are the list's
+    # a LaTeX space after a comma is a space: a list too
+    (math_example("1,\\ 100"), "\\boxed{1100}", 0), (math_example("1100"), "\\boxed{1,~100}", 0),
+    (math_example("2500"), "\\boxed{2,\\quad 500}", 0), (math_example("1,\\ 100"), "\\boxed{1, 100}", 1),
+    (math_example("1, 100"), "\\boxed{1,\\qquad100}", 1), (math_example("1,~100"), "\\boxed{1,100}", 0),
     (math_example("3+2\\mathrm{i}"), "\\boxed{3+2\\mathrm{i}}", 1), (math_example("3+2i"), "\\boxed{3+2\\mathrm{i}}", 1),
     (math_example("2"), "\\boxed{2\\text{ hundred}}", 0), (math_example("2"), "\\boxed{2\\text{ squared}}", 0),
     (math_example("2"), "\\boxed{2\\text{i}}", 0), (math_example("2"), "\\boxed{2\\text{ and }}", 0),
@@ -437,6 +441,41 @@ def test_thinking_actions_are_kept_verbatim_not_re_rendered(qwen3):
     assert "plan" not in rendered  # what re-rendering would have done
 
 
+def test_a_template_that_rewrites_content_is_refused(tmp_path, qwen3):
+    """The contexts are the template's own rendering: a template that trims or rewrites a message's content
+    (here |trim; Qwen3's removal of an assistant turn's reasoning) is refused in one line, never encoded with
+    the content put back as it was."""
+    build_char_tokenizer(str(tmp_path))
+    trimming = AutoTokenizer.from_pretrained(str(tmp_path))
+    trimming.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n"
+                              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    rendered = trimming.apply_chat_template([{"role": "user", "content": "Find the key.\nA hall."}], tokenize=False,
+                                            add_generation_prompt=True)
+    assert solver_context(trimming, "Find the key.", "A hall.") == trimming.encode(rendered, add_special_tokens=False)
+    with pytest.raises(ValueError, match="verbatim") as e:
+        solver_context(trimming, "Find the key.", "A hall. ")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="verbatim"):
+        _chat_ids(qwen3, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\na"},
+                          {"role": "user", "content": "q2"}], False)
+
+
+def test_a_tokenizer_without_special_tokens():
+    """With no special tokens at all every id is a real one: the context is the plain encoding of the rendering."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(sorted(set(string.printable)))}
+    vocab["[UNK]"] = len(vocab)
+    characters = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    characters.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=characters)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    assert not [t for t in tokenizer.added_tokens_decoder.values() if t.special]
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Find the key.\nA hall."}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert solver_context(tokenizer, "Find the key.", "A hall.") == tokenizer.encode(rendered, add_special_tokens=False)
+
+
 def test_critic_never_sees_the_reference_answer_or_the_reasoning(qwen3):
     task = TASKS["arithmetic"]
     example = SUM
@@ -590,7 +629,8 @@ def test_bad_arithmetic_knobs(knobs, error):
     ("arithmetic", {"digits": 10**10}, "digits"), ("arithmetic", {"operands": 10**10}, "operands"),
     ("arithmetic", {"digits": "3"}, "digits"), ("arithmetic", {"n": 10**9}, "n"), ("countdown", {"count": 10**9}, "count"),
     ("countdown", {"count": 1}, "count"), ("countdown", {"max_number": 10**30}, "max_number"),
-    ("countdown", {"max_target": 10**30}, "max_target"), ("countdown", {"n": 10**9}, "n")])
+    ("countdown", {"max_target": 10**30}, "max_target"), ("countdown", {"n": 10**9}, "n"),
+    ("countdown", {"count": 66, "max_number": 9}, "count")])   # a reference of 66 one-digit numbers: 259 characters
 def test_knobs_that_size_the_work_are_bounded(name, knobs, knob):
     """A knob too large for the work it sizes is a one-line error naming it, before anything is built."""
     start = time.perf_counter()
@@ -609,12 +649,16 @@ def test_a_spent_problem_space_is_reported_quickly(name, knobs):
 
 
 def test_countdown_references_are_read_by_the_verifier():
-    """Instances are kept only when the verifier accepts their reference: 80 numbers make references over
-    MAX_EXPRESSION_CHARS, so none."""
+    """Instances are kept only when the verifier accepts their reference: 65 one-digit numbers fit in
+    MAX_EXPRESSION_CHARS (a reference's 4 * 65 - 5 characters: digits, operators and parentheses), 55 numbers
+    up to 100 do not, and the error names the knobs that shorten them."""
     task = load_task("countdown", n=50, count=40, max_target=10**6)
     assert all(task.reward(e, f"\\boxed{{{e.answer}}}") == 1.0 for e in task.examples)
-    with pytest.raises(ValueError, match="found only 0"):
-        load_task("countdown", n=1, count=80, max_number=9, max_target=10**12)
+    task = load_task("countdown", n=2, count=65, max_number=9, max_target=10**12)
+    assert all(task.reward(e, f"\\boxed{{{e.answer}}}") == 1.0 for e in task.examples)
+    with pytest.raises(ValueError, match=r"found only 0 .*fewer or smaller numbers \(count, max_number\)") as e:
+        load_task("countdown", n=1, count=55, max_target=10**12)
+    assert "\n" not in str(e.value)
 
 
 def test_knobs_from_the_command_line():

@@ -4,8 +4,9 @@ import time
 
 import pytest
 
-from data import (BOXES_EXPERT_READS, CHAR_ALPHABET, GAME_OVER, GRIDWORLD_MOVES, MAX_ACTION_CHARS, SYNTHETIC_TASKS,
-                  TRAINER_REPEAT_LIMIT, BoxesEnv, Example, GridworldEnv, GuessEnv, load_task, parse_knobs, split_of)
+from data import (BOXES_EXPERT_READS, CHAR_ALPHABET, GAME_OVER, GRIDWORLD_MOVES, MAX_ACTION_CHARS, MAX_BOXES_TRIED,
+                  SYNTHETIC_TASKS, TRAINER_REPEAT_LIMIT, BoxesEnv, Example, GridworldEnv, GuessEnv, load_task,
+                  parse_knobs, split_of)
 
 ENV_TASKS = ["gridworld", "guess", "boxes"]
 # Actions a policy might send: right ones, near misses and noise.
@@ -177,21 +178,34 @@ REASONING = "Let me think about it step by step before I answer. " * 5   # over 
 
 
 def test_a_box_is_read_wherever_it_is():
-    """The last \\boxed{} of the visible text is read however long the text before it, \\text{} unwrapped;
-    without a box only the first MAX_ACTION_CHARS characters are read. The repeat key reads the same."""
+    """The last complete \\boxed{} of the visible text is read however long the text before it (a later box
+    that never closes or holds over MAX_ACTION_CHARS characters is passed over), \\text{} and the like unwrapped,
+    nested too; without one only the first MAX_ACTION_CHARS characters are read. The repeat key reads the same."""
     assert len(REASONING) > MAX_ACTION_CHARS
     envs = {"down": GridworldEnv(GRID, max_moves=16), "14": GuessEnv(GUESS, max_guesses=6, hints="range"),
             "3": BoxesEnv(BOXES, tries=9)}
     right = {"down": "You moved down", "14": "14 is right!", "3": "You found the key"}
     for word, env in envs.items():
         for action in [REASONING + f"\\boxed{{{word}}}", f"\\boxed{{\\text{{{word}}}}}",
-                       f"\\boxed{{\\textbf{{{word}}}}}", REASONING + f"So: \\boxed{{\\mathrm{{{word}}}}}."]:
+                       f"\\boxed{{\\textbf{{{word}}}}}", REASONING + f"So: \\boxed{{\\mathrm{{{word}}}}}.",
+                       f"\\boxed{{\\text{{\\textbf{{ {word} }}}}}}", f"I say \\boxed{{{word}}} and not \\boxed{{",
+                       f"\\boxed{{{word}}} then \\boxed{{{'9' * (MAX_ACTION_CHARS + 50)}}}"]:
             env.reset()
             assert env.step(action)[0].startswith(right[word]), (word, action[-30:])
             assert env.action_key(action) == env.action_key(word), action[-30:]
         env.reset()
         assert not env.step(REASONING + word)[0].startswith(right[word])   # beyond the cut, no box
         assert env.action_key(REASONING + word) != env.action_key(word)
+
+
+def test_the_boxes_tried_are_bounded():
+    """At most MAX_BOXES_TRIED boxes are tried from the end: a complete box just within them is read, one past
+    them is not (the start of the text is read), so 10 MB of unclosed boxes cost little."""
+    env = GridworldEnv(GRID, max_moves=16)
+    env.reset()
+    assert env.step("\\boxed{down}" + "\\boxed{" * (MAX_BOXES_TRIED - 1))[0].startswith("You moved down")
+    env.reset()
+    assert env.step("\\boxed{down}" + "\\boxed{" * 1_500_000)[0].startswith("Invalid move")
 
 
 @pytest.mark.parametrize("name", ENV_TASKS)
