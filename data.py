@@ -1964,11 +1964,11 @@ def load_task(name: str, path: str | None = None, split: str = "train", seed: in
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if name in SYNTHETIC_TASKS:
         if path is not None:
-            raise ValueError(f"{name} is synthetic and reads no file (--train_file / --eval_file); got path={path!r}")
+            raise ValueError(f"{name} is synthetic and reads no file (icrl.py: --train_file, --eval_file; eval.py: --eval_file); got path={path!r}")
         return SYNTHETIC_TASKS[name](split=split, seed=seed, **knobs)
     if name in FILE_TASKS:
         if path is None:
-            raise ValueError(f"{name} reads a JSONL file: pass path= (--train_file / --eval_file)")
+            raise ValueError(f"{name} reads a JSONL file: pass path= (icrl.py: --train_file, --eval_file; eval.py: --eval_file)")
         return FILE_TASKS[name](path, **knobs)
     if name.startswith("agentgym:"):  # AgentGym servers (AgentGymTask): ids from path or the default ranges
         return AgentGymTask(name.partition(":")[2], path=path, split=split, **knobs)

@@ -617,8 +617,8 @@ GSM8K = os.path.join(ROOT, "tests", "data", "gsm8k_sample.jsonl")
 
 @pytest.mark.parametrize("flags, message", [
     (["--task", "nosuch"], "unknown task 'nosuch'"),
-    (["--task", "boxes", "--eval_file", GSM8K], "boxes is synthetic and reads no file (--train_file / --eval_file)"),
-    (["--task", "math"], "math reads a JSONL file: pass path= (--train_file / --eval_file)"),
+    (["--task", "boxes", "--eval_file", GSM8K], "boxes is synthetic and reads no file (icrl.py: --train_file, --eval_file; eval.py: --eval_file)"),
+    (["--task", "math"], "math reads a JSONL file: pass path= (icrl.py: --train_file, --eval_file; eval.py: --eval_file)"),
     (["--task", "gsm8k", "--eval_file", "/nonexistent.jsonl"], "data file not found: /nonexistent.jsonl"),
     (["--task", "boxes", "--task_knob", "boxs=3"], "--task_knob boxs=3: boxes has no knob 'boxs'"),
     (["--task", "boxes", "--task_knob", "boxes=abc"], "--task_knob boxes=abc: knob boxes of boxes takes an integer"),
