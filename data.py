@@ -764,9 +764,10 @@ class GSM8KTask(Task):
 
 
 _MATH_REPLACEMENTS = (("\n", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\$", ""), ("$", ""), ("\\%", ""),
-                      ("%", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\text{,}", ""), ("{,}", ""),
+                      ("%", ""), ("\\!", ""), ("\\text{,}", ""), ("{,}", ""),
                       ("\\displaystyle", ""), ("\u2212", "-"))
-_MATH_SPACE = re.compile(r"(\\\\)|\\(?:q?quad(?![A-Za-z])| )|~")   # "\\" (group 1) is a matrix's row break, no space
+# LaTeX spaces: \ \, \; \: ~ \quad \qquad ("\\", group 1, is a matrix's row break, no space). \! is not one: 1,\!000
+_MATH_SPACE = re.compile(r"(\\\\)|\\(?:q?quad(?![A-Za-z])|[ ,;:])|~")
 # A degree sign, with Celsius or Fahrenheit after it: 20^\circ\text{C} is 20
 _DEGREES = re.compile(r"(?:\^\{\\circ\}|\^\\circ|\u00b0)\s*(?:\\(?:text|mbox|mathrm)\{\s*[CF]\s*\}|[CF](?![A-Za-z]))?")
 _MATH_UNITS = re.compile(r"(.+?)\\(?:text|mbox|mathrm)\{\s*([A-Za-z][A-Za-z ./]{0,40})\}(?:\^\{?[23]\}?)?",
@@ -816,7 +817,7 @@ def math_answers_match(predicted: str, reference: str) -> bool:
     scientific notation, reordered sets / tuples / intervals / lists of solutions, units outside \\text{}
     or unit conversions, words for numbers, multiple-choice letter vs its content, matrices or equations
     written differently, the brace-less `\\boxed 5`, Unicode digits. A comma followed by a space (a LaTeX
-    one too: \\ ~ \\quad \\qquad) makes a list, never a thousands separator: neither "1100" nor "1,100"
+    one too: \\ \\, \\; \\: ~ \\quad \\qquad) makes a list, never a thousands separator: neither "1100" nor "1,100"
     matches "1, 100" or "1,\\ 100"."""
     spaced = lambda text: _MATH_SPACE.sub(lambda m: m.group(1) or " ", text)   # "1,\\ 100" and "1,~100" list too
     lists = [_LIST_COMMA.search(spaced(text)) is not None for text in (predicted, reference)]

@@ -163,6 +163,9 @@ MATH_CASES = [
     (math_example("1,\\ 100"), "\\boxed{1100}", 0), (math_example("1100"), "\\boxed{1,~100}", 0),
     (math_example("2500"), "\\boxed{2,\\quad 500}", 0), (math_example("1,\\ 100"), "\\boxed{1, 100}", 1),
     (math_example("1, 100"), "\\boxed{1,\\qquad100}", 1), (math_example("1,~100"), "\\boxed{1,100}", 0),
+    (math_example("1,\\;100"), "\\boxed{1100}", 0), (math_example("1,\\:100"), "\\boxed{1100}", 0),
+    (math_example("1,\\,100"), "\\boxed{1100}", 0), (math_example("1,\\;100"), "\\boxed{1, 100}", 1),
+    (math_example("1000"), "\\boxed{1\\,000}", 1),   # a thin space without a comma: still one number
     (math_example("3+2\\mathrm{i}"), "\\boxed{3+2\\mathrm{i}}", 1), (math_example("3+2i"), "\\boxed{3+2\\mathrm{i}}", 1),
     (math_example("2"), "\\boxed{2\\text{ hundred}}", 0), (math_example("2"), "\\boxed{2\\text{ squared}}", 0),
     (math_example("2"), "\\boxed{2\\text{i}}", 0), (math_example("2"), "\\boxed{2\\text{ and }}", 0),
