@@ -1505,6 +1505,11 @@ class AgentGymCallFailed(Exception):
     """One failed call; its message names the call ("POST http://host:port/step") and the cause."""
 
 
+class EnvironmentServerFailed(RuntimeError):
+    """An environment server failed for good (a call failed again after its instance was recreated): no more
+    episodes of that task can be played. icrl.py's held-out evaluation survives it; training stops."""
+
+
 def _one_line(text, limit=200) -> str:
     return " ".join(str(text).split())[:limit]
 
@@ -1927,7 +1932,7 @@ class AgentGymTask(Task):
         call, and so does every later call of this task: the run stops, and nothing waits for more timeouts."""
         with self.pool.server_locks[lease[0]]:
             if self.pool.failure is not None:
-                raise RuntimeError(self.pool.failure)
+                raise EnvironmentServerFailed(self.pool.failure)
             try:
                 return call()
             except AgentGymCallFailed as first:
@@ -1939,7 +1944,7 @@ class AgentGymTask(Task):
                     before = "the same" if str(second) == str(first) else str(first)
                     self.pool.failure = (f"{self.name}: {second} (after recreating the instance once; first "
                                          f"failure: {before})")
-                    raise RuntimeError(self.pool.failure) from None
+                    raise EnvironmentServerFailed(self.pool.failure) from None
 
     def close(self) -> None:
         """Free the instances on servers that have POST /close (best effort); alfworld and webshop keep them."""

@@ -38,7 +38,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (CRITIQUE_RIGHT, OBS_CHARS, AgentGymTask, Task, build_char_tokenizer, critic_context, encode_observation,
+from data import (CRITIQUE_RIGHT, OBS_CHARS, AgentGymTask, EnvironmentServerFailed, Task, build_char_tokenizer,
+                  critic_context, encode_observation,
                   end_of_turn_id, episode_summary, extract_critique, load_task, observation_turn, solver_context,
                   solver_message, task_class, typed_knobs)
 from model import Qwen3, Qwen3Config, Session, check_pretrained, generate
@@ -987,14 +988,24 @@ def quantile(values, q):
 def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=0):
     """Held-out critique-free accuracy: greedy, and with `samples` > 0 also the mean reward of that many first
     attempts per example at the training temperature (the quantity RL maximises; eval.py's acc_round_1, SPEC
-    §4's pass@1 for 0/1 rewards). Each rank scores its share; the sums are all-reduced. Returns (greedy, mean)."""
+    §4's pass@1 for 0/1 rewards). Each rank scores its share; the sums are all-reduced. Returns (greedy, mean),
+    (None, None) where an environment server failed for good on any rank: that evaluation is lost, not the run."""
     mine = examples[ctx.rank::ctx.world]
+    greedy = sampled = []
+    failed = 0.0
     with full_weights(model, args) as m:
-        greedy, _ = rollout(m, tokenizer, task, mine, sampling_config(args, 1, 0.0), seed=0, critique=False)
-        sampled, _ = rollout(m, tokenizer, task, mine, sampling_config(args, samples), seed=mix_seed(args.seed, 7),
-                             critique=False) if samples else ([], None)
+        try:
+            greedy, _ = rollout(m, tokenizer, task, mine, sampling_config(args, 1, 0.0), seed=0, critique=False)
+            sampled, _ = rollout(m, tokenizer, task, mine, sampling_config(args, samples), seed=mix_seed(args.seed, 7),
+                                 critique=False) if samples else ([], None)
+        except EnvironmentServerFailed as e:
+            tqdm.write(f"warning: held-out evaluation failed on rank {ctx.rank}: {one_line(e)}; its figures are null",
+                       file=sys.stderr)   # from the rank it failed on, which need not be the first
+            greedy, sampled, failed = [], [], 1.0
     first = lambda rollouts: sum(c.episodes[0].reward for ro in rollouts for c in ro.chains)
-    greedy_correct, sampled_correct, n = all_reduce([first(greedy), first(sampled), len(mine)], ctx)
+    greedy_correct, sampled_correct, n, failed = all_reduce([first(greedy), first(sampled), len(mine), failed], ctx)
+    if failed:
+        return None, None
     return greedy_correct / max(n, 1), sampled_correct / max(n * samples, 1)
 
 
@@ -1072,6 +1083,8 @@ def warm_start(model, tokenizer, task, args, ctx):
     while roles_until is None or step < roles_until:
         if roles_until is None and step and (step % 50 == 0 or step >= args.warm_start_steps):
             acc, _ = critique_free_accuracy(model, tokenizer, task, probe, args, ctx)
+            if acc is None:   # the training task's own servers: the warm start cannot go on (every rank raises)
+                raise EnvironmentServerFailed(f"{task.name}: a server failed for good during the warm start")
             print0(ctx, f"warm start step {step}: greedy accuracy {acc:.3f} on {len(probe)} training examples")
             if acc >= args.warm_start_target or step >= args.warm_start_steps:
                 roles_until = step + args.warm_start_role_steps
@@ -1933,6 +1946,8 @@ def train(args, ctx):
         return {"eval_acc": pass1, "eval_acc_greedy": greedy}
 
     def describe(figures):
+        if figures["eval_acc"] is None:
+            return "not measured (an environment server failed)"
         return f"pass@1 {figures['eval_acc']:.3f} ({args.eval_samples} samples each), greedy {figures['eval_acc_greedy']:.3f}"
 
     first = last = evaluate()
@@ -1951,14 +1966,18 @@ def train(args, ctx):
                 f.write(metrics_line({"step": done, **metrics}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            shown = {k: f"{metrics[k]:.2f}" for k in ("acc", "retry_acc") if metrics.get(k) is not None}
-            bar.set_postfix(**shown, eval=f"{last['eval_acc']:.2f}", refresh=False)
+            shown = {k: f"{figures[k]:.2f}" for figures, k in ((metrics, "acc"), (metrics, "retry_acc"), (last, "eval_acc"))
+                     if figures.get(k) is not None}
+            bar.set_postfix(**shown, refresh=False)
         if args.save_every and done % args.save_every == 0 and done != args.steps:
             save_checkpoint(model, optimizer, tokenizer, args, ctx, done, f"step_{done}")
     save_checkpoint(model, optimizer, tokenizer, args, ctx, args.steps, "final")
-    gained = {k: f"{100 * (last[k] - first[k]):+.1f}" for k in last}
-    print0(ctx, f"held-out critique-free accuracy at the end (step {args.steps}): {describe(last)}; "
-                f"{gained['eval_acc']} and {gained['eval_acc_greedy']} points since RL began")
+    if None in (last["eval_acc"], first["eval_acc"]):
+        print0(ctx, f"held-out critique-free accuracy at the end (step {args.steps}): {describe(last)}")
+    else:
+        gained = {k: f"{100 * (last[k] - first[k]):+.1f}" for k in last}
+        print0(ctx, f"held-out critique-free accuracy at the end (step {args.steps}): {describe(last)}; "
+                    f"{gained['eval_acc']} and {gained['eval_acc_greedy']} points since RL began")
     return last
 
 

@@ -693,3 +693,24 @@ def test_a_failing_rank_stops_the_run_with_its_error_instead_of_hanging(tmp_path
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert "rank 1 fails here" in result.stdout + result.stderr
+
+
+def test_a_failed_evaluation_server_costs_its_figures_not_the_run(tmp_path, monkeypatch, capsys):
+    """An environment server of the held-out evaluation that fails for good (AgentGym's, after its retry) leaves
+    that evaluation's figures null; training goes on and saves its checkpoints (a run of hours is not lost)."""
+    import data
+    real = icrl.rollout
+
+    def rollout(*args, critique=True, **kwargs):   # training samples critiques; the held-out evaluation does not
+        if not critique:
+            raise data.EnvironmentServerFailed("agentgym:alfworld: POST http://127.0.0.1:1/step: no reply within 1 s")
+        return real(*args, critique=critique, **kwargs)
+
+    monkeypatch.setattr(icrl, "rollout", rollout)
+    run = str(tmp_path / "r")
+    icrl.main(FAST + ["--steps", "2", "--eval_every", "1", "--out", run])
+    lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["step"] for r in lines] == [1, 2] and all(r["eval_acc"] is None for r in lines)
+    assert icrl.read_trainer_state(os.path.join(run, "final"))["step"] == 2
+    err = capsys.readouterr().err
+    assert "held-out evaluation failed" in err and "no reply within 1 s" in err
