@@ -1663,9 +1663,10 @@ def _url_problem(url: str) -> str | None:
 class AgentGymPool:
     """The servers of one task and the server-side instances the client keeps on them.
 
+    Under torchrun (RANK of WORLD_SIZE) with at least as many servers as ranks, rank r plays on servers r,
+    r + WORLD_SIZE, ... only; with fewer, the ranks share every server, each starting at its own offset.
     An environment leases a (server, slot) at its first reset() and gives it back at close(). The lease
-    goes to the least busy server, ties broken round-robin from a cursor (which starts at a per-rank offset
-    under torchrun, RANK of WORLD_SIZE, so ranks start on different servers): while fewer environments are
+    goes to the least busy of those servers, ties broken round-robin from a cursor: while fewer environments are
     live than there are servers, every live environment has a server of its own; beyond that, servers are
     shared round-robin (two live environments on one server get slots 0 and 1, i.e. two instances there;
     the server answers them one request at a time). One instance is created per (server, slot) on first
@@ -1678,13 +1679,15 @@ class AgentGymPool:
     `failure`: the error that stopped the run, which the calls still waiting for a lock raise unsent."""
 
     def __init__(self, urls: list[str]):
-        self.urls = list(urls)
+        rank, world = int(os.environ.get("RANK", 0) or 0), max(int(os.environ.get("WORLD_SIZE", 1) or 1), 1)
+        # With a server per rank at least, each rank takes its own: a server then queues one rank's calls, sent
+        # one at a time, and not the other ranks' as well (their waits would count against its timeouts).
+        self.urls = list(urls)[rank::world] if len(urls) >= world else list(urls)
         self.busy = [set() for _ in self.urls]     # leased slots, per server
         self.instances = {}                        # (server, slot) -> instance id on that server
         self.server_locks = [threading.Lock() for _ in self.urls]
         self.failure = None
-        rank, world = int(os.environ.get("RANK", 0) or 0), int(os.environ.get("WORLD_SIZE", 1) or 1)
-        self.cursor = (rank * len(self.urls)) // max(world, 1) % len(self.urls)
+        self.cursor = 0 if len(urls) >= world else (rank * len(self.urls)) // world % len(self.urls)
         self.lock = threading.Lock()
 
     def acquire(self) -> tuple[int, int]:

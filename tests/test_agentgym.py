@@ -366,11 +366,19 @@ def test_after_a_call_fails_for_good_the_calls_waiting_for_a_server_are_not_sent
     assert fake.count("/reset") == 2   # one episode's reset and its retry
 
 
-def test_rank_offsets_the_first_server(monkeypatch):
+def test_each_rank_plays_on_its_own_servers_when_there_are_enough(monkeypatch):
+    """A server answers one request at a time (AGENTGYM.md): with at least as many servers as ranks, each rank
+    takes its own, so a server queues the calls of one rank only, which sends them one at a time, and every
+    call's timeout measures the server's own time. With fewer, the ranks share them, starting on different ones."""
+    urls = [f"http://127.0.0.1:{port}" for port in (1, 2, 3, 4)]
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    pool = AgentGymPool([f"http://127.0.0.1:{port}" for port in (1, 2, 3, 4)])
-    assert [pool.acquire()[0] for _ in range(5)] == [2, 3, 0, 1, 2]
+    pool = AgentGymPool(urls)
+    assert [pool.urls[pool.acquire()[0]] for _ in range(3)] == [urls[1], urls[3], urls[1]]
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    pool = AgentGymPool(urls)
+    assert [pool.urls[pool.acquire()[0]] for _ in range(5)] == [urls[1], urls[2], urls[3], urls[0], urls[1]]
 
 
 def test_a_dropped_step_recreates_the_instance_and_replays_the_episode(servers):
