@@ -14,7 +14,7 @@ Run:
 Without --task, the task is the one --model was trained on, with its knobs (icrl.py's trainer_state.json in
 the folder; boxes for a folder without one); on that task, the episode settings that are not given
 (--enable_thinking, --max_new_tokens, --critic_max_new_tokens, --max_turns, --max_context, --obs_chars) are
-that run's too (--max_turns not with other --task_knob values: then the knobbed task's own).
+that run's too (with other --task_knob values, a --max_turns its knobs gave is the knobbed task's own).
 
 What is sampled (icrl.rollout, SPEC §2.1-2.4, the same code as training): for every example, n chains
 (--n) of up to K rounds (--rounds). Round 1 is a critique-free episode tau_1 ~ S(x). While the gate lets a
@@ -74,6 +74,7 @@ from icrl import (DTYPES, TRAINER_STATE, TRUNCATED_ENDS, SamplingConfig, UsageEr
                   check_out, check_sampling_flags, checked_folder, checked_task, checked_tokenizer, chunks,
                   drop_long_prompts, first_rank, init_distributed, mix_seed, print0, prompt_limit, rollout,
                   run_then_shut_down, same_setting, saved_trainer_state, show, usage_exit, warn, write_atomic)
+from data import load_task, typed_knobs
 from model import Qwen3
 
 
@@ -245,8 +246,11 @@ def defaults_from_checkpoint(args, fallback):
                 warn(f"--task_knob {show(given)} differs from {show(old) if old else 'no knobs'}, --model's "
                      f"training ({file})")
         for key in EPISODE_SETTINGS:
-            # icrl.py saves the turn limit its task's knobs gave (boxes: its tries): other knobs, the task's own
-            if key == "max_turns" and other_knobs:
+            # icrl.py saves the turn limit its knobs gave when --max_turns was 0 (boxes: its tries); with other
+            # knobs, the knobbed task's own instead (a limit given to icrl.py is kept)
+            if key == "max_turns" and other_knobs and args.max_turns is None and \
+                    saved.get(key) == tasks_own_turns(args.task, saved.get("task_knob"), saved.get("env_url")):
+                taken.append("--max_turns 0 (the knobbed task's own)")
                 continue
             if getattr(args, key) is None and key in saved:
                 setattr(args, key, saved[key])
@@ -258,6 +262,15 @@ def defaults_from_checkpoint(args, fallback):
     args.task_knob = args.task_knob or []
     if taken and first_rank():
         print(f"{' '.join(taken)}: from {file} (the run that trained --model)")
+
+
+def tasks_own_turns(task, knobs, env_url):
+    """The turn limit `task` sets itself with `knobs` (what icrl.py saves when --max_turns is 0), or None where
+    it cannot be built here (a file task without its file)."""
+    try:
+        return load_task(task, split="test", **typed_knobs(task, knobs, env_url)).max_turns
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def examples_to_sample(args, task, tokenizer, positions):

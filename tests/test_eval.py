@@ -565,6 +565,10 @@ def test_other_knobs_take_the_tasks_own_turn_limit(checkpoints, tmp_path, capsys
                        "--max_examples", "2", "--n", "1", "--rounds", "1"])
     assert summary["max_turns"] == tries
     assert ev.parse_args(["--model", str(folder), "--task_knob", f"tries={tries}", "--max_turns", "2"]).max_turns == 2
+    # a limit given to icrl.py (not its knobs' own) stays, whatever the knobs
+    trained.max_turns = 3
+    icrl.write_trainer_state(str(folder), 3, trained)
+    assert ev.parse_args(["--model", str(folder), "--task_knob", f"tries={tries}"]).max_turns == 3
 
 
 @pytest.fixture
