@@ -1779,6 +1779,10 @@ def checked_tokenizer(flag, path):
     if not tokenizer.chat_template:
         raise UsageError(f"{flag} {path}: its tokenizer has no chat template (chat_template.jinja, or chat_template "
                          f"in tokenizer_config.json); the role prompts are built with it")
+    try:  # content with spaces at its ends: a template that trims it is refused now, not at such a prompt hours in
+        solver_context(tokenizer, " task \n", " observation ", " tips ")
+    except ValueError as e:
+        raise UsageError(f"{flag} {path}: {one_line(e)}") from None
     return tokenizer
 
 

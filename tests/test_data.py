@@ -461,6 +461,11 @@ def test_a_template_that_rewrites_content_is_refused(tmp_path, qwen3):
     with pytest.raises(ValueError, match="verbatim"):
         _chat_ids(qwen3, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\na"},
                           {"role": "user", "content": "q2"}], False)
+    # and when the tokenizer loads, before any weights (not at the first prompt that ends in a space, hours in)
+    import icrl
+    trimming.save_pretrained(str(tmp_path / "trimming"))
+    with pytest.raises(icrl.UsageError, match="--model .*trimming: .*verbatim"):
+        icrl.checked_tokenizer("--model", str(tmp_path / "trimming"))
 
 
 def test_a_tokenizer_without_special_tokens():
