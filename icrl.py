@@ -1502,7 +1502,8 @@ def build_parser():
     p.add_argument("--calib_logp", default="trainer", choices=["trainer", "sampler"], help="where §2.7's l_cond "
                    "comes from: a trainer forward of each retry under S(x, c), or the sampler's log-probs of it "
                    "(the authors' way: one forward fewer per retry; the two differ by the sampler's rounding, "
-                   "which logprob_gap then reports on first attempts and critiques only)")
+                   "which logprob_gap then reports on first attempts and critiques only; with --calib none, "
+                   "which reads no l_cond, no such forward runs either)")
     p.add_argument("--adv", default="rolewise", choices=["rolewise", "pooled"], help="§2.6 advantage groups")
     p.add_argument("--no_critic_train", action="store_true", help="sample critiques, drop them from the loss")
     p.add_argument("--critic_coef", type=float, default=1.0, help="lambda_c of §2.8")
