@@ -20,7 +20,8 @@ A run is complete when its folder has final/ and its metrics.jsonl has the last 
 skipped, so an interrupted comparison continues where it stopped. An incomplete run resumes from its
 latest step checkpoint when it has one (`--resume`, only with --save_every in --icrl_args), otherwise
 its folder is removed and the run redone. A complete run whose compare_run.json records other icrl.py
-flags, another process count, other code (code_version) or another warm start (the one it began from, by
+flags (the paths inside OUT aside: a renamed OUT, or a relative one, is the same comparison; a relative OUT
+is relative to the folder compare.py is started in, for icrl.py and eval.py too), another process count, other code (code_version) or another warm start (the one it began from, by
 its start time) is redone; an evaluation is redone when its flags or code changed. Wall time is measured
 here, per run, and kept in the run's compare_run.json. The summary covers every complete run under OUT
 (with the task's RL steps), not only the seeds and variants of this invocation, so SEEDS=3 after a 3-seed
@@ -74,12 +75,13 @@ START_RE = re.compile(r"when RL begins \(step 0[^)]*\): pass@1 ([0-9.]+)")
 # ==================================================================================================
 
 def run_command(cmd, log_path, env):
-    """Run `cmd` from the repository root with stdout and stderr appended to log_path; returns the exit
-    status. Tests replace this function to record the calls."""
+    """Run `cmd` with stdout and stderr appended to log_path; returns the exit status. It runs in this
+    process's folder, so that a relative OUT names the same folder here and for icrl.py and eval.py (both
+    are given by absolute path). Tests replace this function to record the calls."""
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
 
 def torchrun(nproc):
@@ -102,6 +104,30 @@ def shared_eval_flags(icrl_flags):
             out.append(icrl_flags[i])
         i += 1
     return out
+
+
+def without_values(flags, names):
+    """flags less the value after each of names (`--name value`, as compare.py writes them)."""
+    if not isinstance(flags, list):  # a hand-edited record
+        return flags
+    return [flag for i, flag in enumerate(flags) if not (i and flags[i - 1] in names)]
+
+
+# flags whose values are paths inside OUT, fixed by the run's folder: another spelling of OUT (./X, an absolute
+# path, a renamed folder) is the same comparison
+PATH_FLAGS = ("--out", "--model")
+
+
+def same_setting(record, setting, missing_ok=False):
+    """Whether record holds setting, the PATH_FLAGS' values aside. A key the record lacks is None (a record
+    from before compare.py recorded warm starts: is_stale reads it so too), or the same when missing_ok."""
+    for key, value in setting.items():
+        old = record.get(key, value if missing_ok else None)
+        if key == "flags":
+            old, value = without_values(old, PATH_FLAGS), without_values(value, PATH_FLAGS)
+        if old != value:
+            return False
+    return True
 
 
 def read_json(path, default=None):
@@ -197,7 +223,7 @@ class Runner:
         if is_complete(run, steps) and not force:
             # No record: made by hand, trusted. A record without the setting (its evaluation's alone, from a
             # compare.py that did not record training runs yet) cannot vouch for the code that trained it.
-            if not record or all(k in record and record[k] == v for k, v in setting.items()):
+            if not record or same_setting(record, setting):
                 print(f"  {run}: complete, skipped")
                 return "skipped"
             print(f"  {run}: complete, but made by other code, flags, process count or warm start (code "
@@ -205,7 +231,7 @@ class Runner:
                   f"and redone")
             shutil.rmtree(run)
         checkpoint = None if force or not steps else resumable_checkpoint(run, steps)
-        if checkpoint and any(record.get(k, v) != v for k, v in setting.items()):
+        if checkpoint and not same_setting(record, setting, missing_ok=True):
             checkpoint = None
         if checkpoint:
             cmd = cmd + ["--resume", run]
@@ -241,8 +267,8 @@ class Runner:
             shared_eval_flags(self.args.icrl_flags) + self.args.eval_flags + ["--out", os.path.join(run, "eval")]
         record_path = os.path.join(run, "compare_run.json")
         done = read_json(record_path, {})
-        if eval_complete(run) and done.get("eval_flags", flags) == flags and done.get("eval_code", code_version()) == \
-                code_version():
+        if eval_complete(run) and shared_eval_part(done.get("eval_flags", flags)) == shared_eval_part(flags) and \
+                done.get("eval_code", code_version()) == code_version():
             return True
         cmd = [sys.executable, os.path.join(ROOT, "eval.py")] + flags
         # an evaluation that fails must not leave the previous one's summary.json to be read as this one's

@@ -446,3 +446,48 @@ def test_code_version_hashes_each_of_the_four_files(tmp_path, monkeypatch):
         assert len(seen) == 5
     finally:
         compare.code_version.cache_clear()
+
+
+def test_another_spelling_of_out_redoes_nothing(tmp_path, monkeypatch):
+    """The --out and --model paths lie inside OUT: ./X, an absolute path or a renamed folder is the same
+    comparison, whose complete runs and evaluations are kept."""
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS), "--no_plot"]
+    assert compare.main(argv + ["--out", str(tmp_path / "c")]) == 0 and len(calls) == 4
+    calls.clear()
+    monkeypatch.chdir(tmp_path)
+    assert compare.main(argv + ["--out", "./c"]) == 0 and calls == []
+    os.rename(tmp_path / "c", tmp_path / "renamed")
+    assert compare.main(argv + ["--out", "renamed"]) == 0 and calls == []
+    assert table_rows(tmp_path / "renamed") == ["warm_start", "icrl"]
+
+
+def test_commands_run_in_the_folder_compare_was_started_in(tmp_path, monkeypatch):
+    """A relative --out names the same folder for compare.py's checks and for icrl.py and eval.py."""
+    os.makedirs(tmp_path / "root")
+    os.makedirs(tmp_path / "here")
+    monkeypatch.setattr(compare, "ROOT", str(tmp_path / "root"))
+    monkeypatch.chdir(tmp_path / "here")
+    cmd = [sys.executable, "-c", "open('written', 'w').close()"]
+    assert compare.run_command(cmd, str(tmp_path / "log"), dict(os.environ)) == 0
+    assert (tmp_path / "here" / "written").is_file() and not (tmp_path / "root" / "written").exists()
+
+
+def test_records_from_before_warm_starts_were_recorded_are_kept(tmp_path, monkeypatch):
+    """A record without warm_start / started (older compare.py) reads as None, in Runner.train as in
+    is_stale: its complete runs are kept, not redone."""
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "c"
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS), "--out", str(out),
+            "--no_plot"]
+    assert compare.main(argv) == 0
+    for name in ("warm_start", "icrl"):
+        path = out / "arithmetic" / name / "seed0" / "compare_run.json"
+        record = json.loads(path.read_text())
+        del record["warm_start"], record["started"]
+        path.write_text(json.dumps(record))
+    calls.clear()
+    assert compare.main(argv) == 0 and calls == []
+    assert table_rows(out) == ["warm_start", "icrl"]
