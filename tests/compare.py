@@ -221,9 +221,10 @@ class Runner:
         record_path = os.path.join(run, "compare_run.json")
         record = read_json(record_path, {})
         if is_complete(run, steps) and not force:
-            # No record: made by hand, trusted. A record without the setting (its evaluation's alone, from a
-            # compare.py that did not record training runs yet) cannot vouch for the code that trained it.
-            if not record or same_setting(record, setting):
+            # No record, or the one Runner.evaluate began for it: made by hand, trusted. A record without the
+            # setting (its evaluation's alone, from a compare.py that did not record training runs yet) cannot
+            # vouch for the code that trained it.
+            if not record or record.get("by_hand") or same_setting(record, setting):
                 print(f"  {run}: complete, skipped")
                 return "skipped"
             print(f"  {run}: complete, but made by other code, flags, process count or warm start (code "
@@ -267,8 +268,10 @@ class Runner:
             shared_eval_flags(self.args.icrl_flags) + self.args.eval_flags + ["--out", os.path.join(run, "eval")]
         record_path = os.path.join(run, "compare_run.json")
         done = read_json(record_path, {})
-        if eval_complete(run) and shared_eval_part(done.get("eval_flags", flags)) == shared_eval_part(flags) and \
-                done.get("eval_code", code_version()) == code_version():
+        # No record: made and evaluated by hand, trusted. Otherwise the record must name this evaluation; one it
+        # lacks (compare.py cut off as eval.py ended, or an evaluation by hand) is redone: is_stale leaves it out.
+        if eval_complete(run) and (not done or shared_eval_part(done.get("eval_flags")) == shared_eval_part(flags)
+                                   and done.get("eval_code") == code_version()):
             return True
         cmd = [sys.executable, os.path.join(ROOT, "eval.py")] + flags
         # an evaluation that fails must not leave the previous one's summary.json to be read as this one's
@@ -277,6 +280,8 @@ class Runner:
         t = time.perf_counter()
         rc = self._run(cmd, os.path.join(run, "eval.log"))
         record = read_json(record_path, {})
+        if not record:  # a run made by hand: still trusted once its evaluation is recorded (train, is_stale)
+            record["by_hand"] = True
         record.update(eval_flags=flags, eval_code=code_version(), eval_wall_s=round(time.perf_counter() - t, 3))
         write_json(record_path, record)
         if rc != 0 or not eval_complete(run):
@@ -383,18 +388,21 @@ def is_stale(run, warm_record=None):
     """Why a complete run does not belong in the table now, or None: made by other code, begun from another
     warm start than its seed's (warm_record: that warm start's compare_run.json; None for a warm start), or
     evaluated by other code or with other eval.py flags than that warm start. The icrl.py flags need no
-    check: other flags make another warm start. A run with no record (made by hand) is trusted, as by
-    Runner.train."""
+    check: other flags make another warm start. A run with no record, or only its evaluation's "by_hand" one
+    (made by hand), is trusted, as by Runner.train; its evaluation too when there is no record."""
     record = read_json(os.path.join(run, "compare_run.json"), {})
     if not record:
         return None
-    if record.get("code") != code_version():
-        return f"trained by other code (code_version {record.get('code')}, now {code_version()})"
-    if warm_record is not None and record.get("warm_start") != warm_record.get("started"):
-        return "trained from an earlier warm start of its seed"
+    if not record.get("by_hand"):
+        if record.get("code") != code_version():
+            return f"trained by other code (code_version {record.get('code')}, now {code_version()})"
+        if warm_record is not None and record.get("warm_start") != warm_record.get("started"):
+            return "trained from an earlier warm start of its seed"
     if eval_complete(run):
-        if record.get("eval_code") != code_version():
-            return f"evaluated by other code (code_version {record.get('eval_code')}, now {code_version()})"
+        if "eval_code" not in record:
+            return "its evaluation is not in its record (cut off, or made by hand): the next comparison redoes it"
+        if record["eval_code"] != code_version():
+            return f"evaluated by other code (code_version {record['eval_code']}, now {code_version()})"
         if warm_record and "eval_flags" in warm_record and \
                 shared_eval_part(record.get("eval_flags")) != shared_eval_part(warm_record["eval_flags"]):
             return "evaluated with other eval.py flags than its warm start"

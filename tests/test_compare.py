@@ -491,3 +491,39 @@ def test_records_from_before_warm_starts_were_recorded_are_kept(tmp_path, monkey
     calls.clear()
     assert compare.main(argv) == 0 and calls == []
     assert table_rows(out) == ["warm_start", "icrl"]
+
+
+def test_a_run_made_by_hand_stays_trusted_once_evaluated(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "compare" / "arithmetic"
+    write_run(out / "warm_start" / "seed0", steps=0, start=0.3, warm=True)   # no evaluation, no record
+    write_run(out / "icrl" / "seed0", curve={2: 0.6}, start=0.3)
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS),
+            "--out", str(tmp_path / "compare"), "--no_plot"]
+    assert compare.main(argv) == 0
+    assert [c[c.index("--out") + 1] for c in calls] == [str(out / "warm_start" / "seed0" / "eval"),
+                                                       str(out / "icrl" / "seed0" / "eval")]
+    assert table_rows(tmp_path / "compare") == ["warm_start", "icrl"]
+    calls.clear()
+    assert compare.main(argv) == 0 and calls == []
+    assert table_rows(tmp_path / "compare") == ["warm_start", "icrl"]
+
+
+def test_an_evaluation_missing_from_the_record_is_redone(tmp_path, monkeypatch):
+    """Cut off between eval.py's exit and the record's update (or evaluated by hand): the evaluation is
+    redone, not skipped while the table leaves the run out for good."""
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "c"
+    icrl = out / "arithmetic" / "icrl" / "seed0"
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS), "--out", str(out),
+            "--no_plot"]
+    assert compare.main(argv) == 0
+    record = json.loads((icrl / "compare_run.json").read_text())
+    for key in ("eval_flags", "eval_code", "eval_wall_s"):
+        del record[key]
+    (icrl / "compare_run.json").write_text(json.dumps(record))
+    calls.clear()
+    assert compare.main(argv) == 0 and [c[c.index("--out") + 1] for c in calls] == [str(icrl / "eval")]
+    assert table_rows(out) == ["warm_start", "icrl"]
