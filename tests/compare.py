@@ -59,7 +59,7 @@ VARIANTS = {
 TASKS = {"arithmetic": list(VARIANTS), "guess": ["icrl", "grpo"], "boxes": list(VARIANTS)}
 BASELINE = "grpo"
 WARM = "warm_start"
-# flags compare.py sets itself; --icrl_args may not carry them
+# flags compare.py sets itself; --icrl_args may not carry them, nor an abbreviation of one (flags_meant)
 MANAGED = ("--steps", "--out", "--seed", "--task", "--model", "--resume", "--algo", "--calib", "--adv",
            "--no_critic_train", "--critic_gate")
 # icrl.py flags that mean the same in eval.py: passed on to every evaluation (before --eval_args), so a
@@ -90,18 +90,28 @@ def torchrun(nproc):
     return launcher + ["--standalone", "--nproc_per_node", str(nproc), os.path.join(ROOT, "icrl.py")]
 
 
+def flags_meant(word, names):
+    """Those of names that `word` (`--flag` or `--flag=value`) may stand for: icrl.py's parser takes an exact
+    name, else any unambiguous prefix of one (--alg is --algo)."""
+    name = word.split("=")[0]
+    if not name.startswith("--") or len(name) < 3:  # a value, or `--`
+        return []
+    return [name] if name in names else [n for n in names if n.startswith(name)]
+
+
 def shared_eval_flags(icrl_flags):
-    """The SHARED_VALUE / SHARED_SWITCH flags among icrl_flags, in order (`--flag value` or `--flag=value`)."""
+    """The SHARED_VALUE / SHARED_SWITCH flags among icrl_flags, in order (`--flag value` or `--flag=value`),
+    each by its full name: an abbreviation icrl.py reads may be ambiguous to eval.py (--critic_m)."""
     out, i = [], 0
     while i < len(icrl_flags):
-        name = icrl_flags[i].split("=")[0]
-        if name in SHARED_VALUE:
-            take = 1 if "=" in icrl_flags[i] else 2
-            out += icrl_flags[i:i + take]
-            i += take
+        meant = flags_meant(icrl_flags[i], SHARED_VALUE + SHARED_SWITCH)
+        if len(meant) == 1 and meant[0] in SHARED_VALUE:
+            _, eq, value = icrl_flags[i].partition("=")
+            out += [f"{meant[0]}={value}"] if eq else [meant[0]] + icrl_flags[i + 1:i + 2]
+            i += 1 if eq else 2
             continue
-        if name in SHARED_SWITCH:
-            out.append(icrl_flags[i])
+        if len(meant) == 1:
+            out.append(meant[0])
         i += 1
     return out
 
@@ -614,7 +624,7 @@ def parse_args(argv=None):
     p.add_argument("--no_plot", action="store_true", help="no PNG")
     args = p.parse_args(argv)
     args.icrl_flags, args.eval_flags = shlex.split(args.icrl_args), shlex.split(args.eval_args)
-    managed = [f for f in args.icrl_flags if f.split("=")[0] in MANAGED]
+    managed = [f"{f} ({', '.join(flags_meant(f, MANAGED))})" for f in args.icrl_flags if flags_meant(f, MANAGED)]
     if managed:
         p.error(f"--icrl_args may not set {', '.join(managed)}: compare.py sets it (use --steps, --seeds, --tasks, "
                 "--variants, --out)")

@@ -527,3 +527,19 @@ def test_an_evaluation_missing_from_the_record_is_redone(tmp_path, monkeypatch):
     calls.clear()
     assert compare.main(argv) == 0 and [c[c.index("--out") + 1] for c in calls] == [str(icrl / "eval")]
     assert table_rows(out) == ["warm_start", "icrl"]
+
+
+def test_abbreviations_of_flags_compare_sets_are_refused(capsys):
+    """icrl.py's parser takes any unambiguous prefix of a flag: --alg is --algo."""
+    for given in ("--alg grpo", "--critic_g always", "--no_critic", "--ad pooled", "--calib=none", "--ste 5", "--mod x"):
+        with pytest.raises(SystemExit):
+            compare.parse_args([f"--icrl_args={given}"])
+        assert given.split()[0] in capsys.readouterr().err
+    # a longer flag that only begins with a name compare.py sets is icrl.py's own
+    assert compare.parse_args(["--icrl_args", "--calib_clip 2 --task_knob digits=3"]).icrl_flags == [
+        "--calib_clip", "2", "--task_knob", "digits=3"]
+
+
+def test_abbreviated_shared_flags_reach_eval_in_full():
+    assert compare.shared_eval_flags(["--temp", "0.5", "--lr", "1e-3", "--max_new=6", "--enable"]) == [
+        "--temperature", "0.5", "--max_new_tokens=6", "--enable_thinking"]
