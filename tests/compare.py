@@ -186,14 +186,20 @@ def code_version():
     return digest.hexdigest()[:16]
 
 
-def is_complete(run, steps):
-    """final/ is written last and renamed into place whole; metrics.jsonl must reach the last step (a
-    warm-start run has --steps 0 and no metrics lines, but needs its warm_start/)."""
+def incomplete(run, steps):
+    """Why run is not a complete run of `steps` RL steps, or None. final/ is written last and renamed into
+    place whole; metrics.jsonl must reach the last step (a warm-start run has --steps 0 and no metrics
+    lines, but needs its warm_start/)."""
     if not os.path.isdir(os.path.join(run, "final")):
-        return False
+        return "no final/ (unfinished, or failed: see its train.log)"
     if steps == 0:
-        return os.path.isdir(os.path.join(run, WARM))
-    return last_step(run) == steps
+        return None if os.path.isdir(os.path.join(run, WARM)) else f"no {WARM}/"
+    done = last_step(run)
+    return None if done == steps else f"has {done} of the {steps} RL steps (--steps)"
+
+
+def is_complete(run, steps):
+    return incomplete(run, steps) is None
 
 
 def eval_complete(run):
@@ -419,9 +425,10 @@ def is_stale(run, warm_record=None):
     return None
 
 
-def is_current(run, warm_record=None):
-    """Not is_stale; a stale run is named, with why, on stdout."""
-    why = is_stale(run, warm_record)
+def included(run, steps, warm_record=None):
+    """Whether a run counts in the table: complete (incomplete) and not stale (is_stale); one left out is named,
+    with why, on stdout."""
+    why = incomplete(run, steps) or is_stale(run, warm_record)
     if why:
         print(f"left out of the table: {run}: {why}")
     return not why
@@ -440,12 +447,12 @@ def summarize(out, steps=None):
         task_rl_steps = task_steps(task, steps)
         warm_folder = os.path.join(out, task, WARM)
         warm = {seed: run_figures(run) for seed, run in seed_folders(warm_folder).items()
-                if is_complete(run, 0) and is_current(run)}
+                if included(run, 0)}
         warm_record = lambda seed: read_json(os.path.join(warm_folder, f"seed{seed}", "compare_run.json"), {})
         variants = {}
         for variant in task_variants:
             runs = {seed: run_figures(run) for seed, run in seed_folders(os.path.join(out, task, variant)).items()
-                    if is_complete(run, task_rl_steps) and is_current(run, warm_record(seed))}
+                    if included(run, task_rl_steps, warm_record(seed))}
             if runs:
                 variants[variant] = runs
         if not variants and not warm:
@@ -587,8 +594,25 @@ def plot_curves(task, curves, steps, path):
     return True
 
 
+def has_table(out):
+    """Whether OUT's summary.json or summary.md holds a table (of at least one task)."""
+    old = read_json(os.path.join(out, "summary.json"), {})
+    try:
+        with open(os.path.join(out, "summary.md")) as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    return isinstance(old, dict) and bool(old.get("tasks")) or "### " in text
+
+
 def write_summary(out, steps=None, plot=True):
+    """summary.json, summary.md and the curves of OUT; None, writing nothing, where no run counts but OUT holds
+    a table already (say, of runs made by other code): an empty table does not replace it."""
     summary = summarize(out, steps)
+    if not summary["tasks"] and has_table(out):
+        print(f"no complete, current run under {out} (see the lines above): its summary.md and summary.json, "
+              "of earlier runs, are left as they are")
+        return None
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "summary.json"), summary)
     text = markdown(summary)
@@ -641,14 +665,16 @@ def main(argv=None):
         runner = run_comparison(args)
         print(f"comparison: {(time.perf_counter() - t) / 60:.1f} min in this invocation "
               f"({len(runner.ran)} command(s) run)")
-    _, text, pngs = write_summary(args.out, args.steps, plot=not args.no_plot)
-    print()
-    print(text)
-    print(f"wrote {os.path.join(args.out, 'summary.md')}, summary.json" + "".join(f", {png}" for png in pngs))
+    written = write_summary(args.out, args.steps, plot=not args.no_plot)
+    if written:
+        _, text, pngs = written
+        print()
+        print(text)
+        print(f"wrote {os.path.join(args.out, 'summary.md')}, summary.json" + "".join(f", {png}" for png in pngs))
     if runner and runner.failed:
         print(f"{len(runner.failed)} failure(s):\n  " + "\n  ".join(runner.failed))
         return 1
-    return 0
+    return 0 if written else 1
 
 
 if __name__ == "__main__":

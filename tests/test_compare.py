@@ -244,13 +244,15 @@ def test_runs_of_other_code_and_evaluations_of_other_flags_are_left_out(tmp_path
     assert f"left out of the table: {grpo}: evaluated with other eval.py flags than its warm start" in \
         capsys.readouterr().out
     assert table_rows(out) == ["warm_start", "icrl"]
-    # the code changed since: every run is left out, each named
+    # the code changed since: every run is left out, each named, and the empty table replaces no table
+    before = {name: (out / name).read_text() for name in ("summary.md", "summary.json")}
     monkeypatch.setattr(compare, "code_version", lambda: "changed")
-    assert compare.main(argv + ["--summary_only"]) == 0
+    assert compare.main(argv + ["--summary_only"]) == 1
     printed = capsys.readouterr().out
     for name in ("warm_start", "icrl", "grpo"):
         assert f"left out of the table: {out / 'arithmetic' / name / 'seed0'}: trained by other code" in printed
-    assert table_rows(out) == []
+    assert f"no complete, current run under {out}" in printed
+    assert {name: (out / name).read_text() for name in before} == before
 
 
 def test_a_failed_evaluation_leaves_no_old_figures_and_is_redone(tmp_path, monkeypatch):
@@ -543,3 +545,14 @@ def test_abbreviations_of_flags_compare_sets_are_refused(capsys):
 def test_abbreviated_shared_flags_reach_eval_in_full():
     assert compare.shared_eval_flags(["--temp", "0.5", "--lr", "1e-3", "--max_new=6", "--enable"]) == [
         "--temperature", "0.5", "--max_new_tokens=6", "--enable_thinking"]
+
+
+def test_summary_only_says_why_a_run_of_other_steps_is_left_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "run_command", fake_runner([]))
+    out = tmp_path / "c"
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--out", str(out), "--no_plot"]
+    assert compare.main(argv + ["--steps", str(STEPS)]) == 0
+    capsys.readouterr()
+    assert compare.main(argv + ["--summary_only"]) == 0   # the task's own 60 RL steps
+    assert (f"left out of the table: {out / 'arithmetic' / 'icrl' / 'seed0'}: has {STEPS} of the 60 RL steps"
+            in capsys.readouterr().out)
