@@ -30,6 +30,7 @@ bring up to date: made by other code, begun from an earlier warm start of its se
 code or with other eval.py flags than its warm start.
 """
 import argparse
+import ast
 import functools
 import hashlib
 import json
@@ -117,10 +118,10 @@ def shared_eval_flags(icrl_flags):
 
 
 def without_values(flags, names):
-    """flags less the value after each of names (`--name value`, as compare.py writes them)."""
+    """flags less each of names and the value after it (`--name value`, as compare.py writes them)."""
     if not isinstance(flags, list):  # a hand-edited record
         return flags
-    return [flag for i, flag in enumerate(flags) if not (i and flags[i - 1] in names)]
+    return [flag for i, flag in enumerate(flags) if flag not in names and not (i and flags[i - 1] in names)]
 
 
 # flags whose values are paths inside OUT, fixed by the run's folder: another spelling of OUT (./X, an absolute
@@ -387,11 +388,23 @@ def run_figures(run):
     if start is not None:
         curve = [(0, start)] + curve
     record = read_json(os.path.join(run, "compare_run.json"), {})
-    settings = {k: ev.get(k) for k in ("examples", "n", "rounds", "critic_gate", "task_seed", "seed")}
+    settings = {k: ev.get(k) for k in eval_setting_names()}
     return {"eval": settings, "pass1": ev.get("pass@1"), "critique_value": ev.get("critique_value"),
             "acc_round_2": ev.get("acc_round_2"), "eval_acc_start": start,
             "eval_acc_end": rows[-1].get("eval_acc") if rows else None, "curve": curve,
             "wall_s": record.get("wall_s"), "eval_wall_s": record.get("eval_wall_s")}
+
+
+@functools.cache
+def eval_setting_names():
+    """The settings eval.py writes into summary.json (its SETTINGS, read from its source: importing eval.py
+    would import torch) less the model's path, with the number of examples and the critic: the same for every
+    checkpoint of a task's table."""
+    with open(os.path.join(ROOT, "eval.py")) as f:
+        tree = ast.parse(f.read())
+    names = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == "SETTINGS" for t in node.targets))
+    return ("examples",) + tuple(n for n in names if n != "model") + ("critic_model",)
 
 
 def shared_eval_part(flags):
@@ -425,10 +438,37 @@ def is_stale(run, warm_record=None):
     return None
 
 
-def included(run, steps, warm_record=None):
-    """Whether a run counts in the table: complete (incomplete) and not stale (is_stale); one left out is named,
-    with why, on stdout."""
-    why = incomplete(run, steps) or is_stale(run, warm_record)
+def seed_setting(warm_record):
+    """What every seed of a task's table must share, from its warm start's record (its variants follow their
+    warm start: is_stale): the icrl.py flags less --seed and the paths, the process count, and the eval.py
+    flags less the paths. None for a warm start made by hand."""
+    if "flags" not in warm_record:
+        return None
+    return {"icrl.py flags": without_values(warm_record["flags"], PATH_FLAGS + ("--seed",)),
+            "nproc": warm_record.get("nproc"), "eval.py flags": shared_eval_part(warm_record.get("eval_flags"))}
+
+
+def other_settings(warm_records):
+    """{seed: why} for the seeds (by their warm starts' records) trained or evaluated otherwise than the first
+    seed with a setting: a seed added later with other ICRL_ARGS, EVAL_ARGS or NPROC is no seed of this table."""
+    settings = {seed: seed_setting(r) for seed, r in sorted(warm_records.items()) if seed_setting(r) is not None}
+    if not settings:
+        return {}
+    first = next(iter(settings))
+    show = lambda value: " ".join(map(str, value)) if isinstance(value, list) else value  # noqa: E731
+    why = {}
+    for seed, setting in settings.items():
+        differs = [f"{key} {show(value)} where seed {first}'s has {show(settings[first][key])}"
+                   for key, value in setting.items() if value != settings[first][key]]
+        if differs:
+            why[seed] = f"trained or evaluated otherwise than seed {first}, the table's first: " + "; ".join(differs)
+    return why
+
+
+def included(run, steps, warm_record=None, why_not=None):
+    """Whether a run counts in the table: complete (incomplete), not stale (is_stale), and of its seed's setting
+    (why_not: other_settings'); one left out is named, with why, on stdout."""
+    why = incomplete(run, steps) or is_stale(run, warm_record) or why_not
     if why:
         print(f"left out of the table: {run}: {why}")
     return not why
@@ -446,13 +486,15 @@ def summarize(out, steps=None):
     for task, task_variants in TASKS.items():
         task_rl_steps = task_steps(task, steps)
         warm_folder = os.path.join(out, task, WARM)
-        warm = {seed: run_figures(run) for seed, run in seed_folders(warm_folder).items()
-                if included(run, 0)}
+        warm_runs = seed_folders(warm_folder)
         warm_record = lambda seed: read_json(os.path.join(warm_folder, f"seed{seed}", "compare_run.json"), {})
+        other = other_settings({seed: warm_record(seed) for seed, run in warm_runs.items()
+                                if not incomplete(run, 0) and not is_stale(run)})
+        warm = {seed: run_figures(run) for seed, run in warm_runs.items() if included(run, 0, why_not=other.get(seed))}
         variants = {}
         for variant in task_variants:
             runs = {seed: run_figures(run) for seed, run in seed_folders(os.path.join(out, task, variant)).items()
-                    if included(run, task_rl_steps, warm_record(seed))}
+                    if included(run, task_rl_steps, warm_record(seed), other.get(seed))}
             if runs:
                 variants[variant] = runs
         if not variants and not warm:
@@ -547,20 +589,28 @@ def markdown(summary):
 
 
 def eval_settings(summary):
-    """eval.py's settings, as each summary.json recorded them: meant to be the same for every checkpoint."""
+    """eval.py's settings, as each summary.json recorded them (eval_setting_names): meant to be the same for
+    every checkpoint; a WARNING names each that is not, with its values."""
     parts = []
     for name, t in summary["tasks"].items():  # each task has its own held-out set: compared within a task
         seen = []
         for row in t["rows"].values():
             for f in row["per_seed"].values():
                 e = f.get("eval") or {}
-                if e.get("n") is not None:
-                    text = (f"{e['examples']} problems × {e['n']} chains, K = {e['rounds']}, gate {e['critic_gate']}, "
-                            f"task seed {e['task_seed']}, sampling seed {e['seed']}")
-                    seen += [text] if text not in seen else []
-        if seen:
-            text = seen[0] if len(seen) == 1 else "WARNING, not the same for every checkpoint: " + "; ".join(seen)
-            parts.append(text if len(summary["tasks"]) == 1 else f"{name}: {text}")
+                if e.get("n") is not None and e not in seen:
+                    seen.append(e)
+        if not seen:
+            continue
+        e = seen[0]
+        text = (f"{e.get('examples')} problems × {e['n']} chains, K = {e.get('rounds')}, gate {e.get('critic_gate')}, "
+                f"task seed {e.get('task_seed')}, sampling seed {e.get('seed')}")
+        if len(seen) > 1:
+            differs = []
+            for key in e:
+                values = list(dict.fromkeys(json.dumps(other.get(key)) for other in seen))
+                differs += [f"{key} {' / '.join(values)}"] if len(values) > 1 else []
+            text = "WARNING, not the same for every checkpoint: " + "; ".join(differs)
+        parts.append(text if len(summary["tasks"]) == 1 else f"{name}: {text}")
     return "; ".join(parts) or "no evaluation yet"
 
 

@@ -122,7 +122,7 @@ def test_plot_writes_png(made_up):
     assert (made_up / "arithmetic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def fake_runner(calls):
+def fake_runner(calls, nproc="2"):
     """Stands in for the subprocess: records the command and writes what icrl.py / eval.py would."""
     def run(cmd, log_path, env):
         calls.append(cmd)
@@ -133,7 +133,7 @@ def fake_runner(calls):
             with open(os.path.join(out, "summary.json"), "w") as f:
                 json.dump(ev(0.5, 0.0, 0.5), f)
             return 0
-        assert "--standalone" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "2"
+        assert "--standalone" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == nproc
         out, steps = cmd[cmd.index("--out") + 1], int(cmd[len(cmd) - cmd[::-1].index("--steps")])
         write_run(out, steps=steps, curve={steps: 0.5}, start=0.25, warm=steps == 0)
         return 0
@@ -556,3 +556,40 @@ def test_summary_only_says_why_a_run_of_other_steps_is_left_out(tmp_path, monkey
     assert compare.main(argv + ["--summary_only"]) == 0   # the task's own 60 RL steps
     assert (f"left out of the table: {out / 'arithmetic' / 'icrl' / 'seed0'}: has {STEPS} of the 60 RL steps"
             in capsys.readouterr().out)
+
+
+def test_seeds_trained_or_evaluated_otherwise_are_left_out(tmp_path, monkeypatch, capsys):
+    """One table, one setting: a seed added later with other icrl.py flags, other eval.py flags or another
+    process count is left out, with a line naming how it differs from the first seed's."""
+    calls = []
+    out = tmp_path / "c"
+    argv = ["--tasks", "arithmetic", "--variants", "icrl", "--steps", str(STEPS), "--out", str(out), "--no_plot"]
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    assert compare.main(argv + ["--seeds", "0", "1"]) == 0
+    assert compare.main(argv + ["--seeds", "2", "--icrl_args", "--lr 1e-2"]) == 0
+    assert compare.main(argv + ["--seeds", "3", "--eval_args", "--temperature 0.2"]) == 0
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls, nproc="1"))
+    capsys.readouterr()
+    assert compare.main(argv + ["--seeds", "4", "--nproc", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    rows = json.loads((out / "summary.json").read_text())["tasks"]["arithmetic"]["rows"]
+    assert rows["warm_start"]["seeds"] == [0, 1] and rows["icrl"]["seeds"] == [0, 1]
+    for seed, differs in ((2, "--lr 1e-2"), (3, "--temperature 0.2"), (4, "nproc 1")):
+        for name in ("warm_start", "icrl"):
+            head = f"left out of the table: {out / 'arithmetic' / name / f'seed{seed}'}: "
+            line = [x for x in printed if x.startswith(head)]
+            assert len(line) == 1 and "seed 0" in line[0] and differs in line[0]
+
+
+def test_eval_settings_warn_of_any_difference_but_the_model(tmp_path):
+    a = tmp_path / "c" / "arithmetic"
+    setting = {"examples": 200, "n": 4, "rounds": 2, "critic_gate": "failure", "task_seed": 0, "seed": 0,
+               "temperature": 1.0, "max_new_tokens": 16}
+    for seed in (0, 1):   # made by hand: no records to compare, only what eval.py wrote
+        write_run(a / "icrl" / f"seed{seed}", curve={2: 0.5},
+                  eval_summary=dict(ev(0.5, 0.0, 0.5), **setting, model=f"m{seed}"))
+    assert "WARNING" not in compare.markdown(compare.summarize(str(tmp_path / "c"), STEPS))
+    write_run(a / "icrl" / "seed1", curve={2: 0.5},
+              eval_summary=dict(ev(0.5, 0.0, 0.5), **dict(setting, temperature=0.2), model="m1"))
+    text = compare.markdown(compare.summarize(str(tmp_path / "c"), STEPS))
+    assert "WARNING" in text and "temperature" in text and "1.0" in text and "0.2" in text
