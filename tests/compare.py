@@ -559,6 +559,13 @@ def fmt_seconds(stat):
     return f"{stat['mean']:.0f} s" + (f" ± {stat['std']:.0f}" if stat["std"] is not None else "")
 
 
+def covered(row, source):
+    """' (seeds a,b)' where fewer than the row's seeds have per-seed figure `source` (a failed evaluation, a
+    null figure; for the Δ to GRPO, no GRPO run of that seed), else ''."""
+    have = [str(seed) for seed, f in row["per_seed"].items() if f.get(source) is not None]
+    return f" (seeds {','.join(have)})" if 0 < len(have) < len(row["seeds"]) else ""
+
+
 def markdown(summary):
     lines = []
     for task, t in summary["tasks"].items():
@@ -569,17 +576,22 @@ def markdown(summary):
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in t["rows"].items():
             seeds = ",".join(str(s) for s in row["seeds"])
+
+            def cell(key, source=None, show=fmt, **kwargs):  # source: the per-seed figure the statistic is of
+                return show(row[key], **kwargs) + covered(row, source or key)
             if name == WARM:
-                lines.append(f"| warm start (RL's starting point) | {seeds} | | {fmt(row['pass1_end'])} | | | "
-                             f"{fmt(row['critique_value'], signed=True)} | {fmt(row['acc_round_2'])} | "
-                             f"{fmt(row['eval_acc_end'])} | {fmt_seconds(row['wall_s'])} |")
+                lines.append(f"| warm start (RL's starting point) | {seeds} | | {cell('pass1_end', 'pass1')} | | | "
+                             f"{cell('critique_value', signed=True)} | {cell('acc_round_2')} | "
+                             f"{cell('eval_acc_end', 'eval_acc_start')} | {cell('wall_s', show=fmt_seconds)} |")
                 continue
-            diff = "(baseline)" if name == BASELINE else fmt(row["diff_grpo"], signed=True)
-            lines.append(f"| {name} | {seeds} | {fmt(row['pass1_start'])} | {fmt(row['pass1_end'])} | "
-                         f"{fmt(row['gain'], signed=True)} | {diff} | {fmt(row['critique_value'], signed=True)} | "
-                         f"{fmt(row['acc_round_2'])} | {fmt(row['eval_acc_end'])} | {fmt_seconds(row['wall_s'])} |")
+            diff = "(baseline)" if name == BASELINE else cell("diff_grpo", signed=True)
+            lines.append(f"| {name} | {seeds} | {cell('pass1_start')} | {cell('pass1_end', 'pass1')} | "
+                         f"{cell('gain', signed=True)} | {diff} | {cell('critique_value', signed=True)} | "
+                         f"{cell('acc_round_2')} | {cell('eval_acc_end')} | {cell('wall_s', show=fmt_seconds)} |")
         lines += ["", f"Runs and evaluations of this table took {t['total_wall_s'] / 60:.1f} min of wall time in all.", ""]
-    lines += ["Mean ± sample standard deviation over seeds (none shown for one seed). pass@1, critique_value and "
+    lines += ["Mean ± sample standard deviation over seeds (none shown for one seed); a figure followed by "
+              "(seeds …) covers only those of its row's seeds (a failed evaluation, a null figure; for the Δ, no "
+              "GRPO run of that seed). pass@1, critique_value and "
               f"acc_round_2 are eval.py's on the same held-out set for every checkpoint ({eval_settings(summary)}); "
               "'when RL began' is the seed's warm start. Δ to GRPO: per seed, the "
               "variant's final pass@1 minus GRPO's on the same seed (the same warm start), then mean ± std of "

@@ -104,7 +104,7 @@ def test_summary_statistics_on_made_up_runs(made_up):
     assert curve["mean"] == pytest.approx([0.3, 0.5, 0.6]) and curve["std"][1] == pytest.approx(0.1)
     assert summary["tasks"]["arithmetic"]["curves"]["calib_none"]["steps"] == [2]
     # the table, on stdout and in summary.md, and the JSON written strictly
-    assert ("| icrl | 0,1,2 | 35.0 ± 5.0 | 60.0 ± 10.0 | +25.0 ± 8.7 | +5.0 ± 13.0 | -20.0 ± 14.1 | 65.0 ± 10.0 "
+    assert ("| icrl | 0,1,2 | 35.0 ± 5.0 | 60.0 ± 10.0 | +25.0 ± 8.7 | +5.0 ± 13.0 | -20.0 ± 14.1 (seeds 0,2) | 65.0 ± 10.0 "
             "| 60.0 ± 10.0 | 90 s ± 10 |") in text
     # GRPO's gains .15 .28 .17: mean .20, deviations -.05 +.08 -.03, variance .0098 / 2 -> std .07
     assert "| grpo | 0,1,2 | 35.0 ± 5.0 | 55.0 ± 3.0 | +20.0 ± 7.0 | (baseline) |" in text
@@ -593,3 +593,13 @@ def test_eval_settings_warn_of_any_difference_but_the_model(tmp_path):
               eval_summary=dict(ev(0.5, 0.0, 0.5), **dict(setting, temperature=0.2), model="m1"))
     text = compare.markdown(compare.summarize(str(tmp_path / "c"), STEPS))
     assert "WARNING" in text and "temperature" in text and "1.0" in text and "0.2" in text
+
+
+def test_figures_over_fewer_seeds_than_their_row_name_them(made_up):
+    """GRPO's seed 1 failed: ICRL's Δ is over seeds 0 and 2 (.05, .18), and says so, as its critique_value
+    (null on seed 1) does."""
+    shutil.rmtree(made_up / "arithmetic" / "grpo" / "seed1")
+    _, text, _ = compare.write_summary(str(made_up), STEPS, plot=False)
+    assert ("| icrl | 0,1,2 | 35.0 ± 5.0 | 60.0 ± 10.0 | +25.0 ± 8.7 | +11.5 ± 9.2 (seeds 0,2) | "
+            "-20.0 ± 14.1 (seeds 0,2) | 65.0 ± 10.0 |") in text
+    assert "| grpo | 0,2 | 37.5 ± 3.5 | 53.5 ± 2.1 |" in text
