@@ -3,7 +3,9 @@ skip of complete runs (the subprocess runner replaced by a recorder); a 2-varian
 a few steps end to end."""
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -603,3 +605,19 @@ def test_figures_over_fewer_seeds_than_their_row_name_them(made_up):
     assert ("| icrl | 0,1,2 | 35.0 ± 5.0 | 60.0 ± 10.0 | +25.0 ± 8.7 | +11.5 ± 9.2 (seeds 0,2) | "
             "-20.0 ± 14.1 (seeds 0,2) | 65.0 ± 10.0 |") in text
     assert "| grpo | 0,2 | 37.5 ± 3.5 | 53.5 ± 2.1 |" in text
+
+
+def test_make_compare_passes_one_token_args_whole(tmp_path):
+    """`make compare ICRL_ARGS=--enable_thinking EVAL_ARGS=--n=2`: each reaches compare.py as one value
+    (`make -n` in a copy prints the command and runs nothing)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(root, "Makefile"), tmp_path / "Makefile")
+    for name in ("requirements.txt", "requirements-test.txt"):
+        (tmp_path / name).write_text("")
+    printed = subprocess.run(["make", "-n", "compare", "ICRL_ARGS=--enable_thinking", "EVAL_ARGS=--n=2"],
+                             cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in printed.replace("\\\n", " ").splitlines() if "tests/compare.py" in x)
+    words = shlex.split(line)
+    args = compare.parse_args(words[words.index("tests/compare.py") + 1:])
+    assert args.icrl_flags == ["--enable_thinking"] and args.eval_flags == ["--n=2"]
+    assert not (tmp_path / ".venv").exists()
