@@ -20,14 +20,19 @@ A run is complete when its folder has final/ and its metrics.jsonl has the last 
 skipped, so an interrupted comparison continues where it stopped. An incomplete run resumes from its
 latest step checkpoint when it has one (`--resume`, only with --save_every in --icrl_args), otherwise
 its folder is removed and the run redone. A complete run whose compare_run.json records other icrl.py
-flags (the paths inside OUT aside: a renamed OUT, or a relative one, is the same comparison; a relative OUT
-is relative to the folder compare.py is started in, for icrl.py and eval.py too), another process count, other code (code_version) or another warm start (the one it began from, by
-its start time) is redone; an evaluation is redone when its flags or code changed. Wall time is measured
+flags, another process count, other code (code_version) or another warm start (the one it began from, by
+its start time) is redone; an evaluation is redone when its flags or code changed, or its record does not
+name it. The paths inside OUT are no setting: a renamed OUT, or another spelling of it, is the same
+comparison; a relative OUT is relative to the folder compare.py is started in, for icrl.py and eval.py too.
+A run made by hand (no record) is trusted, also once compare.py has evaluated it. Wall time is measured
 here, per run, and kept in the run's compare_run.json. The summary covers every complete run under OUT
 (with the task's RL steps), not only the seeds and variants of this invocation, so SEEDS=3 after a 3-seed
-comparison gives a 4-seed table; it leaves out, each with a line saying why, a run this invocation did not
-bring up to date: made by other code, begun from an earlier warm start of its seed, or evaluated by other
-code or with other eval.py flags than its warm start.
+comparison gives a 4-seed table; it leaves out, each with a line saying why, a run that is incomplete (or
+has other RL steps) or that this invocation did not bring up to date: made by other code, begun from an
+earlier warm start of its seed, evaluated by other code or with other eval.py flags than its warm start, or
+of a seed whose warm start was trained or evaluated otherwise (icrl.py flags, process count, eval.py flags)
+than the table's first seed. A figure over fewer seeds than its row's names them. A table with no run left
+does not replace one on disk.
 """
 import argparse
 import ast
@@ -455,7 +460,9 @@ def other_settings(warm_records):
     if not settings:
         return {}
     first = next(iter(settings))
-    show = lambda value: " ".join(map(str, value)) if isinstance(value, list) else value  # noqa: E731
+
+    def show(value):
+        return " ".join(map(str, value)) if isinstance(value, list) else value
     why = {}
     for seed, setting in settings.items():
         differs = [f"{key} {show(value)} where seed {first}'s has {show(settings[first][key])}"
@@ -466,8 +473,8 @@ def other_settings(warm_records):
 
 
 def included(run, steps, warm_record=None, why_not=None):
-    """Whether a run counts in the table: complete (incomplete), not stale (is_stale), and of its seed's setting
-    (why_not: other_settings'); one left out is named, with why, on stdout."""
+    """Whether a run counts in the table: complete (see incomplete), not stale (is_stale), and of the table's
+    setting (why_not: other_settings' line for its seed); one left out is named, with why, on stdout."""
     why = incomplete(run, steps) or is_stale(run, warm_record) or why_not
     if why:
         print(f"left out of the table: {run}: {why}")

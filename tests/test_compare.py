@@ -106,7 +106,8 @@ def test_summary_statistics_on_made_up_runs(made_up):
     assert curve["mean"] == pytest.approx([0.3, 0.5, 0.6]) and curve["std"][1] == pytest.approx(0.1)
     assert summary["tasks"]["arithmetic"]["curves"]["calib_none"]["steps"] == [2]
     # the table, on stdout and in summary.md, and the JSON written strictly
-    assert ("| icrl | 0,1,2 | 35.0 ± 5.0 | 60.0 ± 10.0 | +25.0 ± 8.7 | +5.0 ± 13.0 | -20.0 ± 14.1 (seeds 0,2) | 65.0 ± 10.0 "
+    assert ("| icrl | 0,1,2 | 35.0 ± 5.0 | 60.0 ± 10.0 | +25.0 ± 8.7 | +5.0 ± 13.0 | -20.0 ± 14.1 (seeds 0,2) | "
+            "65.0 ± 10.0 "
             "| 60.0 ± 10.0 | 90 s ± 10 |") in text
     # GRPO's gains .15 .28 .17: mean .20, deviations -.05 +.08 -.03, variance .0098 / 2 -> std .07
     assert "| grpo | 0,1,2 | 35.0 ± 5.0 | 55.0 ± 3.0 | +20.0 ± 7.0 | (baseline) |" in text
@@ -535,7 +536,8 @@ def test_an_evaluation_missing_from_the_record_is_redone(tmp_path, monkeypatch):
 
 def test_abbreviations_of_flags_compare_sets_are_refused(capsys):
     """icrl.py's parser takes any unambiguous prefix of a flag: --alg is --algo."""
-    for given in ("--alg grpo", "--critic_g always", "--no_critic", "--ad pooled", "--calib=none", "--ste 5", "--mod x"):
+    for given in ("--alg grpo", "--critic_g always", "--no_critic", "--ad pooled", "--calib=none", "--ste 5",
+                  "--mod x"):
         with pytest.raises(SystemExit):
             compare.parse_args([f"--icrl_args={given}"])
         assert given.split()[0] in capsys.readouterr().err
