@@ -58,7 +58,7 @@ SEEDS   ?= 0 1 2
 compare: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) tests/compare.py --seeds $(SEEDS) $(if $(STEPS),--steps $(STEPS)) --nproc $(NPROC) \
 		$(if $(VARIANTS),--variants $(VARIANTS)) $(if $(filter-out file undefined,$(origin TASK)),--tasks $(TASK)) \
-		$(if $(ICRL_ARGS),--icrl_args '$(ICRL_ARGS)') $(if $(EVAL_ARGS),--eval_args '$(EVAL_ARGS)')
+		$(if $(ICRL_ARGS),--icrl_args='$(ICRL_ARGS)') $(if $(EVAL_ARGS),--eval_args='$(EVAL_ARGS)')
 
 clean:
 	rm -rf .venv runs bench_results .pytest_cache

@@ -21,14 +21,21 @@ skipped, so an interrupted comparison continues where it stopped. An incomplete 
 latest step checkpoint when it has one (`--resume`, only with --save_every in --icrl_args), otherwise
 its folder is removed and the run redone. A complete run whose compare_run.json records other icrl.py
 flags, another process count, other code (code_version) or another warm start (the one it began from, by
-its start time) is redone; an evaluation is redone when its flags or code changed. Wall time is measured
+its start time) is redone; an evaluation is redone when its flags or code changed, or its record does not
+name it. The paths inside OUT are no setting: a renamed OUT, or another spelling of it, is the same
+comparison; a relative OUT is relative to the folder compare.py is started in, for icrl.py and eval.py too.
+A run made by hand (no record) is trusted, also once compare.py has evaluated it. Wall time is measured
 here, per run, and kept in the run's compare_run.json. The summary covers every complete run under OUT
 (with the task's RL steps), not only the seeds and variants of this invocation, so SEEDS=3 after a 3-seed
-comparison gives a 4-seed table; it leaves out, each with a line saying why, a run this invocation did not
-bring up to date: made by other code, begun from an earlier warm start of its seed, or evaluated by other
-code or with other eval.py flags than its warm start.
+comparison gives a 4-seed table; it leaves out, each with a line saying why, a run that is incomplete (or
+has other RL steps) or that this invocation did not bring up to date: made by other code, begun from an
+earlier warm start of its seed, evaluated by other code or with other eval.py flags than its warm start, or
+of a seed whose warm start was trained or evaluated otherwise (icrl.py flags, process count, eval.py flags)
+than the table's first seed. A figure over fewer seeds than its row's names them. A table with no run left
+does not replace one on disk.
 """
 import argparse
+import ast
 import functools
 import hashlib
 import json
@@ -58,7 +65,7 @@ VARIANTS = {
 TASKS = {"arithmetic": list(VARIANTS), "guess": ["icrl", "grpo"], "boxes": list(VARIANTS)}
 BASELINE = "grpo"
 WARM = "warm_start"
-# flags compare.py sets itself; --icrl_args may not carry them
+# flags compare.py sets itself; --icrl_args may not carry them, nor an abbreviation of one (flags_meant)
 MANAGED = ("--steps", "--out", "--seed", "--task", "--model", "--resume", "--algo", "--calib", "--adv",
            "--no_critic_train", "--critic_gate")
 # icrl.py flags that mean the same in eval.py: passed on to every evaluation (before --eval_args), so a
@@ -74,12 +81,13 @@ START_RE = re.compile(r"when RL begins \(step 0[^)]*\): pass@1 ([0-9.]+)")
 # ==================================================================================================
 
 def run_command(cmd, log_path, env):
-    """Run `cmd` from the repository root with stdout and stderr appended to log_path; returns the exit
-    status. Tests replace this function to record the calls."""
+    """Run `cmd` with stdout and stderr appended to log_path; returns the exit status. It runs in this
+    process's folder, so that a relative OUT names the same folder here and for icrl.py and eval.py (both
+    are given by absolute path). Tests replace this function to record the calls."""
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
 
 def torchrun(nproc):
@@ -88,20 +96,54 @@ def torchrun(nproc):
     return launcher + ["--standalone", "--nproc_per_node", str(nproc), os.path.join(ROOT, "icrl.py")]
 
 
+def flags_meant(word, names):
+    """Those of names that `word` (`--flag` or `--flag=value`) may stand for: icrl.py's parser takes an exact
+    name, else any unambiguous prefix of one (--alg is --algo)."""
+    name = word.split("=")[0]
+    if not name.startswith("--") or len(name) < 3:  # a value, or `--`
+        return []
+    return [name] if name in names else [n for n in names if n.startswith(name)]
+
+
 def shared_eval_flags(icrl_flags):
-    """The SHARED_VALUE / SHARED_SWITCH flags among icrl_flags, in order (`--flag value` or `--flag=value`)."""
+    """The SHARED_VALUE / SHARED_SWITCH flags among icrl_flags, in order (`--flag value` or `--flag=value`),
+    each by its full name: an abbreviation icrl.py reads may be ambiguous to eval.py (--critic_m)."""
     out, i = [], 0
     while i < len(icrl_flags):
-        name = icrl_flags[i].split("=")[0]
-        if name in SHARED_VALUE:
-            take = 1 if "=" in icrl_flags[i] else 2
-            out += icrl_flags[i:i + take]
-            i += take
+        meant = flags_meant(icrl_flags[i], SHARED_VALUE + SHARED_SWITCH)
+        if len(meant) == 1 and meant[0] in SHARED_VALUE:
+            _, eq, value = icrl_flags[i].partition("=")
+            out += [f"{meant[0]}={value}"] if eq else [meant[0]] + icrl_flags[i + 1:i + 2]
+            i += 1 if eq else 2
             continue
-        if name in SHARED_SWITCH:
-            out.append(icrl_flags[i])
+        if len(meant) == 1:
+            out.append(meant[0])
         i += 1
     return out
+
+
+def without_values(flags, names):
+    """flags less each of names and the value after it (`--name value`, as compare.py writes them)."""
+    if not isinstance(flags, list):  # a hand-edited record
+        return flags
+    return [flag for i, flag in enumerate(flags) if flag not in names and not (i and flags[i - 1] in names)]
+
+
+# flags whose values are paths inside OUT, fixed by the run's folder: another spelling of OUT (./X, an absolute
+# path, a renamed folder) is the same comparison
+PATH_FLAGS = ("--out", "--model")
+
+
+def same_setting(record, setting, missing_ok=False):
+    """Whether record holds setting, the PATH_FLAGS' values aside. A key the record lacks is None (a record
+    from before compare.py recorded warm starts: is_stale reads it so too), or the same when missing_ok."""
+    for key, value in setting.items():
+        old = record.get(key, value if missing_ok else None)
+        if key == "flags":
+            old, value = without_values(old, PATH_FLAGS), without_values(value, PATH_FLAGS)
+        if old != value:
+            return False
+    return True
 
 
 def read_json(path, default=None):
@@ -150,14 +192,20 @@ def code_version():
     return digest.hexdigest()[:16]
 
 
-def is_complete(run, steps):
-    """final/ is written last and renamed into place whole; metrics.jsonl must reach the last step (a
-    warm-start run has --steps 0 and no metrics lines, but needs its warm_start/)."""
+def incomplete(run, steps):
+    """Why run is not a complete run of `steps` RL steps, or None. final/ is written last and renamed into
+    place whole; metrics.jsonl must reach the last step (a warm-start run has --steps 0 and no metrics
+    lines, but needs its warm_start/)."""
     if not os.path.isdir(os.path.join(run, "final")):
-        return False
+        return "no final/ (unfinished, or failed: see its train.log)"
     if steps == 0:
-        return os.path.isdir(os.path.join(run, WARM))
-    return last_step(run) == steps
+        return None if os.path.isdir(os.path.join(run, WARM)) else f"no {WARM}/"
+    done = last_step(run)
+    return None if done == steps else f"has {done} of the {steps} RL steps (--steps)"
+
+
+def is_complete(run, steps):
+    return incomplete(run, steps) is None
 
 
 def eval_complete(run):
@@ -195,9 +243,10 @@ class Runner:
         record_path = os.path.join(run, "compare_run.json")
         record = read_json(record_path, {})
         if is_complete(run, steps) and not force:
-            # No record: made by hand, trusted. A record without the setting (its evaluation's alone, from a
-            # compare.py that did not record training runs yet) cannot vouch for the code that trained it.
-            if not record or all(k in record and record[k] == v for k, v in setting.items()):
+            # No record, or the one Runner.evaluate began for it: made by hand, trusted. A record without the
+            # setting (its evaluation's alone, from a compare.py that did not record training runs yet) cannot
+            # vouch for the code that trained it.
+            if not record or record.get("by_hand") or same_setting(record, setting):
                 print(f"  {run}: complete, skipped")
                 return "skipped"
             print(f"  {run}: complete, but made by other code, flags, process count or warm start (code "
@@ -205,7 +254,7 @@ class Runner:
                   f"and redone")
             shutil.rmtree(run)
         checkpoint = None if force or not steps else resumable_checkpoint(run, steps)
-        if checkpoint and any(record.get(k, v) != v for k, v in setting.items()):
+        if checkpoint and not same_setting(record, setting, missing_ok=True):
             checkpoint = None
         if checkpoint:
             cmd = cmd + ["--resume", run]
@@ -241,8 +290,10 @@ class Runner:
             shared_eval_flags(self.args.icrl_flags) + self.args.eval_flags + ["--out", os.path.join(run, "eval")]
         record_path = os.path.join(run, "compare_run.json")
         done = read_json(record_path, {})
-        if eval_complete(run) and done.get("eval_flags", flags) == flags and done.get("eval_code", code_version()) == \
-                code_version():
+        # No record: made and evaluated by hand, trusted. Otherwise the record must name this evaluation; one it
+        # lacks (compare.py cut off as eval.py ended, or an evaluation by hand) is redone: is_stale leaves it out.
+        if eval_complete(run) and (not done or shared_eval_part(done.get("eval_flags")) == shared_eval_part(flags)
+                                   and done.get("eval_code") == code_version()):
             return True
         cmd = [sys.executable, os.path.join(ROOT, "eval.py")] + flags
         # an evaluation that fails must not leave the previous one's summary.json to be read as this one's
@@ -251,6 +302,8 @@ class Runner:
         t = time.perf_counter()
         rc = self._run(cmd, os.path.join(run, "eval.log"))
         record = read_json(record_path, {})
+        if not record:  # a run made by hand: still trusted once its evaluation is recorded (train, is_stale)
+            record["by_hand"] = True
         record.update(eval_flags=flags, eval_code=code_version(), eval_wall_s=round(time.perf_counter() - t, 3))
         write_json(record_path, record)
         if rc != 0 or not eval_complete(run):
@@ -340,11 +393,23 @@ def run_figures(run):
     if start is not None:
         curve = [(0, start)] + curve
     record = read_json(os.path.join(run, "compare_run.json"), {})
-    settings = {k: ev.get(k) for k in ("examples", "n", "rounds", "critic_gate", "task_seed", "seed")}
+    settings = {k: ev.get(k) for k in eval_setting_names()}
     return {"eval": settings, "pass1": ev.get("pass@1"), "critique_value": ev.get("critique_value"),
             "acc_round_2": ev.get("acc_round_2"), "eval_acc_start": start,
             "eval_acc_end": rows[-1].get("eval_acc") if rows else None, "curve": curve,
             "wall_s": record.get("wall_s"), "eval_wall_s": record.get("eval_wall_s")}
+
+
+@functools.cache
+def eval_setting_names():
+    """The settings eval.py writes into summary.json (its SETTINGS, read from its source: importing eval.py
+    would import torch) less the model's path, with the number of examples and the critic: the same for every
+    checkpoint of a task's table."""
+    with open(os.path.join(ROOT, "eval.py")) as f:
+        tree = ast.parse(f.read())
+    names = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == "SETTINGS" for t in node.targets))
+    return ("examples",) + tuple(n for n in names if n != "model") + ("critic_model",)
 
 
 def shared_eval_part(flags):
@@ -357,27 +422,60 @@ def is_stale(run, warm_record=None):
     """Why a complete run does not belong in the table now, or None: made by other code, begun from another
     warm start than its seed's (warm_record: that warm start's compare_run.json; None for a warm start), or
     evaluated by other code or with other eval.py flags than that warm start. The icrl.py flags need no
-    check: other flags make another warm start. A run with no record (made by hand) is trusted, as by
-    Runner.train."""
+    check: other flags make another warm start. A run with no record, or only its evaluation's "by_hand" one
+    (made by hand), is trusted, as by Runner.train; its evaluation too when there is no record."""
     record = read_json(os.path.join(run, "compare_run.json"), {})
     if not record:
         return None
-    if record.get("code") != code_version():
-        return f"trained by other code (code_version {record.get('code')}, now {code_version()})"
-    if warm_record is not None and record.get("warm_start") != warm_record.get("started"):
-        return "trained from an earlier warm start of its seed"
+    if not record.get("by_hand"):
+        if record.get("code") != code_version():
+            return f"trained by other code (code_version {record.get('code')}, now {code_version()})"
+        if warm_record is not None and record.get("warm_start") != warm_record.get("started"):
+            return "trained from an earlier warm start of its seed"
     if eval_complete(run):
-        if record.get("eval_code") != code_version():
-            return f"evaluated by other code (code_version {record.get('eval_code')}, now {code_version()})"
+        if "eval_code" not in record:
+            return "its evaluation is not in its record (cut off, or made by hand): the next comparison redoes it"
+        if record["eval_code"] != code_version():
+            return f"evaluated by other code (code_version {record['eval_code']}, now {code_version()})"
         if warm_record and "eval_flags" in warm_record and \
                 shared_eval_part(record.get("eval_flags")) != shared_eval_part(warm_record["eval_flags"]):
             return "evaluated with other eval.py flags than its warm start"
     return None
 
 
-def is_current(run, warm_record=None):
-    """Not is_stale; a stale run is named, with why, on stdout."""
-    why = is_stale(run, warm_record)
+def seed_setting(warm_record):
+    """What every seed of a task's table must share, from its warm start's record (its variants follow their
+    warm start: is_stale): the icrl.py flags less --seed and the paths, the process count, and the eval.py
+    flags less the paths. None for a warm start made by hand."""
+    if "flags" not in warm_record:
+        return None
+    return {"icrl.py flags": without_values(warm_record["flags"], PATH_FLAGS + ("--seed",)),
+            "nproc": warm_record.get("nproc"), "eval.py flags": shared_eval_part(warm_record.get("eval_flags"))}
+
+
+def other_settings(warm_records):
+    """{seed: why} for the seeds (by their warm starts' records) trained or evaluated otherwise than the first
+    seed with a setting: a seed added later with other ICRL_ARGS, EVAL_ARGS or NPROC is no seed of this table."""
+    settings = {seed: seed_setting(r) for seed, r in sorted(warm_records.items()) if seed_setting(r) is not None}
+    if not settings:
+        return {}
+    first = next(iter(settings))
+
+    def show(value):
+        return " ".join(map(str, value)) if isinstance(value, list) else value
+    why = {}
+    for seed, setting in settings.items():
+        differs = [f"{key} {show(value)} where seed {first}'s has {show(settings[first][key])}"
+                   for key, value in setting.items() if value != settings[first][key]]
+        if differs:
+            why[seed] = f"trained or evaluated otherwise than seed {first}, the table's first: " + "; ".join(differs)
+    return why
+
+
+def included(run, steps, warm_record=None, why_not=None):
+    """Whether a run counts in the table: complete (see incomplete), not stale (is_stale), and of the table's
+    setting (why_not: other_settings' line for its seed); one left out is named, with why, on stdout."""
+    why = incomplete(run, steps) or is_stale(run, warm_record) or why_not
     if why:
         print(f"left out of the table: {run}: {why}")
     return not why
@@ -395,13 +493,15 @@ def summarize(out, steps=None):
     for task, task_variants in TASKS.items():
         task_rl_steps = task_steps(task, steps)
         warm_folder = os.path.join(out, task, WARM)
-        warm = {seed: run_figures(run) for seed, run in seed_folders(warm_folder).items()
-                if is_complete(run, 0) and is_current(run)}
+        warm_runs = seed_folders(warm_folder)
         warm_record = lambda seed: read_json(os.path.join(warm_folder, f"seed{seed}", "compare_run.json"), {})
+        other = other_settings({seed: warm_record(seed) for seed, run in warm_runs.items()
+                                if not incomplete(run, 0) and not is_stale(run)})
+        warm = {seed: run_figures(run) for seed, run in warm_runs.items() if included(run, 0, why_not=other.get(seed))}
         variants = {}
         for variant in task_variants:
             runs = {seed: run_figures(run) for seed, run in seed_folders(os.path.join(out, task, variant)).items()
-                    if is_complete(run, task_rl_steps) and is_current(run, warm_record(seed))}
+                    if included(run, task_rl_steps, warm_record(seed), other.get(seed))}
             if runs:
                 variants[variant] = runs
         if not variants and not warm:
@@ -466,6 +566,13 @@ def fmt_seconds(stat):
     return f"{stat['mean']:.0f} s" + (f" ± {stat['std']:.0f}" if stat["std"] is not None else "")
 
 
+def covered(row, source):
+    """' (seeds a,b)' where fewer than the row's seeds have per-seed figure `source` (a failed evaluation, a
+    null figure; for the Δ to GRPO, no GRPO run of that seed), else ''."""
+    have = [str(seed) for seed, f in row["per_seed"].items() if f.get(source) is not None]
+    return f" (seeds {','.join(have)})" if 0 < len(have) < len(row["seeds"]) else ""
+
+
 def markdown(summary):
     lines = []
     for task, t in summary["tasks"].items():
@@ -476,17 +583,22 @@ def markdown(summary):
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in t["rows"].items():
             seeds = ",".join(str(s) for s in row["seeds"])
+
+            def cell(key, source=None, show=fmt, **kwargs):  # source: the per-seed figure the statistic is of
+                return show(row[key], **kwargs) + covered(row, source or key)
             if name == WARM:
-                lines.append(f"| warm start (RL's starting point) | {seeds} | | {fmt(row['pass1_end'])} | | | "
-                             f"{fmt(row['critique_value'], signed=True)} | {fmt(row['acc_round_2'])} | "
-                             f"{fmt(row['eval_acc_end'])} | {fmt_seconds(row['wall_s'])} |")
+                lines.append(f"| warm start (RL's starting point) | {seeds} | | {cell('pass1_end', 'pass1')} | | | "
+                             f"{cell('critique_value', signed=True)} | {cell('acc_round_2')} | "
+                             f"{cell('eval_acc_end', 'eval_acc_start')} | {cell('wall_s', show=fmt_seconds)} |")
                 continue
-            diff = "(baseline)" if name == BASELINE else fmt(row["diff_grpo"], signed=True)
-            lines.append(f"| {name} | {seeds} | {fmt(row['pass1_start'])} | {fmt(row['pass1_end'])} | "
-                         f"{fmt(row['gain'], signed=True)} | {diff} | {fmt(row['critique_value'], signed=True)} | "
-                         f"{fmt(row['acc_round_2'])} | {fmt(row['eval_acc_end'])} | {fmt_seconds(row['wall_s'])} |")
+            diff = "(baseline)" if name == BASELINE else cell("diff_grpo", signed=True)
+            lines.append(f"| {name} | {seeds} | {cell('pass1_start')} | {cell('pass1_end', 'pass1')} | "
+                         f"{cell('gain', signed=True)} | {diff} | {cell('critique_value', signed=True)} | "
+                         f"{cell('acc_round_2')} | {cell('eval_acc_end')} | {cell('wall_s', show=fmt_seconds)} |")
         lines += ["", f"Runs and evaluations of this table took {t['total_wall_s'] / 60:.1f} min of wall time in all.", ""]
-    lines += ["Mean ± sample standard deviation over seeds (none shown for one seed). pass@1, critique_value and "
+    lines += ["Mean ± sample standard deviation over seeds (none shown for one seed); a figure followed by "
+              "(seeds …) covers only those of its row's seeds (a failed evaluation, a null figure; for the Δ, no "
+              "GRPO run of that seed). pass@1, critique_value and "
               f"acc_round_2 are eval.py's on the same held-out set for every checkpoint ({eval_settings(summary)}); "
               "'when RL began' is the seed's warm start. Δ to GRPO: per seed, the "
               "variant's final pass@1 minus GRPO's on the same seed (the same warm start), then mean ± std of "
@@ -496,20 +608,28 @@ def markdown(summary):
 
 
 def eval_settings(summary):
-    """eval.py's settings, as each summary.json recorded them: meant to be the same for every checkpoint."""
+    """eval.py's settings, as each summary.json recorded them (eval_setting_names): meant to be the same for
+    every checkpoint; a WARNING names each that is not, with its values."""
     parts = []
     for name, t in summary["tasks"].items():  # each task has its own held-out set: compared within a task
         seen = []
         for row in t["rows"].values():
             for f in row["per_seed"].values():
                 e = f.get("eval") or {}
-                if e.get("n") is not None:
-                    text = (f"{e['examples']} problems × {e['n']} chains, K = {e['rounds']}, gate {e['critic_gate']}, "
-                            f"task seed {e['task_seed']}, sampling seed {e['seed']}")
-                    seen += [text] if text not in seen else []
-        if seen:
-            text = seen[0] if len(seen) == 1 else "WARNING, not the same for every checkpoint: " + "; ".join(seen)
-            parts.append(text if len(summary["tasks"]) == 1 else f"{name}: {text}")
+                if e.get("n") is not None and e not in seen:
+                    seen.append(e)
+        if not seen:
+            continue
+        e = seen[0]
+        text = (f"{e.get('examples')} problems × {e['n']} chains, K = {e.get('rounds')}, gate {e.get('critic_gate')}, "
+                f"task seed {e.get('task_seed')}, sampling seed {e.get('seed')}")
+        if len(seen) > 1:
+            differs = []
+            for key in e:
+                values = list(dict.fromkeys(json.dumps(other.get(key)) for other in seen))
+                differs += [f"{key} {' / '.join(values)}"] if len(values) > 1 else []
+            text = "WARNING, not the same for every checkpoint: " + "; ".join(differs)
+        parts.append(text if len(summary["tasks"]) == 1 else f"{name}: {text}")
     return "; ".join(parts) or "no evaluation yet"
 
 
@@ -543,8 +663,25 @@ def plot_curves(task, curves, steps, path):
     return True
 
 
+def has_table(out):
+    """Whether OUT's summary.json or summary.md holds a table (of at least one task)."""
+    old = read_json(os.path.join(out, "summary.json"), {})
+    try:
+        with open(os.path.join(out, "summary.md")) as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    return isinstance(old, dict) and bool(old.get("tasks")) or "### " in text
+
+
 def write_summary(out, steps=None, plot=True):
+    """summary.json, summary.md and the curves of OUT; None, writing nothing, where no run counts but OUT holds
+    a table already (say, of runs made by other code): an empty table does not replace it."""
     summary = summarize(out, steps)
+    if not summary["tasks"] and has_table(out):
+        print(f"no complete, current run under {out} (see the lines above): its summary.md and summary.json, "
+              "of earlier runs, are left as they are")
+        return None
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "summary.json"), summary)
     text = markdown(summary)
@@ -580,7 +717,7 @@ def parse_args(argv=None):
     p.add_argument("--no_plot", action="store_true", help="no PNG")
     args = p.parse_args(argv)
     args.icrl_flags, args.eval_flags = shlex.split(args.icrl_args), shlex.split(args.eval_args)
-    managed = [f for f in args.icrl_flags if f.split("=")[0] in MANAGED]
+    managed = [f"{f} ({', '.join(flags_meant(f, MANAGED))})" for f in args.icrl_flags if flags_meant(f, MANAGED)]
     if managed:
         p.error(f"--icrl_args may not set {', '.join(managed)}: compare.py sets it (use --steps, --seeds, --tasks, "
                 "--variants, --out)")
@@ -597,14 +734,16 @@ def main(argv=None):
         runner = run_comparison(args)
         print(f"comparison: {(time.perf_counter() - t) / 60:.1f} min in this invocation "
               f"({len(runner.ran)} command(s) run)")
-    _, text, pngs = write_summary(args.out, args.steps, plot=not args.no_plot)
-    print()
-    print(text)
-    print(f"wrote {os.path.join(args.out, 'summary.md')}, summary.json" + "".join(f", {png}" for png in pngs))
+    written = write_summary(args.out, args.steps, plot=not args.no_plot)
+    if written:
+        _, text, pngs = written
+        print()
+        print(text)
+        print(f"wrote {os.path.join(args.out, 'summary.md')}, summary.json" + "".join(f", {png}" for png in pngs))
     if runner and runner.failed:
         print(f"{len(runner.failed)} failure(s):\n  " + "\n  ".join(runner.failed))
         return 1
-    return 0
+    return 0 if written else 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ skip of complete runs (the subprocess runner replaced by a recorder); a 2-varian
 a few steps end to end."""
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -104,7 +106,8 @@ def test_summary_statistics_on_made_up_runs(made_up):
     assert curve["mean"] == pytest.approx([0.3, 0.5, 0.6]) and curve["std"][1] == pytest.approx(0.1)
     assert summary["tasks"]["arithmetic"]["curves"]["calib_none"]["steps"] == [2]
     # the table, on stdout and in summary.md, and the JSON written strictly
-    assert ("| icrl | 0,1,2 | 35.0 ± 5.0 | 60.0 ± 10.0 | +25.0 ± 8.7 | +5.0 ± 13.0 | -20.0 ± 14.1 | 65.0 ± 10.0 "
+    assert ("| icrl | 0,1,2 | 35.0 ± 5.0 | 60.0 ± 10.0 | +25.0 ± 8.7 | +5.0 ± 13.0 | -20.0 ± 14.1 (seeds 0,2) | "
+            "65.0 ± 10.0 "
             "| 60.0 ± 10.0 | 90 s ± 10 |") in text
     # GRPO's gains .15 .28 .17: mean .20, deviations -.05 +.08 -.03, variance .0098 / 2 -> std .07
     assert "| grpo | 0,1,2 | 35.0 ± 5.0 | 55.0 ± 3.0 | +20.0 ± 7.0 | (baseline) |" in text
@@ -122,7 +125,7 @@ def test_plot_writes_png(made_up):
     assert (made_up / "arithmetic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def fake_runner(calls):
+def fake_runner(calls, nproc="2"):
     """Stands in for the subprocess: records the command and writes what icrl.py / eval.py would."""
     def run(cmd, log_path, env):
         calls.append(cmd)
@@ -133,7 +136,7 @@ def fake_runner(calls):
             with open(os.path.join(out, "summary.json"), "w") as f:
                 json.dump(ev(0.5, 0.0, 0.5), f)
             return 0
-        assert "--standalone" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "2"
+        assert "--standalone" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == nproc
         out, steps = cmd[cmd.index("--out") + 1], int(cmd[len(cmd) - cmd[::-1].index("--steps")])
         write_run(out, steps=steps, curve={steps: 0.5}, start=0.25, warm=steps == 0)
         return 0
@@ -244,13 +247,15 @@ def test_runs_of_other_code_and_evaluations_of_other_flags_are_left_out(tmp_path
     assert f"left out of the table: {grpo}: evaluated with other eval.py flags than its warm start" in \
         capsys.readouterr().out
     assert table_rows(out) == ["warm_start", "icrl"]
-    # the code changed since: every run is left out, each named
+    # the code changed since: every run is left out, each named, and the empty table replaces no table
+    before = {name: (out / name).read_text() for name in ("summary.md", "summary.json")}
     monkeypatch.setattr(compare, "code_version", lambda: "changed")
-    assert compare.main(argv + ["--summary_only"]) == 0
+    assert compare.main(argv + ["--summary_only"]) == 1
     printed = capsys.readouterr().out
     for name in ("warm_start", "icrl", "grpo"):
         assert f"left out of the table: {out / 'arithmetic' / name / 'seed0'}: trained by other code" in printed
-    assert table_rows(out) == []
+    assert f"no complete, current run under {out}" in printed
+    assert {name: (out / name).read_text() for name in before} == before
 
 
 def test_a_failed_evaluation_leaves_no_old_figures_and_is_redone(tmp_path, monkeypatch):
@@ -446,3 +451,175 @@ def test_code_version_hashes_each_of_the_four_files(tmp_path, monkeypatch):
         assert len(seen) == 5
     finally:
         compare.code_version.cache_clear()
+
+
+def test_another_spelling_of_out_redoes_nothing(tmp_path, monkeypatch):
+    """The --out and --model paths lie inside OUT: ./X, an absolute path or a renamed folder is the same
+    comparison, whose complete runs and evaluations are kept."""
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS), "--no_plot"]
+    assert compare.main(argv + ["--out", str(tmp_path / "c")]) == 0 and len(calls) == 4
+    calls.clear()
+    monkeypatch.chdir(tmp_path)
+    assert compare.main(argv + ["--out", "./c"]) == 0 and calls == []
+    os.rename(tmp_path / "c", tmp_path / "renamed")
+    assert compare.main(argv + ["--out", "renamed"]) == 0 and calls == []
+    assert table_rows(tmp_path / "renamed") == ["warm_start", "icrl"]
+
+
+def test_commands_run_in_the_folder_compare_was_started_in(tmp_path, monkeypatch):
+    """A relative --out names the same folder for compare.py's checks and for icrl.py and eval.py."""
+    os.makedirs(tmp_path / "root")
+    os.makedirs(tmp_path / "here")
+    monkeypatch.setattr(compare, "ROOT", str(tmp_path / "root"))
+    monkeypatch.chdir(tmp_path / "here")
+    cmd = [sys.executable, "-c", "open('written', 'w').close()"]
+    assert compare.run_command(cmd, str(tmp_path / "log"), dict(os.environ)) == 0
+    assert (tmp_path / "here" / "written").is_file() and not (tmp_path / "root" / "written").exists()
+
+
+def test_records_from_before_warm_starts_were_recorded_are_kept(tmp_path, monkeypatch):
+    """A record without warm_start / started (older compare.py) reads as None, in Runner.train as in
+    is_stale: its complete runs are kept, not redone."""
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "c"
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS), "--out", str(out),
+            "--no_plot"]
+    assert compare.main(argv) == 0
+    for name in ("warm_start", "icrl"):
+        path = out / "arithmetic" / name / "seed0" / "compare_run.json"
+        record = json.loads(path.read_text())
+        del record["warm_start"], record["started"]
+        path.write_text(json.dumps(record))
+    calls.clear()
+    assert compare.main(argv) == 0 and calls == []
+    assert table_rows(out) == ["warm_start", "icrl"]
+
+
+def test_a_run_made_by_hand_stays_trusted_once_evaluated(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "compare" / "arithmetic"
+    write_run(out / "warm_start" / "seed0", steps=0, start=0.3, warm=True)   # no evaluation, no record
+    write_run(out / "icrl" / "seed0", curve={2: 0.6}, start=0.3)
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS),
+            "--out", str(tmp_path / "compare"), "--no_plot"]
+    assert compare.main(argv) == 0
+    assert [c[c.index("--out") + 1] for c in calls] == [str(out / "warm_start" / "seed0" / "eval"),
+                                                       str(out / "icrl" / "seed0" / "eval")]
+    assert table_rows(tmp_path / "compare") == ["warm_start", "icrl"]
+    calls.clear()
+    assert compare.main(argv) == 0 and calls == []
+    assert table_rows(tmp_path / "compare") == ["warm_start", "icrl"]
+
+
+def test_an_evaluation_missing_from_the_record_is_redone(tmp_path, monkeypatch):
+    """Cut off between eval.py's exit and the record's update (or evaluated by hand): the evaluation is
+    redone, not skipped while the table leaves the run out for good."""
+    calls = []
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    out = tmp_path / "c"
+    icrl = out / "arithmetic" / "icrl" / "seed0"
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--steps", str(STEPS), "--out", str(out),
+            "--no_plot"]
+    assert compare.main(argv) == 0
+    record = json.loads((icrl / "compare_run.json").read_text())
+    for key in ("eval_flags", "eval_code", "eval_wall_s"):
+        del record[key]
+    (icrl / "compare_run.json").write_text(json.dumps(record))
+    calls.clear()
+    assert compare.main(argv) == 0 and [c[c.index("--out") + 1] for c in calls] == [str(icrl / "eval")]
+    assert table_rows(out) == ["warm_start", "icrl"]
+
+
+def test_abbreviations_of_flags_compare_sets_are_refused(capsys):
+    """icrl.py's parser takes any unambiguous prefix of a flag: --alg is --algo."""
+    for given in ("--alg grpo", "--critic_g always", "--no_critic", "--ad pooled", "--calib=none", "--ste 5",
+                  "--mod x"):
+        with pytest.raises(SystemExit):
+            compare.parse_args([f"--icrl_args={given}"])
+        assert given.split()[0] in capsys.readouterr().err
+    # a longer flag that only begins with a name compare.py sets is icrl.py's own
+    assert compare.parse_args(["--icrl_args", "--calib_clip 2 --task_knob digits=3"]).icrl_flags == [
+        "--calib_clip", "2", "--task_knob", "digits=3"]
+
+
+def test_abbreviated_shared_flags_reach_eval_in_full():
+    assert compare.shared_eval_flags(["--temp", "0.5", "--lr", "1e-3", "--max_new=6", "--enable"]) == [
+        "--temperature", "0.5", "--max_new_tokens=6", "--enable_thinking"]
+
+
+def test_summary_only_says_why_a_run_of_other_steps_is_left_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "run_command", fake_runner([]))
+    out = tmp_path / "c"
+    argv = ["--seeds", "0", "--variants", "icrl", "--tasks", "arithmetic", "--out", str(out), "--no_plot"]
+    assert compare.main(argv + ["--steps", str(STEPS)]) == 0
+    capsys.readouterr()
+    assert compare.main(argv + ["--summary_only"]) == 0   # the task's own 60 RL steps
+    assert (f"left out of the table: {out / 'arithmetic' / 'icrl' / 'seed0'}: has {STEPS} of the 60 RL steps"
+            in capsys.readouterr().out)
+
+
+def test_seeds_trained_or_evaluated_otherwise_are_left_out(tmp_path, monkeypatch, capsys):
+    """One table, one setting: a seed added later with other icrl.py flags, other eval.py flags or another
+    process count is left out, with a line naming how it differs from the first seed's."""
+    calls = []
+    out = tmp_path / "c"
+    argv = ["--tasks", "arithmetic", "--variants", "icrl", "--steps", str(STEPS), "--out", str(out), "--no_plot"]
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    assert compare.main(argv + ["--seeds", "0", "1"]) == 0
+    assert compare.main(argv + ["--seeds", "2", "--icrl_args", "--lr 1e-2"]) == 0
+    assert compare.main(argv + ["--seeds", "3", "--eval_args", "--temperature 0.2"]) == 0
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls, nproc="1"))
+    capsys.readouterr()
+    assert compare.main(argv + ["--seeds", "4", "--nproc", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    rows = json.loads((out / "summary.json").read_text())["tasks"]["arithmetic"]["rows"]
+    assert rows["warm_start"]["seeds"] == [0, 1] and rows["icrl"]["seeds"] == [0, 1]
+    for seed, differs in ((2, "--lr 1e-2"), (3, "--temperature 0.2"), (4, "nproc 1")):
+        for name in ("warm_start", "icrl"):
+            head = f"left out of the table: {out / 'arithmetic' / name / f'seed{seed}'}: "
+            line = [x for x in printed if x.startswith(head)]
+            assert len(line) == 1 and "seed 0" in line[0] and differs in line[0]
+
+
+def test_eval_settings_warn_of_any_difference_but_the_model(tmp_path):
+    a = tmp_path / "c" / "arithmetic"
+    setting = {"examples": 200, "n": 4, "rounds": 2, "critic_gate": "failure", "task_seed": 0, "seed": 0,
+               "temperature": 1.0, "max_new_tokens": 16}
+    for seed in (0, 1):   # made by hand: no records to compare, only what eval.py wrote
+        write_run(a / "icrl" / f"seed{seed}", curve={2: 0.5},
+                  eval_summary=dict(ev(0.5, 0.0, 0.5), **setting, model=f"m{seed}"))
+    assert "WARNING" not in compare.markdown(compare.summarize(str(tmp_path / "c"), STEPS))
+    write_run(a / "icrl" / "seed1", curve={2: 0.5},
+              eval_summary=dict(ev(0.5, 0.0, 0.5), **dict(setting, temperature=0.2), model="m1"))
+    text = compare.markdown(compare.summarize(str(tmp_path / "c"), STEPS))
+    assert "WARNING" in text and "temperature" in text and "1.0" in text and "0.2" in text
+
+
+def test_figures_over_fewer_seeds_than_their_row_name_them(made_up):
+    """GRPO's seed 1 failed: ICRL's Δ is over seeds 0 and 2 (.05, .18), and says so, as its critique_value
+    (null on seed 1) does."""
+    shutil.rmtree(made_up / "arithmetic" / "grpo" / "seed1")
+    _, text, _ = compare.write_summary(str(made_up), STEPS, plot=False)
+    assert ("| icrl | 0,1,2 | 35.0 ± 5.0 | 60.0 ± 10.0 | +25.0 ± 8.7 | +11.5 ± 9.2 (seeds 0,2) | "
+            "-20.0 ± 14.1 (seeds 0,2) | 65.0 ± 10.0 |") in text
+    assert "| grpo | 0,2 | 37.5 ± 3.5 | 53.5 ± 2.1 |" in text
+
+
+def test_make_compare_passes_one_token_args_whole(tmp_path):
+    """`make compare ICRL_ARGS=--enable_thinking EVAL_ARGS=--n=2`: each reaches compare.py as one value
+    (`make -n` in a copy prints the command and runs nothing)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(root, "Makefile"), tmp_path / "Makefile")
+    for name in ("requirements.txt", "requirements-test.txt"):
+        (tmp_path / name).write_text("")
+    printed = subprocess.run(["make", "-n", "compare", "ICRL_ARGS=--enable_thinking", "EVAL_ARGS=--n=2"],
+                             cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in printed.replace("\\\n", " ").splitlines() if "tests/compare.py" in x)
+    words = shlex.split(line)
+    args = compare.parse_args(words[words.index("tests/compare.py") + 1:])
+    assert args.icrl_flags == ["--enable_thinking"] and args.eval_flags == ["--n=2"]
+    assert not (tmp_path / ".venv").exists()
