@@ -104,12 +104,10 @@ def visible_response(text: str) -> str:
     """The response without its <think> reasoning: what the critic's summary, the retry's tips and the verifier see.
 
     After the last </think> when there is one (leading newlines dropped, exactly as Qwen3's chat template
-    renders a past assistant turn); nothing of an unclosed <think> block (it was all reasoning)."""
+    renders a past assistant turn); nothing of an unclosed <think> block, before or after it (all reasoning)."""
     if "</think>" in text:
-        return text.rsplit("</think>", 1)[1].lstrip("\n")
-    if "<think>" in text:
-        return text.split("<think>", 1)[0]
-    return text
+        text = text.rsplit("</think>", 1)[1].lstrip("\n")
+    return text.split("<think>", 1)[0]
 
 
 def last_boxed(text: str, limit: int | None = None) -> str | None:

@@ -266,6 +266,8 @@ def test_visible_response_and_last_boxed():
     assert visible_response("<think>\nplan\n</think>\n\n\\boxed{1}") == "\\boxed{1}"
     assert visible_response("<think>a</think>b</think>\nc") == "c"
     assert visible_response("<think>never closed \\boxed{1}") == ""
+    # a block opened again after the last </think> and never closed is reasoning too
+    assert visible_response("<think>a</think>\n\nTip.\n<think>more \\boxed{2}") == "Tip.\n"
     assert visible_response("before <think>unclosed") == "before "
     assert visible_response("plain") == "plain"
     assert last_boxed("\\boxed{1} and \\boxed{\\frac{2}{3}}") == "\\frac{2}{3}"
