@@ -1956,8 +1956,11 @@ def train(args, ctx):
         return f"pass@1 {figures['eval_acc']:.3f} ({args.eval_samples} samples each), greedy {figures['eval_acc_greedy']:.3f}"
 
     first = last = evaluate()
+    began = "RL began" if start_step == 0 else f"step {start_step}, where this run resumed"
     print0(ctx, f"held-out critique-free accuracy when RL begins (step {start_step}"
-                f"{', after the warm start' if args.warm_start_steps and not args.resume else ''}): {describe(first)}")
+                f"{', after the warm start' if args.warm_start_steps and not args.resume else ''}): {describe(first)}"
+          if start_step == 0 else f"held-out critique-free accuracy at step {start_step}, where this run resumes: "
+                                  f"{describe(first)}")
     cfg = sampling_config(args)
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not ctx.main,
                dynamic_ncols=True)
@@ -1982,7 +1985,7 @@ def train(args, ctx):
     else:
         gained = {k: f"{100 * (last[k] - first[k]):+.1f}" for k in last}
         print0(ctx, f"held-out critique-free accuracy at the end (step {args.steps}): {describe(last)}; "
-                    f"{gained['eval_acc']} and {gained['eval_acc_greedy']} points since RL began")
+                    f"{gained['eval_acc']} and {gained['eval_acc_greedy']} points since {began}")
     return last
 
 

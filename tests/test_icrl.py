@@ -610,11 +610,14 @@ MOVING_RUN = TINY_RUN + ["--task", "guess", "--task_knob", "max_number=6", "--ta
                          "--warm_start_steps", "4"]
 
 
-def test_resume_ends_with_the_same_weights(tmp_path):
+def test_resume_ends_with_the_same_weights(tmp_path, capsys):
     straight, first = str(tmp_path / "straight"), str(tmp_path / "first")
     icrl.main(MOVING_RUN + ["--steps", "3", "--out", straight])
     icrl.main(MOVING_RUN + ["--steps", "1", "--out", first, "--save_every", "1"])
+    capsys.readouterr()
     icrl.main(MOVING_RUN + ["--steps", "3", "--out", first, "--resume", first])
+    out = capsys.readouterr().out   # the gain a resumed run prints is since where it resumed, and says so
+    assert "at step 1, where this run resumes" in out and "since step 1, where this run resumed" in out, out
     a = load_file(os.path.join(straight, "final", "model.safetensors"))
     b = load_file(os.path.join(first, "final", "model.safetensors"))
     assert a.keys() == b.keys()
