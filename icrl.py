@@ -1210,7 +1210,8 @@ def save_checkpoint(model, optimizer, tokenizer, args, ctx, step, name):
         if ctx.main:
             unwrap(model).save_pretrained(tmp, state_dict=model_state)
             tokenizer.save_pretrained(tmp)
-            write_generation_config(tmp, tokenizer)
+            started_from = resolve_checkpoint(args.resume) if args.resume else args.model  # its sampling defaults
+            write_generation_config(tmp, tokenizer, started_from if os.path.isdir(started_from or "") else None)
             # Every random draw is seeded from (seed, step, rank), so the step is the whole RNG state.
             write_trainer_state(tmp, step, args)
             fsync_tree(tmp)
@@ -1249,10 +1250,11 @@ def point_final(out, folder):
     fsync_dir(out)
 
 
-def write_generation_config(folder, tokenizer):
+def write_generation_config(folder, tokenizer, model_folder=None):
     """`transformers` generate stops where our sampler does: config.json's eos_token_id (when unset) is
     the end-of-turn id <|im_end|>, and generation_config.json lists every stop id (stop_token_ids:
-    <|im_end|>, <|endoftext|>), greedy by default."""
+    <|im_end|>, <|endoftext|>). Its sampling defaults are `model_folder`'s (the --model a run started
+    from: Qwen3's do_sample with temperature 0.6, top_p 0.95, top_k 20), greedy where it has none."""
     stops = stop_token_ids(tokenizer)
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if not isinstance(end_of_turn, int) or end_of_turn == tokenizer.unk_token_id:
@@ -1265,8 +1267,16 @@ def write_generation_config(folder, tokenizer):
         with open(config_file, "w") as f:
             f.write(json.dumps(config, indent=2) + "\n")
     pad = tokenizer.pad_token_id
-    generation = {"eos_token_id": stops, "do_sample": False,
-                  "pad_token_id": pad if pad is not None else (stops[0] if stops else None)}
+    generation = {"do_sample": False}
+    source = os.path.join(model_folder or "", "generation_config.json")
+    if model_folder and os.path.isfile(source):
+        try:
+            with open(source) as f:
+                generation = dict(json.load(f))
+        except (OSError, ValueError, TypeError):
+            pass   # a damaged file of the model's: greedy, as without one
+    generation.update(eos_token_id=stops, pad_token_id=pad if pad is not None else (stops[0] if stops else None))
+    generation.pop("bos_token_id", None)
     if config.get("bos_token_id") is not None:
         generation["bos_token_id"] = config["bos_token_id"]
     with open(os.path.join(folder, "generation_config.json"), "w") as f:

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -658,6 +659,29 @@ def test_checkpoint_is_a_transformers_folder(tmp_path):
     assert icrl.Qwen3.from_pretrained(rl_start).config.vocab_size == ours.config.vocab_size
     assert AutoTokenizer.from_pretrained(rl_start).vocab == tokenizer.vocab
     assert icrl.read_trainer_state(rl_start)["step"] == 0
+
+
+def test_a_checkpoint_keeps_its_models_sampling_defaults(tmp_path):
+    """generation_config.json of a checkpoint trained from a --model folder keeps that folder's sampling
+    defaults (Qwen3's do_sample, temperature 0.6, top_p 0.95, top_k 20: greedy decoding repeats in thinking
+    mode) with our stop ids; from the tiny default, greedy."""
+    start = str(tmp_path / "start")
+    icrl.main(TINY_RUN + ["--steps", "0", "--out", start])
+    assert json.load(open(os.path.join(start, "warm_start", "generation_config.json")))["do_sample"] is False  # tiny: greedy
+    qwen = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "eos_token_id": [1], "bos_token_id": 2}
+    with open(os.path.join(start, "warm_start", "generation_config.json"), "w") as f:
+        json.dump(qwen, f)
+    out = str(tmp_path / "run")
+    icrl.main(TINY_RUN + ["--warm_start_steps", "0", "--model", os.path.join(start, "warm_start"), "--steps", "1",
+                          "--out", out])
+    saved = json.load(open(os.path.join(out, "final", "generation_config.json")))
+    tokenizer = icrl.checked_tokenizer("--model", os.path.join(out, "final"))
+    assert {k: saved[k] for k in ("do_sample", "temperature", "top_p", "top_k")} == \
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    assert saved["eos_token_id"] == icrl.stop_token_ids(tokenizer)
+    shutil.rmtree(start)   # a resumed run takes them from the checkpoint it resumes, whatever became of --model
+    icrl.main(["--resume", out, "--steps", "2"])
+    assert json.load(open(os.path.join(out, "final", "generation_config.json")))["temperature"] == 0.6
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
