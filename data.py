@@ -100,6 +100,9 @@ class Example:
 # ==================================================================================================
 
 
+EMPTY_THINK = "<think>\n\n</think>\n\n"   # Qwen3's think block with no reasoning (its template's, thinking off)
+
+
 def visible_response(text: str) -> str:
     """The response without its <think> reasoning: what the critic's summary, the retry's tips and the verifier see.
 
@@ -2073,7 +2076,7 @@ CHAR_ALPHABET = "\t\n" + "".join(chr(code) for code in range(32, 127))   # tab, 
 # One token per fixed phrase of the role prompts and the chat template, as a BPE vocabulary would learn
 # from them: the 1M-parameter default then spends its compute on the problem, not on re-reading the
 # instructions (role contexts are ~3x shorter than one token per character).
-CHAR_PHRASES = ("user\n", "assistant\n", "<think>\n\n</think>\n\n", "\\boxed{", ANSWER_FORMAT,
+CHAR_PHRASES = ("user\n", "assistant\n", EMPTY_THINK, "\\boxed{", ANSWER_FORMAT,
                 COUNTDOWN_ANSWER_FORMAT, CRITIQUE_RIGHT, CRITIC_INSTRUCTION,
                 *(piece for text in (TIPS_SECTION, SUMMARY_REWARD, SUMMARY_ACTION, SUMMARY_OBSERVATION,
                                      CRITIQUE_WRONG)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (CRITIQUE_RIGHT, OBS_CHARS, AgentGymTask, EnvironmentServerFailed, Task, build_char_tokenizer,
+from data import (CRITIQUE_RIGHT, EMPTY_THINK, OBS_CHARS, AgentGymTask, EnvironmentServerFailed, Task, build_char_tokenizer,
                   critic_context, encode_observation,
                   end_of_turn_id, episode_summary, extract_critique, load_task, observation_turn, solver_context,
                   solver_message, task_class, typed_knobs)
@@ -1013,16 +1013,22 @@ def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=
 # Supervised warm start for the randomly initialised default model
 # ==================================================================================================
 
-def expert_episode(task, tokenizer, example, observation_markers, actions=None, rng=None):
+def target_ids(tokenizer, text, think):
+    """A warm-start target turn: `text` and the end-of-turn id, after an empty think block with thinking on (the
+    generation prompt then leaves the block to the model: a target without one would teach it to skip it)."""
+    return tokenizer.encode(EMPTY_THINK * think + text, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
+
+
+def expert_episode(task, tokenizer, example, observation_markers, actions=None, rng=None, think=False):
     """(tokens, loss mask) of the task's expert episode from a reset (or of `actions`): each action and its
-    end-of-turn (trained), then the observation in the template's user-turn form (context), as a sampled
-    episode would read (SPEC §1)."""
-    stop, (before, after) = end_of_turn_id(tokenizer), observation_markers
+    end-of-turn (trained; target_ids), then the observation in the template's user-turn form (context), as a
+    sampled episode would read (SPEC §1)."""
+    before, after = observation_markers
     env = task.env(example)
     env.reset()
     tokens, mask = [], []
     for action in task.expert_actions(example, rng) if actions is None else actions:
-        ids = tokenizer.encode(action, add_special_tokens=False) + [stop]
+        ids = target_ids(tokenizer, action, think)
         tokens, mask = tokens + ids, mask + [1] * len(ids)
         observation, _, done = env.step(action)
         if done:
@@ -1043,7 +1049,7 @@ def warm_start_pairs(task, tokenizer, example, think, observation_markers, attem
     model's own, so a named answer is a real mistake and says nothing else about the right one (a made-up
     near miss would teach the retry to answer "the tip's number plus or minus a little"). Under critic_gate "failure" the
     critic never sees a success, so successes add no pair; under "always" the critic answers `Correct.`."""
-    tokens, mask = expert_episode(task, tokenizer, example, observation_markers, rng=rng)
+    tokens, mask = expert_episode(task, tokenizer, example, observation_markers, rng=rng, think=think)
     task_text, first_observation = task.env(example).reset()
     pairs = [(solver_context(tokenizer, task_text, first_observation, enable_thinking=think), tokens, mask)]
     if attempt is None or (attempt.reward == 1.0 and gate == "failure"):
@@ -1056,11 +1062,11 @@ def warm_start_pairs(task, tokenizer, example, think, observation_markers, attem
             return pairs
         taught = task.warm_start_critic_target(example, critique, rng or random.Random(example.id))
     summary = episode_summary(attempt.reward, attempt.actions, attempt.observations, obs_chars)
-    critique_ids = tokenizer.encode(taught, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
+    critique_ids = target_ids(tokenizer, taught, think)
     pairs.append((critic_context(tokenizer, task_text, first_observation, summary, think), critique_ids,
                   [1] * len(critique_ids)))
     retry_tokens, retry_mask = expert_episode(task, tokenizer, example, observation_markers,
-                                              task.retry_expert_actions(example, critique))
+                                              task.retry_expert_actions(example, critique), think=think)
     pairs.append((solver_context(tokenizer, task_text, first_observation, critique, think), retry_tokens, retry_mask))
     return pairs
 

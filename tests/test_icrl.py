@@ -1046,6 +1046,15 @@ def test_warm_start_pairs_expert_episode_and_own_failure(char_tokenizer):
     wrong = icrl.Episode([], actions=["\\boxed{12}"], observations=[""], reward=0.0)
     pairs = icrl.warm_start_pairs(arithmetic, char_tokenizer, arithmetic.examples[0], False, markers, wrong)
     assert char_tokenizer.decode(pairs[1][1]) == "Wrong, it is not 12.<|im_end|>"
+    # with thinking on, the generation prompt leaves the think block to the model: every target writes an empty
+    # one (Qwen3's own form of no reasoning), so the warm start never teaches a thinking model to skip the block
+    thinking = observation_turn(char_tokenizer, True)
+    pairs = icrl.warm_start_pairs(task, char_tokenizer, example, True, thinking, failed)
+    empty = "<think>\n\n</think>\n\n"
+    trained = char_tokenizer.decode([t for t, m in zip(pairs[0][1], pairs[0][2]) if m])
+    assert trained == "".join(empty + a + "<|im_end|>" for a in actions)
+    assert char_tokenizer.decode(pairs[1][1]) == empty + "It is from 3 to 9.<|im_end|>"
+    assert char_tokenizer.decode([t for t, m in zip(*pairs[2][1:]) if m]) == trained
 
 
 def test_warm_start_pairs_boxes_teach_the_critic_the_format_and_the_retry_the_note(char_tokenizer):
