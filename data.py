@@ -495,6 +495,10 @@ class Task:
         does (the warm start's retry target). By default the expert ignores it."""
         return self.expert_actions(example)
 
+    def start_over(self) -> None:
+        """After an EnvironmentServerFailed that cost one held-out evaluation (icrl.py), so that the next one tries
+        the servers again. Nothing to do for a task without servers."""
+
     def is_correct(self, example: Example, answer: str) -> bool:
         """Is `answer` (a final \\boxed{} content of at most MAX_ANSWER_CHARS) right for `example`?"""
         raise NotImplementedError
@@ -1664,8 +1668,9 @@ def _url_problem(url: str) -> str | None:
 class AgentGymPool:
     """The servers of one task and the server-side instances the client keeps on them.
 
-    Under torchrun (RANK of WORLD_SIZE) with at least as many servers as ranks, rank r plays on servers r,
-    r + WORLD_SIZE, ... only; with fewer, the ranks share every server, each starting at its own offset.
+    Under torchrun, with servers in a multiple of the ranks (those of the node, LOCAL_RANK of LOCAL_WORLD_SIZE,
+    for servers on 127.0.0.1; else RANK of WORLD_SIZE), rank r plays on servers r, r + WORLD_SIZE, ... only;
+    otherwise the ranks share every server, each starting at its own offset.
     An environment leases a (server, slot) at its first reset() and gives it back at close(). The lease
     goes to the least busy of those servers, ties broken round-robin from a cursor: while fewer environments are
     live than there are servers, every live environment has a server of its own; beyond that, servers are
@@ -1680,15 +1685,19 @@ class AgentGymPool:
     `failure`: the error that stopped the run, which the calls still waiting for a lock raise unsent."""
 
     def __init__(self, urls: list[str]):
-        rank, world = int(os.environ.get("RANK", 0) or 0), max(int(os.environ.get("WORLD_SIZE", 1) or 1), 1)
-        # With a server per rank at least, each rank takes its own: a server then queues one rank's calls, sent
-        # one at a time, and not the other ranks' as well (their waits would count against its timeouts).
-        self.urls = list(urls)[rank::world] if len(urls) >= world else list(urls)
+        # Servers on 127.0.0.1 are each node's own (README starts them there), so the node's ranks split them
+        loopback = all(urllib.parse.urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1") for url in urls)
+        rank_key, world_key = ("LOCAL_RANK", "LOCAL_WORLD_SIZE") if loopback else ("RANK", "WORLD_SIZE")
+        rank, world = int(os.environ.get(rank_key, 0) or 0), max(int(os.environ.get(world_key, 1) or 1), 1)
+        # Servers in a multiple of the ranks: each rank takes as many of its own, so a server queues one rank's
+        # calls, sent one at a time, and not the other ranks' too (their waits would count against its timeouts)
+        own = len(urls) % world == 0
+        self.urls = list(urls)[rank::world] if own else list(urls)
         self.busy = [set() for _ in self.urls]     # leased slots, per server
         self.instances = {}                        # (server, slot) -> instance id on that server
         self.server_locks = [threading.Lock() for _ in self.urls]
         self.failure = None
-        self.cursor = 0 if len(urls) >= world else (rank * len(self.urls)) // world % len(self.urls)
+        self.cursor = 0 if own else (rank * len(self.urls)) // world % len(self.urls)
         self.lock = threading.Lock()
 
     def acquire(self) -> tuple[int, int]:
@@ -1949,6 +1958,13 @@ class AgentGymTask(Task):
                     self.pool.failure = (f"{self.name}: {second} (after recreating the instance once; first "
                                          f"failure: {before})")
                     raise EnvironmentServerFailed(self.pool.failure) from None
+
+    def start_over(self) -> None:
+        """Forget the failure and every instance and lease (an episode cut short by the failure never gave its
+        lease back): the next episodes create fresh instances."""
+        with self.pool.lock:
+            self.pool.failure, self.pool.instances = None, {}
+            self.pool.busy = [set() for _ in self.pool.urls]
 
     def close(self) -> None:
         """Free the instances on servers that have POST /close (best effort); alfworld and webshop keep them."""

@@ -985,11 +985,12 @@ def quantile(values, q):
 
 
 @torch.no_grad()
-def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=0):
+def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=0, what="held-out evaluation"):
     """Held-out critique-free accuracy: greedy, and with `samples` > 0 also the mean reward of that many first
     attempts per example at the training temperature (the quantity RL maximises; eval.py's acc_round_1, SPEC
     §4's pass@1 for 0/1 rewards). Each rank scores its share; the sums are all-reduced. Returns (greedy, mean),
-    (None, None) where an environment server failed for good on any rank: that evaluation is lost, not the run."""
+    (None, None) where an environment server failed for good on any rank: that evaluation is lost, not the run,
+    and the task starts over for the next one."""
     mine = examples[ctx.rank::ctx.world]
     greedy = sampled = []
     failed = 0.0
@@ -999,9 +1000,10 @@ def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=
             sampled, _ = rollout(m, tokenizer, task, mine, sampling_config(args, samples), seed=mix_seed(args.seed, 7),
                                  critique=False) if samples else ([], None)
         except EnvironmentServerFailed as e:
-            tqdm.write(f"warning: held-out evaluation failed on rank {ctx.rank}: {one_line(e)}; its figures are null",
+            tqdm.write(f"warning: {what} failed on rank {ctx.rank}: {one_line(e)}; its figures are null",
                        file=sys.stderr)   # from the rank it failed on, which need not be the first
             greedy, sampled, failed = [], [], 1.0
+            task.start_over()
     first = lambda rollouts: sum(c.episodes[0].reward for ro in rollouts for c in ro.chains)
     greedy_correct, sampled_correct, n, failed = all_reduce([first(greedy), first(sampled), len(mine), failed], ctx)
     if failed:
@@ -1088,9 +1090,10 @@ def warm_start(model, tokenizer, task, args, ctx):
     step, acc, roles_until = 0, 0.0, None
     while roles_until is None or step < roles_until:
         if roles_until is None and step and (step % 50 == 0 or step >= args.warm_start_steps):
-            acc, _ = critique_free_accuracy(model, tokenizer, task, probe, args, ctx)
+            acc, _ = critique_free_accuracy(model, tokenizer, task, probe, args, ctx, what="the warm start's probe")
             if acc is None:   # the training task's own servers: the warm start cannot go on (every rank raises)
-                raise EnvironmentServerFailed(f"{task.name}: a server failed for good during the warm start")
+                raise EnvironmentServerFailed(f"{task.name}: a server failed for good during the warm start's probe "
+                                              f"(the warning above names it)")
             print0(ctx, f"warm start step {step}: greedy accuracy {acc:.3f} on {len(probe)} training examples")
             if acc >= args.warm_start_target or step >= args.warm_start_steps:
                 roles_until = step + args.warm_start_role_steps

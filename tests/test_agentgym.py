@@ -364,21 +364,35 @@ def test_after_a_call_fails_for_good_the_calls_waiting_for_a_server_are_not_sent
     with pytest.raises(RuntimeError, match=r"/reset: no reply within 0.3 s \(after recreating the instance once"):
         icrl.call_envs(envs, "reset", [()] * 6)
     assert fake.count("/reset") == 2   # one episode's reset and its retry
+    # start_over (after a failure that cost one held-out evaluation): the next episodes try the server again, on
+    # fresh instances, with every lease the cut-short episodes held given back
+    del fake.always["/reset"]
+    task.start_over()
+    fresh = [task.env(example) for example in task.examples[:2]]
+    assert icrl.call_envs(fresh, "reset", [()] * 2)[0][1].startswith("AVAILABLE ACTIONS")
+    assert task.pool.live() == [2]   # slots 0 and 1 again: nothing leaked by the episodes the failure cut short
 
 
-def test_each_rank_plays_on_its_own_servers_when_there_are_enough(monkeypatch):
-    """A server answers one request at a time (AGENTGYM.md): with at least as many servers as ranks, each rank
-    takes its own, so a server queues the calls of one rank only, which sends them one at a time, and every
-    call's timeout measures the server's own time. With fewer, the ranks share them, starting on different ones."""
+def test_each_rank_plays_on_its_own_servers_when_they_divide_evenly(monkeypatch):
+    """A server answers one request at a time (AGENTGYM.md): with servers in a multiple of the ranks, each rank
+    takes as many of its own, so a server queues the calls of one rank only, which sends them one at a time, and
+    every call's timeout measures the server's own time. Otherwise (fewer, or uneven: some servers would carry
+    more than their share) the ranks share them, starting on different ones. Servers on 127.0.0.1 are the node's
+    own, split among the node's ranks (LOCAL_RANK); others among all (RANK)."""
     urls = [f"http://127.0.0.1:{port}" for port in (1, 2, 3, 4)]
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "9")          # rank 1 of the second node
+    monkeypatch.setenv("WORLD_SIZE", "16")
     pool = AgentGymPool(urls)
     assert [pool.urls[pool.acquire()[0]] for _ in range(3)] == [urls[1], urls[3], urls[1]]
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("WORLD_SIZE", "8")
-    pool = AgentGymPool(urls)
+    remote = [f"http://10.0.0.{k}:8000" for k in range(32)]
+    assert AgentGymPool(remote).urls == remote[9::16]
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    pool = AgentGymPool(urls)   # 4 servers, 8 ranks: shared
     assert [pool.urls[pool.acquire()[0]] for _ in range(5)] == [urls[1], urls[2], urls[3], urls[0], urls[1]]
+    assert AgentGymPool(urls * 3).urls == urls * 3   # 12 servers, 8 ranks: uneven, shared
 
 
 def test_a_dropped_step_recreates_the_instance_and_replays_the_episode(servers):
