@@ -1219,8 +1219,8 @@ def save_checkpoint(model, optimizer, tokenizer, args, ctx, step, name):
         if ctx.main:
             unwrap(model).save_pretrained(tmp, state_dict=model_state)
             tokenizer.save_pretrained(tmp)
-            started_from = resolve_checkpoint(args.resume) if args.resume else args.model  # its sampling defaults
-            write_generation_config(tmp, tokenizer, started_from if os.path.isdir(started_from or "") else None)
+            started_from = resolve_checkpoint(args.resume) if args.resume else None if args.model == "tiny" else args.model
+            write_generation_config(tmp, tokenizer, started_from)   # with the sampling defaults of where it started
             # Every random draw is seeded from (seed, step, rank), so the step is the whole RNG state.
             write_trainer_state(tmp, step, args)
             fsync_tree(tmp)
@@ -1281,8 +1281,9 @@ def write_generation_config(folder, tokenizer, model_folder=None):
     if model_folder and os.path.isfile(source):
         try:
             with open(source) as f:
-                generation = dict(json.load(f))
-        except (OSError, ValueError, TypeError):
+                saved = json.load(f)
+            generation = saved if isinstance(saved, dict) else generation
+        except (OSError, ValueError):
             pass   # a damaged file of the model's: greedy, as without one
     generation.update(eos_token_id=stops, pad_token_id=pad if pad is not None else (stops[0] if stops else None))
     generation.pop("bos_token_id", None)
@@ -1801,7 +1802,7 @@ def checked_tokenizer(flag, path):
                          f"in tokenizer_config.json); the role prompts are built with it")
     try:  # content with spaces at its ends: a template that trims it is refused now, not at such a prompt hours in
         solver_context(tokenizer, " task \n", " observation ", " tips ")
-    except ValueError as e:
+    except Exception as e:  # _chat_ids' ValueError, or the template's own (jinja) error
         raise UsageError(f"{flag} {path}: {one_line(e)}") from None
     return tokenizer
 
