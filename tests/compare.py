@@ -454,12 +454,17 @@ def seed_setting(warm_record):
 
 
 def other_settings(warm_records):
-    """{seed: why} for the seeds (by their warm starts' records) trained or evaluated otherwise than the first
-    seed with a setting: a seed added later with other ICRL_ARGS, EVAL_ARGS or NPROC is no seed of this table."""
+    """{seed: why} for the seeds (by their warm starts' records) trained or evaluated otherwise than the table's:
+    the setting most seeds share (a tie: the one whose warm start was made last, so seeds redone with new flags
+    make the table, not the seed left behind). A seed added later with other ICRL_ARGS, EVAL_ARGS or NPROC, or
+    left behind by a rerun of the others, is no seed of this table."""
     settings = {seed: seed_setting(r) for seed, r in sorted(warm_records.items()) if seed_setting(r) is not None}
     if not settings:
         return {}
-    first = next(iter(settings))
+    key = lambda setting: json.dumps(setting, sort_keys=True)
+    share = {k: [seed for seed in settings if key(settings[seed]) == k] for k in map(key, settings.values())}
+    newest = lambda k: max(float(warm_records[seed].get("started") or 0) for seed in share[k])
+    first = share[max(share, key=lambda k: (len(share[k]), newest(k)))][0]
 
     def show(value):
         return " ".join(map(str, value)) if isinstance(value, list) else value
@@ -468,7 +473,7 @@ def other_settings(warm_records):
         differs = [f"{key} {show(value)} where seed {first}'s has {show(settings[first][key])}"
                    for key, value in setting.items() if value != settings[first][key]]
         if differs:
-            why[seed] = f"trained or evaluated otherwise than seed {first}, the table's first: " + "; ".join(differs)
+            why[seed] = f"trained or evaluated otherwise than seed {first}, of the table's setting: " + "; ".join(differs)
     return why
 
 

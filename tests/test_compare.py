@@ -585,6 +585,25 @@ def test_seeds_trained_or_evaluated_otherwise_are_left_out(tmp_path, monkeypatch
             assert len(line) == 1 and "seed 0" in line[0] and differs in line[0]
 
 
+def test_seeds_rerun_with_new_flags_make_the_table(tmp_path, monkeypatch, capsys):
+    """The table's setting is the one most seeds share (a tie: the newest warm start's): seeds 1 and 2 redone
+    with a new --lr make the table, and seed 0, left behind with the old one, is left out."""
+    calls = []
+    out = tmp_path / "c"
+    argv = ["--tasks", "arithmetic", "--variants", "icrl", "--steps", str(STEPS), "--out", str(out), "--no_plot"]
+    monkeypatch.setattr(compare, "run_command", fake_runner(calls))
+    assert compare.main(argv + ["--seeds", "0", "1", "2"]) == 0
+    capsys.readouterr()
+    assert compare.main(argv + ["--seeds", "1", "2", "--icrl_args", "--lr 1e-2"]) == 0
+    rows = json.loads((out / "summary.json").read_text())["tasks"]["arithmetic"]["rows"]
+    assert rows["warm_start"]["seeds"] == [1, 2] and rows["icrl"]["seeds"] == [1, 2]
+    assert any(line.startswith(f"left out of the table: {out / 'arithmetic' / 'warm_start' / 'seed0'}: ")
+               and "seed 1" in line for line in capsys.readouterr().out.splitlines())
+    assert compare.main(argv + ["--seeds", "0", "--icrl_args", "--lr 1e-2"]) == 0   # all three again, one setting
+    rows = json.loads((out / "summary.json").read_text())["tasks"]["arithmetic"]["rows"]
+    assert rows["icrl"]["seeds"] == [0, 1, 2]
+
+
 def test_eval_settings_warn_of_any_difference_but_the_model(tmp_path):
     a = tmp_path / "c" / "arithmetic"
     setting = {"examples": 200, "n": 4, "rounds": 2, "critic_gate": "failure", "task_seed": 0, "seed": 0,
