@@ -205,6 +205,29 @@ def test_step_reports_by_hand():
             m["critic_reward"], m["len_critic"]) == pytest.approx((1 / 4, 3 / 4, 2 / 5, 1 / 3, 1 / 2, 3 / 4, 2 / 5, 1.0))
 
 
+def test_calibration_and_logprob_gap_figures_by_hand():
+    """SPEC §3 from the built samples: the §2.7 weights over retry action tokens (observations left out) are
+    min(exp(l_free - l_cond), 2) = 0.25, 2 (clipped from 4) and 1: mean 3.25 / 3, 10th percentile 0.25 + 0.2 *
+    (1 - 0.25) = 0.4, share below 0.5 1/3. logprob_gap: the largest |sampler - trainer| on trained tokens, a retry's
+    against l_cond (it was sampled under S(x, c)): 0.1 on the first attempt, 0.3 on a retry; the masked 4 is no
+    trained token."""
+    first = icrl.TrainSample([1], [5, 6], False, 0.5, sampler_logprobs=[-1.1, -2.0])
+    first.old_logp = torch.tensor([-1.0, -2.0])
+    a = icrl.TrainSample([1], [5, 6, 7], False, 0.5, mask=[1, 1, 0], calib_context=[1, 9],
+                         sampler_logprobs=[-1.0, -1.3, -9.0])
+    a.cond_logp = torch.tensor([-1.0, -1.0, -5.0])
+    a.old_logp = a.cond_logp + torch.tensor([math.log(0.25), math.log(4.0), 0.0])
+    b = icrl.TrainSample([1], [8], False, -0.5, calib_context=[1, 9], sampler_logprobs=[-0.5])
+    b.cond_logp = b.old_logp = torch.tensor([-0.5])
+    rollouts = [icrl.QueryRollout("x", [chain_of([0.0, 1.0])])]
+    stats = dict(loss_solver=0.0, loss_critic=0.0, clipped=1.0, tokens=4.0, grad_norm=0.0, updates=1, skipped=0,
+                 critic_updates=0)
+    m = icrl.step_metrics(rollouts, [first, a, b], stats, {"sample": 1.0, "env": 0.0, "train": 1.0},
+                          icrl.parse_args([]), icrl.Dist())
+    assert (m["calib_w_mean"], m["calib_w_p10"], m["calib_w_low_frac"], m["logprob_gap"], m["clip_frac"]) == \
+        pytest.approx((3.25 / 3, 0.4, 1 / 3, 0.3, 1 / 4), abs=1e-6)
+
+
 def test_tenth_percentile_of_any_number_of_weights():
     """calib_w_p10 (SPEC §3) is torch.quantile's linear interpolation, also past the 2^24 values torch.quantile
     refuses (a large batch of long retries)."""
@@ -1026,7 +1049,8 @@ def test_warm_start_pairs_expert_episode_and_own_failure(char_tokenizer):
     actions = task.expert_actions(example)
     trained = char_tokenizer.decode([t for t, m in zip(tokens, mask) if m])
     assert trained == "".join(a + "<|im_end|>" for a in actions)
-    assert "It is from" in char_tokenizer.decode([t for t, m in zip(tokens, mask) if not m]) or len(actions) == 1
+    assert len(actions) == 3   # 12, 13, 14: the observations between them are context
+    assert char_tokenizer.decode([t for t, m in zip(tokens, mask) if not m]).count("It is from") == 2
     assert char_tokenizer.decode(critique) == "It is from 3 to 9.<|im_end|>" and all(c_mask)
     assert "Reward of the attempt: 0\nAction: 1\nObservation: 1 is too low" in char_tokenizer.decode(c_ctx)
     assert "Tips from the previous critique: It is from 3 to 9." in char_tokenizer.decode(r_ctx)
@@ -1085,3 +1109,51 @@ def test_warm_start_pairs_boxes_teach_the_critic_the_format_and_the_retry_the_no
     assert [char_tokenizer.decode(icrl.warm_start_pairs(task, char_tokenizer, example, False, markers, failed,
                                                         rng=again)[1][1])[len(prefix)] for _ in range(5)] == \
         [str(box) for box in named[:5]]
+
+
+def test_gate_critiques_a_partial_reward(monkeypatch, char_tokenizer):
+    """SPEC §2.2: only r = 1 ends a chain; an episode that ends on 0.5 is a failure and is critiqued."""
+    script = ScriptedActions(char_tokenizer, [["half"], ["Tip."], ["stop"]])
+    monkeypatch.setattr(icrl, "generate", script)
+    cfg = icrl.SamplingConfig(group_size=1, max_new_tokens=8, max_turns=1, rounds=2, obs_chars=4)
+    ro, _ = icrl.rollout(tiny_model(len(char_tokenizer)), char_tokenizer, EchoTask(), ["x"], cfg, seed=0)
+    chain = ro[0].chains[0]
+    assert [ep.reward for ep in chain.episodes] == [0.5, 1.0] and len(chain.critiques) == 1
+    critic_prompt = script.calls[1][0]
+    assert "Observation: seen\n" in critic_prompt and "seen half" not in critic_prompt   # --obs_chars 4 reached C(x, tau)
+
+
+def test_enable_thinking_reaches_every_rollout_context(monkeypatch, char_tokenizer):
+    """--enable_thinking reaches S(x), C(x, tau) and S(x, c): every prompt leaves the think block to the model."""
+    script = ScriptedActions(char_tokenizer, [["a"], ["Tip."], ["stop"]])
+    monkeypatch.setattr(icrl, "generate", script)
+    cfg = icrl.SamplingConfig(group_size=1, max_new_tokens=8, max_turns=1, rounds=2, enable_thinking=True)
+    icrl.rollout(tiny_model(len(char_tokenizer)), char_tokenizer, EchoTask(), ["x"], cfg, seed=0)
+    assert all(p.endswith("<|im_start|>assistant\n") for call in script.calls for p in call), script.calls
+
+
+def test_calib_seq_reaches_the_update():
+    """--calib seq through update: a 2-token retry with l_free - l_cond = (ln 4, 0): token weights (2, 1),
+    seq weight min(exp(ln 4 / 2), 2) = 2 on both. rho = 1, A = -1: per-token loss = w; solver mean over 2 tokens."""
+    model = tiny_model(40)
+    retry = icrl.TrainSample([1, 2], [6, 7], False, -1.0, None, [1, 9, 2])
+    with torch.no_grad():
+        logp, _ = icrl.response_logprobs(model, [retry.context], [retry.response], 1.0, "cpu")
+    retry.old_logp = logp[0]
+    retry.cond_logp = retry.old_logp - torch.tensor([math.log(4), 0.0])
+    for mode, expected in (("token", (2 + 1) / 2), ("seq", (2 + 2) / 2)):
+        args = icrl.parse_args(["--batch_prompts", "1", "--lr", "1e-9", "--calib", mode])
+        stats = icrl.update(model, torch.optim.SGD(model.parameters(), lr=1e-9), [[retry]], args, icrl.Dist(), 0)
+        assert abs(stats["loss_solver"] - expected) < 1e-5, (mode, stats["loss_solver"])
+
+
+def test_grad_clip_bounds_the_step():
+    """SPEC §2.9: with SGD the weight change is lr * clipped gradient, its norm at most lr * --grad_clip."""
+    for clip in (1e-3, 1e9):
+        model = tiny_model(40)
+        start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        args = icrl.parse_args(["--batch_prompts", "1", "--lr", "1.0", "--lr_warmup", "1", "--grad_clip", str(clip)])
+        stats = icrl.update(model, torch.optim.SGD(model.parameters(), lr=1.0), [rho_batch(model, (1, 1, 1))], args, icrl.Dist(), 0)
+        moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - start).norm()
+        assert stats["grad_norm"] > 1e-2
+        assert float(moved) == pytest.approx(min(clip, stats["grad_norm"]), rel=1e-3), (clip, moved)
