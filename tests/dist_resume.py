@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -86,7 +85,7 @@ def main():
     from data import build_char_tokenizer
     out, fsdp = sys.argv[1], "--fsdp" in sys.argv
     ctx = icrl.init_distributed()
-    folder = tempfile.mkdtemp(prefix="dist-resume-tokenizer-")
+    folder = os.path.join(out, f"tokenizer-rank{ctx.rank}")   # in the test's own folder, removed with it
     build_char_tokenizer(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     run = os.path.join(out, "run")

@@ -11,6 +11,7 @@ takes only `tmp_path`, so tests/gpu_check.py can also run them without pytest on
 GPU_CHECK_DEVICE=cpu runs the same code on the CPU (gloo instead of NCCL, no sync counting): a dry run of
 the checks themselves, for a machine without a GPU; it proves nothing about CUDA.
 """
+import atexit
 import collections
 import functools
 import json
@@ -169,7 +170,9 @@ def torchrun_icrl(*argv):
 @functools.cache
 def icrl_run(fsdp: bool) -> Path:
     """TINY_RUN's 2 steps: DDP, or FSDP2 with --fsdp."""
-    out = Path(tempfile.mkdtemp(prefix="gpu-check-")) / ("fsdp" if fsdp else "ddp")
+    root = tempfile.mkdtemp(prefix="gpu-check-")
+    atexit.register(shutil.rmtree, root, True)   # removed when the test session ends
+    out = Path(root) / ("fsdp" if fsdp else "ddp")
     torchrun_icrl("--out", out, *TINY_RUN, *(["--fsdp"] if fsdp else []))
     return out
 
