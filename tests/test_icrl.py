@@ -1157,3 +1157,12 @@ def test_grad_clip_bounds_the_step():
         moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - start).norm()
         assert stats["grad_norm"] > 1e-2
         assert float(moved) == pytest.approx(min(clip, stats["grad_norm"]), rel=1e-3), (clip, moved)
+    # --lr_warmup: the rate of step s is lr * min(1, (s + 1) / warmup), here 1/4 of it at step 0 and 3/4 at step 2
+    for step, share in ((0, 0.25), (2, 0.75)):
+        model = tiny_model(40)
+        start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        args = icrl.parse_args(["--batch_prompts", "1", "--lr", "1.0", "--lr_warmup", "4", "--grad_clip", "1e-3"])
+        icrl.update(model, torch.optim.SGD(model.parameters(), lr=1.0), [rho_batch(model, (1, 1, 1))], args,
+                    icrl.Dist(), step)
+        moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - start).norm()
+        assert float(moved) == pytest.approx(share * 1e-3, rel=1e-3), (step, moved)
