@@ -1512,7 +1512,8 @@ class AgentGymCallFailed(Exception):
 
 class EnvironmentServerFailed(RuntimeError):
     """An environment server failed for good (a call failed again after its instance was recreated): no more
-    episodes of that task can be played. icrl.py's held-out evaluation survives it; training stops."""
+    episodes of that task can be played. icrl.py's held-out evaluation survives it; training stops, every rank
+    together, with its steps saved."""
 
 
 def _one_line(text, limit=200) -> str:

@@ -50,6 +50,11 @@ class UsageError(SystemExit):
     traceback: tracebacks are for bugs) and exits with status 2."""
 
 
+class StoppedAndSaved(Exception):
+    """Every rank stopped the run together, its steps saved (an environment server failed for good): main()
+    prints the one line, shuts the ranks down in order and exits with status 1."""
+
+
 def first_rank():
     """Rank 0, or no torchrun: before init_distributed, where every rank checks the same things."""
     return os.environ.get("RANK", "0") == "0"
@@ -1985,7 +1990,14 @@ def train(args, ctx):
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not ctx.main,
                dynamic_ncols=True)
     for step in bar:
-        metrics = train_step(model, optimizer, tokenizer, train_task, cfg, args, ctx, step)
+        try:
+            metrics = train_step(model, optimizer, tokenizer, train_task, cfg, args, ctx, step)
+        except EnvironmentServerFailed as e:   # raised by every rank together, before this step changed anything
+            if step > start_step:
+                save_checkpoint(model, optimizer, tokenizer, args, ctx, step, f"step_{step}")
+            go_on = (f"the run stopped with its {step} step{'s' * (step != 1)} saved: --resume {args.out} goes on"
+                     if step > start_step or latest_name(args.out) else "no step was taken: run it again")
+            raise StoppedAndSaved(f"step {step + 1}: {e}; {go_on} once the servers answer") from None
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 or done == args.steps:
             metrics.update(last := evaluate())
@@ -2013,10 +2025,17 @@ def train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step):
     """SPEC §2: rollout, advantages, calibration weights, the clipped update; returns §3 metrics."""
     examples = step_queries(task.examples, step, args, ctx)
     model.eval()
+    failure = None
     with full_weights(model, args) as m:
-        rollouts, times = rollout(m, tokenizer, task, examples, cfg, seed=mix_seed(args.seed, step, ctx.rank),
-                                  critique=args.algo == "icrl")
+        try:
+            rollouts, times = rollout(m, tokenizer, task, examples, cfg, seed=mix_seed(args.seed, step, ctx.rank),
+                                      critique=args.algo == "icrl")
+        except EnvironmentServerFailed as e:
+            failure = e
     del m  # a bfloat16 sampling copy (full_weights) is freed before training
+    # every rank learns of a failed server before the next collective, so that all stop together (train saves)
+    if all_reduce([float(failure is not None)], ctx, dist.ReduceOp.MAX)[0]:
+        raise EnvironmentServerFailed(one_line(failure) if failure else "a server of another rank failed for good")
     t = time.perf_counter()
     model.train()
     samples_by_query = build_samples(rollouts, args.adv, train_critic=not args.no_critic_train)
@@ -2151,6 +2170,11 @@ def run_then_shut_down(work, ctx, fsdp):
         result = work()
     except UsageError as e:
         usage_exit(e)
+    except StoppedAndSaved as e:
+        print(f"error: rank {ctx.rank}: {one_line(e, limit=2000)}" if ctx.world > 1 else f"error: {one_line(e, 2000)}",
+              file=sys.stderr, flush=True)
+        shutdown(ctx, fsdp)
+        raise SystemExit(1) from None
     except BaseException:
         if ctx.world > 1:
             traceback.print_exc()

@@ -4,6 +4,8 @@ with 2 processes).
 
     torchrun --nproc_per_node 2 tests/dist_fail.py icrl OUT_DIR
     torchrun --nproc_per_node 2 tests/dist_fail.py eval OUT_DIR MODEL_DIR
+And one rank's environment server fails for good in training: every rank stops together, the steps saved.
+    torchrun --nproc_per_node 2 tests/dist_fail.py server OUT_DIR
 """
 import os
 import sys
@@ -29,9 +31,24 @@ def evaluate(model, tokenizer, critic, task, examples, args, ctx):
     return []  # rank 0 goes on to gather's all_gather_object, which rank 1 never joins
 
 
+def failing_rollout(real, calls=[]):
+    def rollout(*args, critique=True, **kwargs):   # rank 1's second training rollout: its server has failed
+        if critique and int(os.environ["RANK"]) == 1:
+            calls.append(1)
+            if len(calls) == 2:
+                raise icrl.EnvironmentServerFailed("agentgym:alfworld: POST http://127.0.0.1:1/step: no reply within 1 s")
+        return real(*args, critique=critique, **kwargs)
+    return rollout
+
+
 if __name__ == "__main__":
     which, out = sys.argv[1:3]
-    if which == "icrl":
+    if which == "server":
+        icrl.rollout = failing_rollout(icrl.rollout)
+        icrl.main(["--out", out, "--task", "arithmetic", "--warm_start_steps", "2", "--warm_start_role_steps", "1",
+                   "--batch_prompts", "2", "--group_size", "2", "--max_new_tokens", "4", "--critic_max_new_tokens",
+                   "4", "--eval_examples", "2", "--eval_samples", "1", "--steps", "3"])
+    elif which == "icrl":
         icrl.train = train
         icrl.main(["--out", out, "--warm_start_steps", "0"])
     else:

@@ -695,6 +695,20 @@ def test_a_failing_rank_stops_the_run_with_its_error_instead_of_hanging(tmp_path
     assert "rank 1 fails here" in result.stdout + result.stderr
 
 
+def test_a_server_failing_on_one_rank_stops_every_rank_with_the_steps_saved(tmp_path):
+    """2 ranks: rank 1's training server fails for good in step 2. Both ranks stop together (no hang, no
+    traceback), step 1 saved, exit status 1, and the line names the failure and the resume."""
+    run = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "tests", "dist_fail.py"), "server", run]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "icrl.py\", line" not in output, output[-3000:]   # (torchrun's own report aside)
+    assert "error: rank 1: step 2: agentgym:alfworld: POST" in output and f"--resume {run}" in output, output[-3000:]
+    assert "error: rank 0: step 2: a server of another rank failed for good" in output, output[-3000:]
+    assert icrl.latest_name(run) == "step_1" and icrl.read_trainer_state(os.path.join(run, "step_1"))["step"] == 1
+
+
 def test_a_failed_evaluation_server_costs_its_figures_not_the_run(tmp_path, monkeypatch, capsys):
     """An environment server of the held-out evaluation that fails for good (AgentGym's, after its retry) leaves
     that evaluation's figures null; training goes on and saves its checkpoints (a run of hours is not lost)."""
@@ -714,3 +728,32 @@ def test_a_failed_evaluation_server_costs_its_figures_not_the_run(tmp_path, monk
     assert icrl.read_trainer_state(os.path.join(run, "final"))["step"] == 2
     err = capsys.readouterr().err
     assert "held-out evaluation failed" in err and "no reply within 1 s" in err
+
+
+def test_a_training_server_that_fails_for_good_stops_the_run_with_its_steps_saved(tmp_path, monkeypatch, capsys):
+    """An environment server of the training task that fails for good (AgentGym's, after its retry) stops the run
+    at once, every rank together, with the steps done saved (whatever --save_every says) and one line saying
+    how to go on: a resume then continues as if nothing had happened."""
+    import data
+    real, calls = icrl.rollout, []
+
+    def rollout(*args, critique=True, **kwargs):   # the third training step's rollout fails
+        if critique:
+            calls.append(1)
+            if len(calls) == 3:
+                raise data.EnvironmentServerFailed("agentgym:alfworld: POST http://127.0.0.1:1/step: no reply within 1 s")
+        return real(*args, critique=critique, **kwargs)
+
+    monkeypatch.setattr(icrl, "rollout", rollout)
+    run = str(tmp_path / "r")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        icrl.main(FAST + ["--steps", "4", "--out", run])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: step 3: agentgym:alfworld: POST") and f"2 steps saved: --resume {run}" in err[-1], err
+    assert icrl.latest_name(run) == "step_2" and icrl.read_trainer_state(os.path.join(run, "step_2"))["step"] == 2
+    assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1, 2]
+    monkeypatch.setattr(icrl, "rollout", real)
+    icrl.main(["--resume", run, "--steps", "4"])
+    assert icrl.read_trainer_state(os.path.join(run, "final"))["step"] == 4
