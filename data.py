@@ -1436,6 +1436,7 @@ class BoxesTask(Task):
 import http.client
 import socket
 import threading
+import ipaddress
 import urllib.parse
 
 AGENTGYM_ENVS = ("alfworld", "webshop", "sciworld", "searchqa")
@@ -1666,6 +1667,13 @@ def _url_problem(url: str) -> str | None:
     return None if all(_HOST_LABEL.fullmatch(label) for label in labels) else f"malformed host {host!r}"
 
 
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
 class AgentGymPool:
     """The servers of one task and the server-side instances the client keeps on them.
 
@@ -1687,8 +1695,9 @@ class AgentGymPool:
 
     def __init__(self, urls: list[str]):
         # Servers on 127.0.0.1 are each node's own (README starts them there), so the node's ranks split them
-        loopback = all(urllib.parse.urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1") for url in urls)
-        rank_key, world_key = ("LOCAL_RANK", "LOCAL_WORLD_SIZE") if loopback else ("RANK", "WORLD_SIZE")
+        local = all(_is_loopback(urllib.parse.urlsplit(url).hostname) for url in urls) and \
+            all(key in os.environ for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"))
+        rank_key, world_key = ("LOCAL_RANK", "LOCAL_WORLD_SIZE") if local else ("RANK", "WORLD_SIZE")
         rank, world = int(os.environ.get(rank_key, 0) or 0), max(int(os.environ.get(world_key, 1) or 1), 1)
         # Servers in a multiple of the ranks: each rank takes as many of its own, so a server queues one rank's
         # calls, sent one at a time, and not the other ranks' too (their waits would count against its timeouts)
@@ -1697,7 +1706,7 @@ class AgentGymPool:
         self.busy = [set() for _ in self.urls]     # leased slots, per server
         self.instances = {}                        # (server, slot) -> instance id on that server
         self.server_locks = [threading.Lock() for _ in self.urls]
-        self.failure = None
+        self.failure, self.failed_server = None, None
         self.cursor = 0 if own else (rank * len(self.urls)) // world % len(self.urls)
         self.lock = threading.Lock()
 
@@ -1958,13 +1967,16 @@ class AgentGymTask(Task):
                     before = "the same" if str(second) == str(first) else str(first)
                     self.pool.failure = (f"{self.name}: {second} (after recreating the instance once; first "
                                          f"failure: {before})")
+                    self.pool.failed_server = lease[0]
                     raise EnvironmentServerFailed(self.pool.failure) from None
 
     def start_over(self) -> None:
-        """Forget the failure and every instance and lease (an episode cut short by the failure never gave its
-        lease back): the next episodes create fresh instances."""
+        """Forget the failure, the failed server's instances (the next episodes there create fresh ones; the
+        others' are reused: alfworld and webshop never free one) and every lease (an episode cut short by the
+        failure never gave its lease back)."""
         with self.pool.lock:
-            self.pool.failure, self.pool.instances = None, {}
+            failed, self.pool.failure, self.pool.failed_server = self.pool.failed_server, None, None
+            self.pool.instances = {lease: i for lease, i in self.pool.instances.items() if lease[0] != failed}
             self.pool.busy = [set() for _ in self.pool.urls]
 
     def close(self) -> None:

@@ -1105,9 +1105,10 @@ def warm_start(model, tokenizer, task, args, ctx):
         examples = [rng.choice(task.examples) for _ in range(per_rank)]
         attempts = [None] * per_rank
         if roles_until is not None:  # the model's own attempts, to critique and retry
-            with torch.no_grad(), full_weights(model, args) as m:
-                rollouts, _ = rollout(m, tokenizer, task, examples, sampling_config(args, 1),
-                                      seed=mix_seed(args.seed, step, ctx.rank, 8), critique=False)
+            with torch.no_grad():
+                rollouts, _ = rollout_on_every_rank(model, args, ctx, tokenizer, task, examples,
+                                                    sampling_config(args, 1), seed=mix_seed(args.seed, step, ctx.rank, 8),
+                                                    critique=False)
             attempts = [ro.chains[0].episodes[0] for ro in rollouts]
         pairs = [p for example, attempt in zip(examples, attempts) for p in warm_start_pairs(
             task, tokenizer, example, args.enable_thinking, markers, attempt, args.critic_gate, rng, args.obs_chars)]
@@ -1956,7 +1957,11 @@ def train(args, ctx):
     model = wrap_model(model, args, ctx)
     if args.warm_start_steps and not args.resume:
         t = time.perf_counter()
-        steps, acc = warm_start(model, tokenizer, train_task, args, ctx)
+        try:
+            steps, acc = warm_start(model, tokenizer, train_task, args, ctx)
+        except EnvironmentServerFailed as e:   # every rank together (rollout_on_every_rank, the probe's all-reduce)
+            raise StoppedAndSaved(f"the warm start: {e}; nothing was saved: run it again once the servers answer") \
+                from None
         print0(ctx, f"warm start: {steps} supervised steps in {time.perf_counter() - t:.0f}s (greedy accuracy "
                     f"{acc:.3f} on training examples when the critic and retry formats were added)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -1995,7 +2000,8 @@ def train(args, ctx):
         except EnvironmentServerFailed as e:   # raised by every rank together, before this step changed anything
             if step > start_step:
                 save_checkpoint(model, optimizer, tokenizer, args, ctx, step, f"step_{step}")
-            go_on = (f"the run stopped with its {step} step{'s' * (step != 1)} saved: --resume {args.out} goes on"
+            saved = (f"its {step} step{'s' * (step != 1)}" if step else "its warm start") + " saved"
+            go_on = (f"the run stopped with {saved}: --resume {args.out} goes on"
                      if step > start_step or latest_name(args.out) else "no step was taken: run it again")
             raise StoppedAndSaved(f"step {step + 1}: {e}; {go_on} once the servers answer") from None
         done = step + 1
@@ -2021,21 +2027,32 @@ def train(args, ctx):
     return last
 
 
+def rollout_on_every_rank(model, args, ctx, *rollout_args, **rollout_kwargs):
+    """rollout() from the full weights (full_weights). A server that failed for good on any rank raises
+    EnvironmentServerFailed on every rank, with the first failing rank's message, before any other collective:
+    all stop together (train saves the steps done)."""
+    failure = None
+    with full_weights(model, args) as m:
+        try:
+            result = rollout(m, *rollout_args, **rollout_kwargs)
+        except EnvironmentServerFailed as e:
+            failure = one_line(e)
+    del m  # a bfloat16 sampling copy (full_weights) is freed before training
+    if all_reduce([float(failure is not None)], ctx, dist.ReduceOp.MAX)[0]:
+        if ctx.world > 1:
+            messages = [None] * ctx.world
+            dist.all_gather_object(messages, failure)
+            failure = next(f"rank {rank}: {m}" for rank, m in enumerate(messages) if m is not None)
+        raise EnvironmentServerFailed(failure)
+    return result
+
+
 def train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step):
     """SPEC §2: rollout, advantages, calibration weights, the clipped update; returns §3 metrics."""
     examples = step_queries(task.examples, step, args, ctx)
     model.eval()
-    failure = None
-    with full_weights(model, args) as m:
-        try:
-            rollouts, times = rollout(m, tokenizer, task, examples, cfg, seed=mix_seed(args.seed, step, ctx.rank),
-                                      critique=args.algo == "icrl")
-        except EnvironmentServerFailed as e:
-            failure = e
-    del m  # a bfloat16 sampling copy (full_weights) is freed before training
-    # every rank learns of a failed server before the next collective, so that all stop together (train saves)
-    if all_reduce([float(failure is not None)], ctx, dist.ReduceOp.MAX)[0]:
-        raise EnvironmentServerFailed(one_line(failure) if failure else "a server of another rank failed for good")
+    rollouts, times = rollout_on_every_rank(model, args, ctx, tokenizer, task, examples, cfg,
+                                            seed=mix_seed(args.seed, step, ctx.rank), critique=args.algo == "icrl")
     t = time.perf_counter()
     model.train()
     samples_by_query = build_samples(rollouts, args.adv, train_critic=not args.no_critic_train)
@@ -2170,10 +2187,11 @@ def run_then_shut_down(work, ctx, fsdp):
         result = work()
     except UsageError as e:
         usage_exit(e)
-    except StoppedAndSaved as e:
-        print(f"error: rank {ctx.rank}: {one_line(e, limit=2000)}" if ctx.world > 1 else f"error: {one_line(e, 2000)}",
-              file=sys.stderr, flush=True)
-        shutdown(ctx, fsdp)
+    except StoppedAndSaved as e:   # every rank has the same line: the first rank says it
+        if first_rank():
+            tqdm.write(f"error: {one_line(e, limit=2000)}", file=sys.stderr)
+            sys.stderr.flush()
+        shutdown(ctx, fsdp, status=1)
         raise SystemExit(1) from None
     except BaseException:
         if ctx.world > 1:
@@ -2191,7 +2209,8 @@ def usage_exit(error, say=True):
     raise SystemExit(2) from None
 
 
-def shutdown(ctx, fsdp):
+def shutdown(ctx, fsdp, status=0):
+    """The ranks end together; `status` is the exit status where the process must end here (FSDP2 on CPU)."""
     if not dist.is_initialized():
         return
     dist.barrier()
@@ -2201,7 +2220,7 @@ def shutdown(ctx, fsdp):
         # about 1 run in 4 with torch 2.13). Everything is written by now, so skip the destructors.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(status)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ comparison gives a 4-seed table; it leaves out, each with a line saying why, a r
 has other RL steps) or that this invocation did not bring up to date: made by other code, begun from an
 earlier warm start of its seed, evaluated by other code or with other eval.py flags than its warm start, or
 of a seed whose warm start was trained or evaluated otherwise (icrl.py flags, process count, eval.py flags)
-than the table's first seed. A figure over fewer seeds than its row's names them. A table with no run left
+than the table's (the one most seeds share; a tie: this invocation's). A figure over fewer seeds than its row's names them. A table with no run left
 does not replace one on disk.
 """
 import argparse
@@ -453,18 +453,20 @@ def seed_setting(warm_record):
             "nproc": warm_record.get("nproc"), "eval.py flags": shared_eval_part(warm_record.get("eval_flags"))}
 
 
-def other_settings(warm_records):
+def other_settings(warm_records, invoked=()):
     """{seed: why} for the seeds (by their warm starts' records) trained or evaluated otherwise than the table's:
-    the setting most seeds share (a tie: the one whose warm start was made last, so seeds redone with new flags
-    make the table, not the seed left behind). A seed added later with other ICRL_ARGS, EVAL_ARGS or NPROC, or
-    left behind by a rerun of the others, is no seed of this table."""
+    the setting most seeds share, among those evaluated whole (eval_flags recorded); a tie goes to the setting of
+    this invocation's seeds (`invoked`), then to the one whose warm start was made last. So a seed added later
+    with other ICRL_ARGS, EVAL_ARGS or NPROC, or one left behind by a rerun of the others, is no seed of this
+    table."""
     settings = {seed: seed_setting(r) for seed, r in sorted(warm_records.items()) if seed_setting(r) is not None}
     if not settings:
         return {}
     key = lambda setting: json.dumps(setting, sort_keys=True)
     share = {k: [seed for seed in settings if key(settings[seed]) == k] for k in map(key, settings.values())}
+    whole = [k for k in share if any("eval_flags" in warm_records[seed] for seed in share[k])] or list(share)
     newest = lambda k: max(float(warm_records[seed].get("started") or 0) for seed in share[k])
-    first = share[max(share, key=lambda k: (len(share[k]), newest(k)))][0]
+    first = share[max(whole, key=lambda k: (len(share[k]), any(seed in invoked for seed in share[k]), newest(k)))][0]
 
     def show(value):
         return " ".join(map(str, value)) if isinstance(value, list) else value
@@ -491,7 +493,7 @@ def task_steps(task, steps=None):
     return steps or task_class(task).rl_steps
 
 
-def summarize(out, steps=None):
+def summarize(out, steps=None, invoked=()):
     """Every complete, current run under out (tasks and variants known to this script), as summary.json's
     dict; a run counts when it has its task's RL steps (task_steps) and is not stale (is_stale)."""
     summary = {"tasks": {}}
@@ -500,8 +502,8 @@ def summarize(out, steps=None):
         warm_folder = os.path.join(out, task, WARM)
         warm_runs = seed_folders(warm_folder)
         warm_record = lambda seed: read_json(os.path.join(warm_folder, f"seed{seed}", "compare_run.json"), {})
-        other = other_settings({seed: warm_record(seed) for seed, run in warm_runs.items()
-                                if not incomplete(run, 0) and not is_stale(run)})
+        current = {seed: warm_record(seed) for seed, run in warm_runs.items() if not incomplete(run, 0) and not is_stale(run)}
+        other = other_settings(current, invoked)
         warm = {seed: run_figures(run) for seed, run in warm_runs.items() if included(run, 0, why_not=other.get(seed))}
         variants = {}
         for variant in task_variants:
@@ -679,10 +681,10 @@ def has_table(out):
     return isinstance(old, dict) and bool(old.get("tasks")) or "### " in text
 
 
-def write_summary(out, steps=None, plot=True):
+def write_summary(out, steps=None, plot=True, invoked=()):
     """summary.json, summary.md and the curves of OUT; None, writing nothing, where no run counts but OUT holds
     a table already (say, of runs made by other code): an empty table does not replace it."""
-    summary = summarize(out, steps)
+    summary = summarize(out, steps, invoked)
     if not summary["tasks"] and has_table(out):
         print(f"no complete, current run under {out} (see the lines above): its summary.md and summary.json, "
               "of earlier runs, are left as they are")
@@ -739,7 +741,7 @@ def main(argv=None):
         runner = run_comparison(args)
         print(f"comparison: {(time.perf_counter() - t) / 60:.1f} min in this invocation "
               f"({len(runner.ran)} command(s) run)")
-    written = write_summary(args.out, args.steps, plot=not args.no_plot)
+    written = write_summary(args.out, args.steps, plot=not args.no_plot, invoked=() if args.summary_only else args.seeds)
     if written:
         _, text, pngs = written
         print()

@@ -5,7 +5,7 @@ with 2 processes).
     torchrun --nproc_per_node 2 tests/dist_fail.py icrl OUT_DIR
     torchrun --nproc_per_node 2 tests/dist_fail.py eval OUT_DIR MODEL_DIR
 And one rank's environment server fails for good in training: every rank stops together, the steps saved.
-    torchrun --nproc_per_node 2 tests/dist_fail.py server OUT_DIR
+    torchrun --nproc_per_node 2 tests/dist_fail.py server OUT_DIR [--fsdp]
 """
 import os
 import sys
@@ -47,7 +47,7 @@ if __name__ == "__main__":
         icrl.rollout = failing_rollout(icrl.rollout)
         icrl.main(["--out", out, "--task", "arithmetic", "--warm_start_steps", "2", "--warm_start_role_steps", "1",
                    "--batch_prompts", "2", "--group_size", "2", "--max_new_tokens", "4", "--critic_max_new_tokens",
-                   "4", "--eval_examples", "2", "--eval_samples", "1", "--steps", "3"])
+                   "4", "--eval_examples", "2", "--eval_samples", "1", "--steps", "3"] + sys.argv[3:])
     elif which == "icrl":
         icrl.train = train
         icrl.main(["--out", out, "--warm_start_steps", "0"])

@@ -393,6 +393,10 @@ def test_each_rank_plays_on_its_own_servers_when_they_divide_evenly(monkeypatch)
     pool = AgentGymPool(urls)   # 4 servers, 8 ranks: shared
     assert [pool.urls[pool.acquire()[0]] for _ in range(5)] == [urls[1], urls[2], urls[3], urls[0], urls[1]]
     assert AgentGymPool(urls * 3).urls == urls * 3   # 12 servers, 8 ranks: uneven, shared
+    other = [u.replace("127.0.0.1", "127.0.0.2") for u in urls] * 2   # 127.0.0.2 is loopback too: the node's 8
+    assert AgentGymPool(other).urls == other[3::8]
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")   # a launcher that sets no local pair: the global one (rank 9 of 16)
+    assert AgentGymPool(urls * 4).urls == (urls * 4)[9::16]
 
 
 def test_a_dropped_step_recreates_the_instance_and_replays_the_episode(servers):
@@ -742,3 +746,40 @@ def test_bad_id_files_name_file_and_line(tmp_path, content, where, what):
 def test_missing_id_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="ids.txt"):
         load_task("agentgym:webshop", path=str(tmp_path / "ids.txt"), env_url="http://127.0.0.1:1")
+
+
+def test_a_held_out_evaluation_after_a_failed_one_tries_the_servers_again(servers, tmp_path, monkeypatch):
+    """icrl.py's held-out evaluation whose server times out for good gives no figures; the task then starts over
+    (Task.start_over), so the next evaluation, once the server answers, measures again and leaks no lease."""
+    from transformers import AutoTokenizer
+    from data import build_char_tokenizer
+    from test_icrl import ScriptedActions, tiny_model
+    build_char_tokenizer(str(tmp_path / "tok"))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    monkeypatch.setattr(icrl, "generate", ScriptedActions(tokenizer, [["Action: apple"]] * 20))
+    args = icrl.parse_args(["--batch_prompts", "1", "--max_turns", "2"])
+    fake, = servers("alfworld")
+    task = task_on([fake], timeout=0.3)
+    model, examples = tiny_model(len(tokenizer)), task.examples[:2]
+    fake.always["/reset"] = ("sleep", 1.0)
+    assert icrl.critique_free_accuracy(model, tokenizer, task, examples, args, icrl.Dist(), 1) == (None, None)
+    del fake.always["/reset"]
+    greedy, sampled = icrl.critique_free_accuracy(model, tokenizer, task, examples, args, icrl.Dist(), 1)
+    assert greedy is not None and sampled is not None and task.pool.live() == [0]
+
+
+def test_starting_over_keeps_the_healthy_servers_instances(servers):
+    """start_over forgets the failed server's instances only: alfworld and webshop never free one, so a healthy
+    server's are reused rather than created again at every failed evaluation."""
+    a, b = servers("alfworld", 2)
+    task = task_on([a, b], timeout=0.3)
+    envs = [task.env(example) for example in task.examples[:2]]   # one episode on each server
+    icrl.call_envs(envs, "reset", [()] * 2)
+    created = a.count("/create"), b.count("/create")
+    b.always["/step"] = ("sleep", 1.0)
+    with pytest.raises(RuntimeError, match="no reply within 0.3 s"):
+        icrl.call_envs(envs, "step", [("Action: look",)] * 2)
+    del b.always["/step"]
+    task.start_over()
+    icrl.call_envs([task.env(example) for example in task.examples[:2]], "reset", [()] * 2)
+    assert a.count("/create") == created[0] and b.count("/create") > created[1]

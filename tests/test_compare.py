@@ -592,6 +592,17 @@ def test_seeds_rerun_with_new_flags_make_the_table(tmp_path, monkeypatch, capsys
     assert compare.main(argv + ["--seeds", "0", "--icrl_args", "--lr 1e-2"]) == 0   # all three again, one setting
     rows = json.loads((out / "summary.json").read_text())["tasks"]["arithmetic"]["rows"]
     assert rows["icrl"]["seeds"] == [0, 1, 2]
+    # one seed of another setting beside three: the three's, even when it is this invocation's
+    assert compare.main(argv + ["--seeds", "3", "--icrl_args", "--lr 5e-3"]) == 0
+    assert json.loads((out / "summary.json").read_text())["tasks"]["arithmetic"]["rows"]["icrl"]["seeds"] == [0, 1, 2]
+    # a tie, one seed each: a warm start whose evaluation never finished is never the table's, though newer; among
+    # whole ones, this invocation's setting
+    record = {"flags": ["--seed", "0"], "nproc": 2}
+    whole = dict(record, started=2.0, eval_flags=["--model", "m", "--n", "4", "--out", "o"])
+    assert set(compare.other_settings({0: whole, 1: dict(record, nproc=1, started=3.0)})) == {1}
+    other = dict(whole, started=1.0, eval_flags=["--model", "m", "--n", "2", "--out", "o"])
+    assert set(compare.other_settings({0: whole, 1: other})) == {1}               # the newer
+    assert set(compare.other_settings({0: whole, 1: other}, invoked=(1,))) == {0}  # this invocation's
 
 
 def test_eval_settings_warn_of_any_difference_but_the_model(tmp_path):
