@@ -764,3 +764,21 @@ def test_a_training_server_that_fails_for_good_stops_the_run_with_its_steps_save
     icrl.main(FAST + ["--steps", "4", "--out", straight])
     a, b = (load_file(os.path.join(r, "final", "model.safetensors")) for r in (run, straight))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_server_that_fails_in_the_warm_start_stops_it_in_one_line(tmp_path, monkeypatch, capsys):
+    """During the warm start (its probe or its own attempts) a failed server stops the run in one line, exit
+    status 1: nothing was saved, so it is run again."""
+    import data
+
+    def rollout(*args, **kwargs):
+        raise data.EnvironmentServerFailed("agentgym:alfworld: POST http://127.0.0.1:1/reset: no reply within 1 s")
+
+    monkeypatch.setattr(icrl, "rollout", rollout)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        icrl.main(TINY_RUN + ["--steps", "2", "--out", str(tmp_path / "r")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the warm start: ") and "failed for good" in err[-1] and "run it again" in err[-1]
+    assert "no reply within 1 s" in err[-2]   # the warning that names the failed call
