@@ -1678,7 +1678,7 @@ class AgentGymPool:
     """The servers of one task and the server-side instances the client keeps on them.
 
     Under torchrun, with servers in a multiple of the ranks (those of the node, LOCAL_RANK of LOCAL_WORLD_SIZE,
-    for servers on 127.0.0.1; else RANK of WORLD_SIZE), rank r plays on servers r, r + WORLD_SIZE, ... only;
+    for servers on a loopback address, where the launcher sets them; else RANK of WORLD_SIZE), rank r plays on servers r, r + WORLD_SIZE, ... only;
     otherwise the ranks share every server, each starting at its own offset.
     An environment leases a (server, slot) at its first reset() and gives it back at close(). The lease
     goes to the least busy of those servers, ties broken round-robin from a cursor: while fewer environments are
@@ -1694,7 +1694,7 @@ class AgentGymPool:
     `failure`: the error that stopped the run, which the calls still waiting for a lock raise unsent."""
 
     def __init__(self, urls: list[str]):
-        # Servers on 127.0.0.1 are each node's own (README starts them there), so the node's ranks split them
+        # Servers on a loopback address are each node's own (README starts them there): the node's ranks split them
         local = all(_is_loopback(urllib.parse.urlsplit(url).hostname) for url in urls) and \
             all(key in os.environ for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"))
         rank_key, world_key = ("LOCAL_RANK", "LOCAL_WORLD_SIZE") if local else ("RANK", "WORLD_SIZE")
@@ -1951,8 +1951,9 @@ class AgentGymTask(Task):
 
     def recovering(self, lease, call, again):
         """call(), holding the server's lock (AgentGymPool); after a failure, forget the instance (the next call
-        creates a fresh one) and run again(); a second failure raises RuntimeError naming the server and the
-        call, and so does every later call of this task: the run stops, and nothing waits for more timeouts."""
+        creates a fresh one) and run again(); a second failure raises EnvironmentServerFailed naming the server
+        and the call, and so does every later call of this task until start_over: nothing waits for more
+        timeouts."""
         with self.pool.server_locks[lease[0]]:
             if self.pool.failure is not None:
                 raise EnvironmentServerFailed(self.pool.failure)

@@ -997,22 +997,20 @@ def critique_free_accuracy(model, tokenizer, task, examples, args, ctx, samples=
     (None, None) where an environment server failed for good on any rank: that evaluation is lost, not the run,
     and the task starts over for the next one."""
     mine = examples[ctx.rank::ctx.world]
-    greedy = sampled = []
-    failed = 0.0
-    with full_weights(model, args) as m:
-        try:
-            greedy, _ = rollout(m, tokenizer, task, mine, sampling_config(args, 1, 0.0), seed=0, critique=False)
-            sampled, _ = rollout(m, tokenizer, task, mine, sampling_config(args, samples), seed=mix_seed(args.seed, 7),
-                                 critique=False) if samples else ([], None)
-        except EnvironmentServerFailed as e:
-            tqdm.write(f"warning: {what} failed on rank {ctx.rank}: {one_line(e)}; its figures are null",
-                       file=sys.stderr)   # from the rank it failed on, which need not be the first
-            greedy, sampled, failed = [], [], 1.0
-            task.start_over()
-    first = lambda rollouts: sum(c.episodes[0].reward for ro in rollouts for c in ro.chains)
-    greedy_correct, sampled_correct, n, failed = all_reduce([first(greedy), first(sampled), len(mine), failed], ctx)
-    if failed:
+
+    def sample(m):
+        greedy, _ = rollout(m, tokenizer, task, mine, sampling_config(args, 1, 0.0), seed=0, critique=False)
+        sampled, _ = rollout(m, tokenizer, task, mine, sampling_config(args, samples), seed=mix_seed(args.seed, 7),
+                             critique=False) if samples else ([], None)
+        return greedy, sampled
+    try:
+        greedy, sampled = on_every_rank(model, args, ctx, sample)
+    except EnvironmentServerFailed as e:   # on every rank together
+        warn(f"{what} failed: {e}; its figures are null")
+        task.start_over()
         return None, None
+    first = lambda rollouts: sum(c.episodes[0].reward for ro in rollouts for c in ro.chains)
+    greedy_correct, sampled_correct, n = all_reduce([first(greedy), first(sampled), len(mine)], ctx)
     return greedy_correct / max(n, 1), sampled_correct / max(n * samples, 1)
 
 
@@ -1106,9 +1104,9 @@ def warm_start(model, tokenizer, task, args, ctx):
         attempts = [None] * per_rank
         if roles_until is not None:  # the model's own attempts, to critique and retry
             with torch.no_grad():
-                rollouts, _ = rollout_on_every_rank(model, args, ctx, tokenizer, task, examples,
-                                                    sampling_config(args, 1), seed=mix_seed(args.seed, step, ctx.rank, 8),
-                                                    critique=False)
+                rollouts, _ = on_every_rank(model, args, ctx, lambda m: rollout(
+                    m, tokenizer, task, examples, sampling_config(args, 1), seed=mix_seed(args.seed, step, ctx.rank, 8),
+                    critique=False))
             attempts = [ro.chains[0].episodes[0] for ro in rollouts]
         pairs = [p for example, attempt in zip(examples, attempts) for p in warm_start_pairs(
             task, tokenizer, example, args.enable_thinking, markers, attempt, args.critic_gate, rng, args.obs_chars)]
@@ -1225,8 +1223,8 @@ def save_checkpoint(model, optimizer, tokenizer, args, ctx, step, name):
         if ctx.main:
             unwrap(model).save_pretrained(tmp, state_dict=model_state)
             tokenizer.save_pretrained(tmp)
-            started_from = resolve_checkpoint(args.resume) if args.resume else None if args.model == "tiny" else args.model
-            write_generation_config(tmp, tokenizer, started_from)   # with the sampling defaults of where it started
+            # the sampling defaults of where the run started: the checkpoint it resumed (train resolved it), --model
+            write_generation_config(tmp, tokenizer, args.resume or (None if args.model == "tiny" else args.model))
             # Every random draw is seeded from (seed, step, rank), so the step is the whole RNG state.
             write_trainer_state(tmp, step, args)
             fsync_tree(tmp)
@@ -1959,7 +1957,7 @@ def train(args, ctx):
         t = time.perf_counter()
         try:
             steps, acc = warm_start(model, tokenizer, train_task, args, ctx)
-        except EnvironmentServerFailed as e:   # every rank together (rollout_on_every_rank, the probe's all-reduce)
+        except EnvironmentServerFailed as e:   # every rank together (on_every_rank)
             raise StoppedAndSaved(f"the warm start: {e}; nothing was saved: run it again once the servers answer") \
                 from None
         print0(ctx, f"warm start: {steps} supervised steps in {time.perf_counter() - t:.0f}s (greedy accuracy "
@@ -1987,10 +1985,9 @@ def train(args, ctx):
 
     first = last = evaluate()
     began = "RL began" if start_step == 0 else f"step {start_step}, where this run resumed"
-    print0(ctx, f"held-out critique-free accuracy when RL begins (step {start_step}"
-                f"{', after the warm start' if args.warm_start_steps and not args.resume else ''}): {describe(first)}"
-          if start_step == 0 else f"held-out critique-free accuracy at step {start_step}, where this run resumes: "
-                                  f"{describe(first)}")
+    where = (f"when RL begins (step 0{', after the warm start' if args.warm_start_steps and not args.resume else ''})"
+             if start_step == 0 else f"at step {start_step}, where this run resumes")
+    print0(ctx, f"held-out critique-free accuracy {where}: {describe(first)}")
     cfg = sampling_config(args)
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not ctx.main,
                dynamic_ncols=True)
@@ -2027,14 +2024,14 @@ def train(args, ctx):
     return last
 
 
-def rollout_on_every_rank(model, args, ctx, *rollout_args, **rollout_kwargs):
-    """rollout() from the full weights (full_weights). A server that failed for good on any rank raises
-    EnvironmentServerFailed on every rank, with the first failing rank's message, before any other collective:
-    all stop together (train saves the steps done)."""
+def on_every_rank(model, args, ctx, sample):
+    """sample(m), the rollouts from the full weights m (full_weights). A server that failed for good on any rank
+    raises EnvironmentServerFailed on every rank, with the first failing rank's message, before any other
+    collective: all stop together (train saves the steps done; the held-out evaluation gives no figures)."""
     failure = None
     with full_weights(model, args) as m:
         try:
-            result = rollout(m, *rollout_args, **rollout_kwargs)
+            result = sample(m)
         except EnvironmentServerFailed as e:
             failure = one_line(e)
     del m  # a bfloat16 sampling copy (full_weights) is freed before training
@@ -2051,8 +2048,8 @@ def train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step):
     """SPEC §2: rollout, advantages, calibration weights, the clipped update; returns §3 metrics."""
     examples = step_queries(task.examples, step, args, ctx)
     model.eval()
-    rollouts, times = rollout_on_every_rank(model, args, ctx, tokenizer, task, examples, cfg,
-                                            seed=mix_seed(args.seed, step, ctx.rank), critique=args.algo == "icrl")
+    rollouts, times = on_every_rank(model, args, ctx, lambda m: rollout(
+        m, tokenizer, task, examples, cfg, seed=mix_seed(args.seed, step, ctx.rank), critique=args.algo == "icrl"))
     t = time.perf_counter()
     model.train()
     samples_by_query = build_samples(rollouts, args.adv, train_critic=not args.no_critic_train)
