@@ -488,6 +488,13 @@ class TrainSample:
     def trained_tokens(self):
         return sum(self.loss_mask)
 
+    @property
+    def has_gradient(self):
+        """A != 0. With A = 0 every token's loss is -w * min(rho * 0, clip(rho) * 0) = 0 and so is its gradient
+        (SPEC §2.8): the update runs no pass over such a sample (a constant group's: many, late in training),
+        and its tokens still count in the role-wise means."""
+        return self.adv != 0.0
+
 
 def chain_values(chain):
     """(solver rewards of every episode, critic rewards g_k of every critique) of one chain (SPEC §2.5)."""
@@ -585,8 +592,12 @@ def even_passes(passes, args, ctx):
     if not args.fsdp or ctx.world == 1:
         return passes
     most = all_reduce([len(p) for p in passes], ctx, dist.ReduceOp.MAX)
-    padding = lambda: TrainSample([0], [0], False, 0.0, mask=[0], old_logp=torch.zeros(1))
-    return [p + [[padding()] for _ in range(int(n) - len(p))] for p, n in zip(passes, most)]
+    return [p + [[padding_sample()] for _ in range(int(n) - len(p))] for p, n in zip(passes, most)]
+
+
+def padding_sample():
+    """One token with mask 0: a forward and backward of every layer with no loss and a zero gradient."""
+    return TrainSample([0], [0], False, 0.0, mask=[0], old_logp=torch.zeros(1))
 
 
 # ==================================================================================================
@@ -719,15 +730,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # (SPEC §5) and `full_logprobs` under pi_old; episodes and critiques keep the full ones, so `logprob_gap` (§3)
 # compares like with like and stays at float noise with any --top_p (tests/test_scale.py).
 @torch.no_grad()
-def old_logprobs(model, samples, args, ctx, under_training_context=True):
-    """log pi_old of every sample's tokens under its training context (l_old; for a retry, l_free under
-    S(x)), and for retries also under S(x, c) (l_cond, SPEC §2.7), of the full softmax at the temperature
-    (see the comment above). Recomputed by the trainer, so that rho = 1 exactly on the first pass; the
-    sampler's own log-probs feed the logprob_gap metric, and l_cond where l_cond_from_sampler (then no
-    forward under S(x, c) runs). `under_training_context` False: l_cond only
-    (with one update per step, `update` takes l_old from its own forward: see one_update_per_step)."""
+def old_logprobs(model, samples, args, ctx, l_old_of=None):
+    """log pi_old of the tokens of the samples `l_old_of` (default: all of `samples`) under their training
+    context (l_old; for a retry, l_free under S(x)), and of every retry in `samples` under S(x, c) (l_cond,
+    SPEC §2.7), of the full softmax at the temperature (see the comment above). Recomputed by the trainer, so
+    that rho = 1 exactly on the first pass; the sampler's own log-probs feed the logprob_gap metric, and l_cond
+    where l_cond_from_sampler (then no forward under S(x, c) runs). With one update per step, `update` takes
+    l_old from its own forward (one_update_per_step), which runs only over the samples with a gradient: the
+    others need this pass for the step's metrics alone (train_step)."""
     try:
-        _old_logprobs(model, samples, args, ctx, under_training_context)
+        _old_logprobs(model, samples, args, ctx, samples if l_old_of is None else l_old_of)
     finally:
         # FSDP2 keeps its root unit gathered after a forward with no backward to follow; reshard it,
         # or model.parameters() would hand out the gathered copies instead of the trained shards.
@@ -735,7 +747,7 @@ def old_logprobs(model, samples, args, ctx, under_training_context=True):
             model.reshard()
 
 
-def _old_logprobs(model, samples, args, ctx, under_training_context):
+def _old_logprobs(model, samples, args, ctx, l_old_of):
     """The log-probs stay on the device until every micro-batch is done, then come to the host in one copy:
     a .cpu() per micro-batch would make the host wait for each forward in turn."""
     retries = [s for s in samples if s.calib_context is not None]
@@ -743,7 +755,7 @@ def _old_logprobs(model, samples, args, ctx, under_training_context):
         for s in retries:
             s.cond_logp = torch.tensor(s.sampler_logprobs, dtype=torch.float)
         retries = []
-    free, cond = even_passes([micro_batches(samples, args.micro_batch) if under_training_context else [],
+    free, cond = even_passes([micro_batches(l_old_of, args.micro_batch),
                               micro_batches(retries, args.micro_batch,
                                             key=lambda s: len(s.calib_context) + len(s.response))], args, ctx)
     passes = []  # (micro-batch, attribute, log-probs (B, T) on the device)
@@ -805,7 +817,7 @@ def sample_weights(micro, T, args, old=None, device="cpu"):
 def one_update_per_step(args):
     """One optimizer step per training step: the weights of the update's forward are pi_old's, so its
     log-probs (detached) are l_old (and a retry's l_free) and no separate pass is needed (SPEC §2.8: rho = 1,
-    as the separate pass gives on a first update). Saves one forward over every trained sample."""
+    as the separate pass gives on a first update). Saves one forward over every sample with a gradient."""
     return args.ppo_epochs == 1 and args.minibatch >= args.batch_prompts
 
 
@@ -833,11 +845,17 @@ def update(model, optimizer, samples_by_query, args, ctx, step):
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     updates = skipped = critic_updates = 0
     own_old = []  # (micro-batch, "old_logp", log-probs): l_old from the update's own forward, where not given
-    micros_by_update = even_passes([micro_batches(mb, args.micro_batch) for mb in minibatches], args, ctx)
+    # Only samples with a gradient go through (TrainSample.has_gradient), and every rank runs at least one
+    # micro-batch per update, a padding one where it has none of those: DDP all-reduces in the last backward,
+    # and the optimizer then steps on zero gradients rather than on none (AdamW's moments and weight decay
+    # still move the weights, as they did when those samples ran).
+    micros_by_update = even_passes([micro_batches([s for s in mb if s.has_gradient], args.micro_batch)
+                                    or [[padding_sample()]] for mb in minibatches], args, ctx)
     for u, micros in enumerate(micros_by_update):
         n_solver, n_critic = counts[2 * u], counts[2 * u + 1]
         finite = torch.ones((), dtype=torch.bool, device=device)
         this_update = torch.zeros(4, dtype=torch.float64, device=device)
+        this_update[3] += sum(s.trained_tokens for s in minibatches[u] if not s.has_gradient)  # clip_frac's too
         for i, micro in enumerate(micros):
             with no_grad_sync(model, args, sync=i == len(micros) - 1), autocast_for(model, args):
                 logp, mask = response_logprobs(model, [s.context for s in micro], [s.response for s in micro],
@@ -2054,8 +2072,10 @@ def train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step):
     model.train()
     samples_by_query = build_samples(rollouts, args.adv, train_critic=not args.no_critic_train)
     samples = [s for qs in samples_by_query for s in qs]
+    # with one update per step, l_old of the samples with a gradient comes from the update's own forward
+    l_old_of = [s for s in samples if not s.has_gradient] if one_update_per_step(args) else samples
     with autocast_for(model, args):
-        old_logprobs(unwrap(model), samples, args, ctx, under_training_context=not one_update_per_step(args))
+        old_logprobs(unwrap(model), samples, args, ctx, l_old_of)
     stats = update(model, optimizer, samples_by_query, args, ctx, step)
     times["train"] = time.perf_counter() - t
     return step_metrics(rollouts, samples, stats, times, args, ctx)

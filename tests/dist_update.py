@@ -2,6 +2,7 @@
 
     python tests/dist_update.py OUT.pt                                  # 1 process
     torchrun --nproc_per_node 2 tests/dist_update.py OUT.pt [--fsdp]    # 2 processes, gloo
+    ... [--zero_advantage]   # with samples of A = 0: one in every query, and every one of queries 2-3 (rank 1)
 
 With plain SGD at lr 1 and no gradient clipping the weight change is the gradient itself, so equal
 weights mean equal gradients (test_icrl.py compares them)."""
@@ -20,10 +21,12 @@ CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_la
 QUERIES = 4
 
 
-def global_batch():
+def global_batch(zero_advantage=False):
     """4 queries; rank slices differ in length so a per-rank token mean would differ from the global one, and
     in size, as the gate makes them (SPEC §2.2: a success gets no critique, no retry): queries 0-1 (rank 0 of 2)
-    hold 10 samples and 2 retries, queries 2-3 (rank 1) 13 samples and 4 retries."""
+    hold 10 samples and 2 retries, queries 2-3 (rank 1) 13 samples and 4 retries. `zero_advantage`: each query
+    also holds a first attempt of A = 0, and every sample of queries 2-3 has A = 0, so that rank 1 of 2 has no
+    sample with a gradient (icrl.update runs a padding micro-batch there)."""
     gen = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(1, 64, (n,), generator=gen).tolist()
     per_query = []
@@ -40,6 +43,10 @@ def global_batch():
             samples.append(icrl.TrainSample(context, ids(3), False, -0.2, calib_context=ids(7)))
             samples.append(icrl.TrainSample(context, ids(5), False, 0.9, calib_context=ids(11)))
             samples.append(icrl.TrainSample(ids(8), ids(2), True, 0.5))
+        if zero_advantage:
+            samples.append(icrl.TrainSample(context, ids(3 + q), False, 0.0))
+            for s in samples if q >= 2 else []:
+                s.adv = 0.0
         per_query.append(samples)
     return per_query
 
@@ -52,7 +59,7 @@ def main():
     torch.manual_seed(0)
     model = icrl.wrap_model(Qwen3(Qwen3Config(**CONFIG)), args, ctx)
     per_rank = QUERIES // ctx.world
-    mine = global_batch()[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+    mine = global_batch("--zero_advantage" in sys.argv)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
     samples = [s for qs in mine for s in qs]
     icrl.old_logprobs(icrl.unwrap(model), samples, args, ctx)
     for s in samples:  # move off rho = 1 so the clip and the ratio both matter

@@ -1,4 +1,5 @@
 """icrl.py beyond the equations: the built batch, masks, distributed gradients, NaN safety, resume."""
+import copy
 import json
 import math
 import os
@@ -293,7 +294,7 @@ def test_one_update_per_step_takes_old_logprobs_from_its_own_forward(monkeypatch
         model = tiny_model(len(char_tokenizer), seed=1)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         samples = icrl.build_samples([ro])[0]
-        icrl.old_logprobs(model, samples, args, icrl.Dist(), under_training_context=separate)
+        icrl.old_logprobs(model, samples, args, icrl.Dist(), l_old_of=None if separate else [])
         assert all((s.old_logp is not None) == separate for s in samples)
         assert all(s.cond_logp is not None for s in samples if s.calib_context is not None)
         stats = icrl.update(model, optimizer, [samples], args, icrl.Dist(), step=0)
@@ -360,6 +361,77 @@ def test_update_takes_the_loss_flags(flags, loss_solver, loss_critic):
     args = icrl.parse_args(["--batch_prompts", "1", "--lr", "1e-9"] + flags)
     stats = icrl.update(model, torch.optim.SGD(model.parameters(), lr=1e-9), [rho_batch(model)], args, icrl.Dist(), 0)
     assert (stats["loss_solver"], stats["loss_critic"]) == pytest.approx((loss_solver, loss_critic), abs=1e-5)
+
+
+def positions_with_gradient(monkeypatch):
+    """A list that grows by the positions (context + response) of every sample icrl.response_logprobs runs
+    with autograd on: the update's passes, not the no-grad l_old and l_cond ones."""
+    seen, real = [], icrl.response_logprobs
+
+    def counted(model, contexts, responses, *args, **kwargs):
+        if torch.is_grad_enabled():
+            seen.extend(len(c) + len(r) for c, r in zip(contexts, responses))
+        return real(model, contexts, responses, *args, **kwargs)
+    monkeypatch.setattr(icrl, "response_logprobs", counted)
+    return seen
+
+
+def test_samples_of_zero_advantage_run_no_pass_but_count_in_the_means(monkeypatch):
+    """SPEC §2.8 with A = 0: loss_t = -w * min(rho * 0, clip(rho) * 0) = 0 on every token, and so is its gradient;
+    the update runs only the samples with A != 0, while the role-wise means still count every trained token.
+    rho_batch (one token each: first A = 1 at rho 1.1, retry A = -1 with w = 2 at rho 0.7, critique A = 0.5 at
+    rho 1.5) plus a first attempt of A = 0 with 3 tokens and a critique of A = 0 with 2:
+      loss_solver = (-1.1 + 1.6) / (2 + 3) = 0.1, loss_critic = -0.64 / (1 + 2) = -0.21333;
+      clip_frac's denominator: 1 + 1 + 1 + 3 + 2 = 8 tokens.
+    The passes with a gradient hold the three samples of A != 0 (3 positions each) and nothing else. Under plain
+    SGD the step moves the weights by -lr * (2/5 g_solver + 1/3 g_critic), with g the gradients of the three alone
+    (denominators 2 and 1): the move of those three alone at lr * 2/5 with --critic_coef (1/3) / (2/5) = 5/6."""
+    def move(batch, lr, coef):
+        model = tiny_model(40)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        args = icrl.parse_args(["--batch_prompts", "1", "--lr", str(lr), "--lr_warmup", "1", "--grad_clip", "1e9",
+                                "--critic_coef", str(coef)])
+        samples = rho_batch(model) + batch()
+        stats = icrl.update(model, torch.optim.SGD(model.parameters(), lr=lr), [samples], args, icrl.Dist(), 0)
+        return stats, torch.cat([(v - start[k]).flatten() for k, v in model.state_dict().items()])
+    zeros = lambda: [icrl.TrainSample([1, 2], [5, 6, 7], False, 0.0, old_logp=torch.zeros(3)),
+                     icrl.TrainSample([3, 4, 9], [7, 8], True, 0.0, old_logp=torch.zeros(2))]
+    seen = positions_with_gradient(monkeypatch)
+    stats, moved = move(zeros, 0.1, 1.0)
+    assert seen == [3, 3, 3]
+    assert (stats["loss_solver"], stats["loss_critic"]) == pytest.approx((0.1, -0.64 / 3), abs=1e-5)
+    assert stats["tokens"] == 8 and stats["updates"] == 1
+    _, alone = move(lambda: [], 0.1 * 2 / 5, 5 / 6)
+    assert moved.abs().max() > 1e-3
+    torch.testing.assert_close(moved, alone, rtol=0, atol=1e-6)
+
+
+def test_an_update_of_zero_advantages_steps_the_optimizer_on_zero_gradients(monkeypatch):
+    """Every sample of A = 0: no sample runs (one padding token does: DDP and FSDP2 need a backward on every
+    rank), and the optimizer steps on gradients of exactly zero, as it did when those samples ran: AdamW's
+    moments from an earlier step still move the weights. Reference: the same AdamW state stepped by hand on
+    zero gradients."""
+    model = tiny_model(40)
+    args = icrl.parse_args(["--batch_prompts", "1", "--lr", "0.01", "--lr_warmup", "1"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    icrl.update(model, optimizer, [rho_batch(model, (1, 1, 1))], args, icrl.Dist(), 0)   # moments to carry
+    reference = copy.deepcopy(model)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=0.01)
+    reference_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))   # not shared: load_state_dict keeps the tensors
+    seen = positions_with_gradient(monkeypatch)
+    zeros = [icrl.TrainSample([1, 2], [5, 6], False, 0.0, old_logp=torch.zeros(2)),
+             icrl.TrainSample([3], [7], True, 0.0, old_logp=torch.zeros(1))]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = icrl.update(model, optimizer, [zeros], args, icrl.Dist(), 1)
+    assert seen == [2]   # the padding sample: one context token, one response token
+    assert stats["updates"] == 1 and stats["tokens"] == 3 and stats["loss_solver"] == 0.0 and stats["grad_norm"] == 0.0
+    for p in reference.parameters():
+        p.grad = torch.zeros_like(p)
+    reference_optimizer.step()
+    after, expected = model.state_dict(), reference.state_dict()
+    assert max(float((after[k] - before[k]).abs().max()) for k in after) > 1e-4   # the moments moved them
+    for k in after:
+        torch.testing.assert_close(after[k], expected[k], rtol=0, atol=0, msg=k)
 
 
 def test_loss_critic_is_null_when_no_critique_was_trained():
@@ -459,21 +531,25 @@ def test_response_logprobs_match_a_plain_forward():
     assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
-def run_update(out, nproc=1, fsdp=False):
+def run_update(out, nproc=1, fsdp=False, zero_advantage=False):
     script = os.path.join(ROOT, "tests", "dist_update.py")
     cmd = [sys.executable, script, out] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script, out]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(cmd + (["--fsdp"] if fsdp else []), check=True, cwd=ROOT, env=env, timeout=240)
+    cmd += (["--fsdp"] if fsdp else []) + (["--zero_advantage"] if zero_advantage else [])
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, timeout=240)
     return torch.load(out)
 
 
+@pytest.mark.parametrize("zero_advantage", [False, True], ids=["", "rank1-all-A0"])
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_process_gradient_equals_one_process(tmp_path, fsdp):
+def test_two_process_gradient_equals_one_process(tmp_path, fsdp, zero_advantage):
+    """dist_update.py's global batch; with zero_advantage, samples of A = 0 in it, and none with a gradient on
+    rank 1 (it runs a padding micro-batch, no hang, and the gradient is still the global one)."""
     from dist_update import CONFIG
     from model import Qwen3, Qwen3Config
-    single = run_update(str(tmp_path / "one.pt"))
-    double = run_update(str(tmp_path / "two.pt"), nproc=2, fsdp=fsdp)
+    single = run_update(str(tmp_path / "one.pt"), zero_advantage=zero_advantage)
+    double = run_update(str(tmp_path / "two.pt"), nproc=2, fsdp=fsdp, zero_advantage=zero_advantage)
     assert single.keys() == double.keys()
     for name in single:
         torch.testing.assert_close(double[name], single[name], rtol=0, atol=2e-6, msg=name)
