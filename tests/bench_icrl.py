@@ -3,15 +3,17 @@
     .venv/bin/python tests/bench_icrl.py          # (make bench) prints a table, writes bench_results/icrl.json
 
 Both algorithms run in this process on the same weights, queries and seeds, with the same token limit for
-every role (16), so the ratio counts samples and passes, not longer critiques; ICRL twice, with l_cond from
-the trainer (the default) and from the sampler (--calib_logp sampler):
+every role (16), so the ratio counts samples and passes, not longer critiques; ICRL three times: with l_cond
+from the trainer (the default), from the sampler (--calib_logp sampler), and with every sample through the
+update, those of A = 0 too (the trainer leaves them out: their gradient is zero):
 - all failing: the random-init model never emits the stop token, so every first attempt runs to the limit
-  and fails, every chain is critiqued and retried (three times GRPO's samples), the worst case;
+  and fails, every chain is critiqued and retried (three times GRPO's samples, and every advantage 0);
 - about half failing: after a short supervised warm start to ~50% greedy accuracy on training examples.
 Beside the seconds, the work each peer's step does, counted in tokens (WorkCount), so the ratio of seconds can
 be read against the ratio of work: positions through the trainer with a backward (context and response of
-every trained sample), positions through a forward alone (l_cond, or l_old where a separate pass runs),
+every sample the update runs), positions through a forward alone (l_cond, or l_old where a separate pass runs),
 prompt tokens prefilled by the sampler (a prompt repeated in one call counts once) and tokens it generated."""
+import contextlib
 import copy
 import json
 import os
@@ -28,9 +30,22 @@ FLAGS = ["--task", "arithmetic", "--max_new_tokens", "16", "--critic_max_new_tok
 
 
 # The peers: ICRL as make train runs it, ICRL with l_cond from the sampler (no forward under S(x, c): the
-# authors' way, SPEC §2.7's note), and GRPO.
+# authors' way, SPEC §2.7's note), ICRL with every sample through the update's forward and backward, those of
+# A = 0 too (as the trainer did before it left them out: TrainSample.has_gradient), and GRPO.
 PEERS = {"icrl": ["--algo", "icrl"], "icrl_sampler_lcond": ["--algo", "icrl", "--calib_logp", "sampler"],
-         "grpo": ["--algo", "grpo"]}
+         "icrl_every_sample": ["--algo", "icrl"], "grpo": ["--algo", "grpo"]}
+
+
+@contextlib.contextmanager
+def every_sample_trained(on):
+    """With `on`, every sample counts as having a gradient, so the update runs the samples of A = 0 too."""
+    saved = icrl.TrainSample.has_gradient
+    if on:
+        icrl.TrainSample.has_gradient = property(lambda sample: True)
+    try:
+        yield
+    finally:
+        icrl.TrainSample.has_gradient = saved
 
 
 class WorkCount:
@@ -72,7 +87,7 @@ def bench(model, tokenizer, task, peer):
     rows = []
     for step in range(STEPS + 1):  # step 0 warms up allocators and caches
         t = time.perf_counter()
-        with WorkCount() as work:
+        with WorkCount() as work, every_sample_trained(peer == "icrl_every_sample"):
             m = icrl.train_step(model, optimizer, tokenizer, task, cfg, args, ctx, step)
         if step:
             rows.append(dict(total=time.perf_counter() - t, sample=m["t_sample"], env=m["t_env"], train=m["t_train"],
@@ -99,10 +114,12 @@ def main():
                   f"{r['env']:7.4f} {r['train']:7.2f}")
         by_peer["icrl_over_grpo"] = by_peer["icrl"]["total"] / by_peer["grpo"]["total"]
         by_peer["icrl_sampler_lcond_over_grpo"] = by_peer["icrl_sampler_lcond"]["total"] / by_peer["grpo"]["total"]
+        by_peer["icrl_every_sample_over_icrl"] = by_peer["icrl_every_sample"]["total"] / by_peer["icrl"]["total"]
         by_peer["work_icrl_over_grpo"] = {k: by_peer["icrl"][k] / by_peer["grpo"][k] for k in WorkCount.KEYS
                                           if by_peer["grpo"][k]}
         print(f"{state}: ICRL step / GRPO step = {by_peer['icrl_over_grpo']:.2f}x "
-              f"(l_cond from the sampler: {by_peer['icrl_sampler_lcond_over_grpo']:.2f}x)")
+              f"(l_cond from the sampler: {by_peer['icrl_sampler_lcond_over_grpo']:.2f}x); every sample through the "
+              f"update, A = 0 too / ICRL = {by_peer['icrl_every_sample_over_icrl']:.2f}x")
         print(f"{state}: work per step, ICRL / GRPO: " + ", ".join(
             f"{k} {by_peer['icrl'][k]:.0f} / {by_peer['grpo'][k]:.0f}"
             + (f" = {by_peer['work_icrl_over_grpo'][k]:.2f}x" if k in by_peer["work_icrl_over_grpo"] else "")
