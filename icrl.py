@@ -2143,7 +2143,9 @@ def check_run_folder(args):
         raise UsageError(f"--out {args.out} is not empty ({listed}): pass --overwrite to replace the run there, "
                          f"or --resume {args.out} to continue it")
     # --overwrite keeps the --model folder (clear_run_folder), unless the new run saves a checkpoint of its name
-    saves = [f"step_{args.steps}"] + ["warm_start"] * bool(args.warm_start_steps) + \
+    # --steps 0 after a warm start saves no step_0: its final is the warm start (save_checkpoint)
+    saves = [f"step_{args.steps}"] * bool(args.steps or not args.warm_start_steps) + \
+        ["warm_start"] * bool(args.warm_start_steps) + \
         ([f"step_{k}" for k in range(args.save_every, args.steps, args.save_every)] if args.save_every else [])
     over = [name for name in saves if os.path.realpath(os.path.join(args.out, name)) == os.path.realpath(args.model)]
     if entries and over:

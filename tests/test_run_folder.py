@@ -205,6 +205,11 @@ def test_overwrite_refuses_to_save_over_its_model_folder(base_run, tmp_path, mon
         err = usage_error(capsys, FAST + ["--model", os.path.join(run, model), "--out", run, "--overwrite"] + extra)
         assert "--model" in err and "over it" in err, err
         assert sorted(os.listdir(run)) == before
+    # --steps 0 after a warm start saves no step_0 (final is the warm start): a --model step_0 is not in its way
+    shutil.copytree(os.path.join(run, "step_1"), os.path.join(run, "step_0"))
+    with pytest.raises(ModelLoaded):
+        icrl.main(FAST + ["--model", os.path.join(run, "step_0"), "--out", run, "--overwrite", "--steps", "0",
+                          "--warm_start_steps", "2"])
 
 
 def test_fresh_run_refuses_a_non_empty_out_unless_overwrite(base_run, tmp_path, monkeypatch, capsys):
