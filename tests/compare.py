@@ -68,6 +68,8 @@ WARM = "warm_start"
 # flags compare.py sets itself; --icrl_args may not carry them, nor an abbreviation of one (flags_meant)
 MANAGED = ("--steps", "--out", "--seed", "--task", "--model", "--resume", "--algo", "--calib", "--adv",
            "--no_critic_train", "--critic_gate")
+# eval.py flags compare.py sets itself (which checkpoint, task, seeds and folder); --eval_args may not carry them
+EVAL_MANAGED = ("--model", "--task", "--task_seed", "--seed", "--out")
 # icrl.py flags that mean the same in eval.py: passed on to every evaluation (before --eval_args), so a
 # comparison shrunk or changed through --icrl_args is evaluated on the same task and limits
 SHARED_VALUE = ("--task_knob", "--env_url", "--eval_file", "--dtype", "--max_new_tokens", "--critic_max_new_tokens",
@@ -724,10 +726,11 @@ def parse_args(argv=None):
     p.add_argument("--no_plot", action="store_true", help="no PNG")
     args = p.parse_args(argv)
     args.icrl_flags, args.eval_flags = shlex.split(args.icrl_args), shlex.split(args.eval_args)
-    managed = [f"{f} ({', '.join(flags_meant(f, MANAGED))})" for f in args.icrl_flags if flags_meant(f, MANAGED)]
-    if managed:
-        p.error(f"--icrl_args may not set {', '.join(managed)}: compare.py sets it (use --steps, --seeds, --tasks, "
-                "--variants, --out)")
+    for option, flags, names in (("--icrl_args", args.icrl_flags, MANAGED), ("--eval_args", args.eval_flags, EVAL_MANAGED)):
+        managed = [f"{f} ({', '.join(flags_meant(f, names))})" for f in flags if flags_meant(f, names)]
+        if managed:
+            p.error(f"{option} may not set {', '.join(managed)}: compare.py sets it (use --steps, --seeds, --tasks, "
+                    "--variants, --out)")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
     return args

@@ -536,6 +536,17 @@ def test_abbreviations_of_flags_compare_sets_are_refused(capsys):
         "--calib_clip", "2", "--task_knob", "digits=3"]
 
 
+def test_eval_flags_compare_sets_are_refused(capsys):
+    """--eval_args may not pick another checkpoint, task, seed or output: eval.py's parser takes the last of a
+    repeated flag, so a --model there would evaluate another checkpoint than the run's, silently."""
+    for given in ("--model other/final", "--task arithmetic", "--seed 3", "--task_seed=1", "--out x", "--mod x"):
+        with pytest.raises(SystemExit):
+            compare.parse_args([f"--eval_args={given}"])
+        assert given.split()[0].split("=")[0] in capsys.readouterr().err
+    assert compare.parse_args(["--eval_args", "--n 8 --task_knob digits=3 --critic_model c"]).eval_flags == [
+        "--n", "8", "--task_knob", "digits=3", "--critic_model", "c"]
+
+
 def test_abbreviated_shared_flags_reach_eval_in_full():
     assert compare.shared_eval_flags(["--temp", "0.5", "--lr", "1e-3", "--max_new=6", "--enable"]) == [
         "--temperature", "0.5", "--max_new_tokens=6", "--enable_thinking"]
