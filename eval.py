@@ -74,7 +74,7 @@ from icrl import (DTYPES, TRAINER_STATE, TRUNCATED_ENDS, SamplingConfig, UsageEr
                   check_out, check_sampling_flags, checked_folder, checked_task, checked_tokenizer, chunks,
                   drop_long_prompts, first_rank, init_distributed, mix_seed, print0, prompt_limit, rollout,
                   run_then_shut_down, same_setting, saved_trainer_state, show, usage_exit, warn, write_atomic)
-from data import load_task, typed_knobs
+from data import SYNTHETIC_TASKS, load_task, typed_knobs
 from model import Qwen3
 
 
@@ -256,6 +256,9 @@ def defaults_from_checkpoint(args, fallback):
                 setattr(args, key, saved[key])
                 taken.append(f"--{'' if saved[key] else 'no-'}{key}" if key == "enable_thinking" else
                              f"--{key} {saved[key]}")
+    # the token limits nobody chose: eval.py's own, sized for the built-in tasks' tiny model (warned about in main)
+    args.tiny_limits = [f"--{key} {fallback[key]}" for key in ("max_new_tokens", "critic_max_new_tokens")
+                        if getattr(args, key) is None]
     for key in EPISODE_SETTINGS:
         if getattr(args, key) is None:
             setattr(args, key, fallback[key])
@@ -494,6 +497,9 @@ def main(argv=None):
         numbered, dropped = examples_to_sample(args, task, tokenizer, positions)
     except UsageError as e:  # the same on every rank under torchrun: rank 0 says it
         usage_exit(e, say=first_rank())
+    if args.tiny_limits and args.task not in SYNTHETIC_TASKS:
+        warn(f"{' and '.join(args.tiny_limits)}: eval.py's defaults, sized for the tiny model of the built-in tasks; "
+             f"a real model's answers to {args.task} need more (README's Qwen3 command: 2048 and 1024)")
     ctx = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     return run_then_shut_down(lambda: run(args, ctx, task, tokenizer, numbered, dropped), ctx, fsdp=False)

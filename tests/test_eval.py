@@ -322,6 +322,24 @@ def test_prompts_with_no_room_for_the_rounds_are_dropped_with_a_count(checkpoint
     assert [(r["example"], r["question"]) for r in read_samples(tmp_path / "e")] == [(1, "1+1"), (2, "2+2")]
 
 
+def test_the_tiny_models_limits_on_a_real_task_are_warned_about(checkpoints, tmp_path, capsys):
+    """eval.py's --max_new_tokens 16 and --critic_max_new_tokens 24 are sized for the built-in tasks' tiny model:
+    on gsm8k, math or an AgentGym task, limits that nobody chose (not given, not the training run's) are named in
+    a warning, or a real model's every answer would be cut off without a word."""
+    solver, _ = checkpoints
+    data = tmp_path / "math.jsonl"
+    data.write_text(json.dumps({"problem": "1+1", "answer": "2"}) + "\n")
+    argv = ["--model", solver, "--task", "math", "--eval_file", str(data), "--n", "1"]
+    ev.main(argv + ["--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert "--max_new_tokens 16" in err and "--critic_max_new_tokens 24" in err, err
+    ev.main(argv + ["--out", str(tmp_path / "b"), "--max_new_tokens", "6"])
+    err = capsys.readouterr().err
+    assert "--critic_max_new_tokens 24" in err and "--max_new_tokens 16" not in err, err
+    ev.main(["--model", solver, "--out", str(tmp_path / "c"), "--task", "arithmetic", "--max_examples", "2", "--n", "1"])
+    assert "sized for" not in capsys.readouterr().err   # a built-in task: the limits are its own
+
+
 def test_no_room_for_a_prompt_is_one_line_before_any_weight_loads(checkpoints, tmp_path, capsys, no_weights_load):
     solver, _ = checkpoints
     argv = ["--model", solver, "--out", str(tmp_path / "e")] + FAST
