@@ -80,7 +80,8 @@ def critic_gain(r_before, r_after):
 def group_advantages(values, group_ids, eps=1e-6):
     """SPEC §2.6: A = (v - mean(group)) / (std(group) + eps), std with Bessel's correction; groups of any size.
 
-    A constant group gives A = 0; so does a group of one (its Bessel std is undefined, and one sample
+    A constant group gives A = 0, exactly (the float mean of equal values may differ from them in the last bit:
+    3 x 0.1 would give A = -1.4e-11); so does a group of one (its Bessel std is undefined, and one sample
     carries no relative signal)."""
     out_dtype = values.dtype if values.is_floating_point() else torch.float32
     values = values.double()  # sums of many rewards: accumulate in float64
@@ -92,7 +93,10 @@ def group_advantages(values, group_ids, eps=1e-6):
     sq_dev = torch.zeros_like(count).index_add_(0, group, (values - mean) ** 2)
     std = (sq_dev / (count - 1).clamp(min=1)).sqrt()[group]
     adv = (values - mean) / (std + eps)
-    return torch.where(count[group] > 1, adv, torch.zeros_like(adv)).to(out_dtype)
+    lowest = torch.full_like(count, math.inf).scatter_reduce(0, group, values, "amin")
+    highest = torch.full_like(count, -math.inf).scatter_reduce(0, group, values, "amax")
+    varies = (highest != lowest)[group]   # a NaN makes a group vary: A stays NaN, and the update is skipped
+    return torch.where(varies, adv, torch.zeros_like(adv)).to(out_dtype)
 
 
 def calibration_weights(logp_free, logp_cond, mask, mode="token", clip=2.0):
@@ -824,7 +828,8 @@ def one_update_per_step(args):
 def update(model, optimizer, samples_by_query, args, ctx, step):
     """SPEC §2.8-2.9: --ppo_epochs passes over --minibatch slices of the queries; one optimizer step
     per slice, its loss the role-wise token mean over the slice's global batch. Micro-batches bound
-    memory without changing the loss. A non-finite loss or gradient skips the update.
+    memory without changing the loss. A non-finite loss or gradient of the samples it runs skips the update (a
+    sample of A = 0, left out, has a zero gradient whatever its log-probs; a NaN there shows in logprob_gap).
 
     Host syncs: the trained-token counts of every slice are all-reduced once, before the first forward; the
     statistics stay on the device, and the host reads one flag per optimizer step (skip or not) and the
@@ -952,8 +957,8 @@ def step_metrics(rollouts, samples, stats, times, args, ctx):
     for x in samples:  # the sampler's log-probs against the trainer's, on trained tokens (SPEC §3)
         reference = x.cond_logp if x.calib_context is not None else x.old_logp
         if x.trained_tokens and not (x.calib_context is not None and l_cond_from_sampler(args)):
-            diff = (torch.tensor(x.sampler_logprobs) - reference).abs() * torch.tensor(x.loss_mask)
-            gap = max(gap, float(diff.max()))
+            largest = float(((torch.tensor(x.sampler_logprobs) - reference).abs() * torch.tensor(x.loss_mask)).max())
+            gap = largest if largest > gap or math.isnan(largest) else gap   # max() would drop a NaN
     gap, t_sample, t_env, t_train = all_reduce([gap, times["sample"], times["env"], times["train"]], ctx, MAX)
     n_updates = stats["updates"]   # the updates taken: a skipped one reports no loss (skipped_updates counts it)
     metrics = dict(

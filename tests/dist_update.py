@@ -2,7 +2,8 @@
 
     python tests/dist_update.py OUT.pt                                  # 1 process
     torchrun --nproc_per_node 2 tests/dist_update.py OUT.pt [--fsdp]    # 2 processes, gloo
-    ... [--zero_advantage]   # with samples of A = 0: one in every query, and every one of queries 2-3 (rank 1)
+    ... [--zero_advantage]   # with samples of A = 0: one in every query, and every one of queries 2-3 (rank 1);
+                             # l_old as train_step takes it with one update per step (the update's own forward)
 
 With plain SGD at lr 1 and no gradient clipping the weight change is the gradient itself, so equal
 weights mean equal gradients (test_icrl.py compares them)."""
@@ -59,11 +60,15 @@ def main():
     torch.manual_seed(0)
     model = icrl.wrap_model(Qwen3(Qwen3Config(**CONFIG)), args, ctx)
     per_rank = QUERIES // ctx.world
-    mine = global_batch("--zero_advantage" in sys.argv)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+    zero_advantage = "--zero_advantage" in sys.argv
+    mine = global_batch(zero_advantage)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
     samples = [s for qs in mine for s in qs]
-    icrl.old_logprobs(icrl.unwrap(model), samples, args, ctx)
-    for s in samples:  # move off rho = 1 so the clip and the ratio both matter
-        s.old_logp = s.old_logp + 0.1 * torch.arange(len(s.old_logp)) % 0.3
+    if zero_advantage:  # as train_step does with one update per step: l_old of the samples left out only
+        icrl.old_logprobs(icrl.unwrap(model), samples, args, ctx, [s for s in samples if not s.has_gradient])
+    else:
+        icrl.old_logprobs(icrl.unwrap(model), samples, args, ctx)
+        for s in samples:  # move off rho = 1 so the clip and the ratio both matter
+            s.old_logp = s.old_logp + 0.1 * torch.arange(len(s.old_logp)) % 0.3
     icrl.update(model, torch.optim.SGD(model.parameters(), lr=1.0), mine, args, ctx, step=0)
     state = icrl.full_model_state(model, ctx)
     if ctx.main:

@@ -227,6 +227,12 @@ def test_calibration_and_logprob_gap_figures_by_hand():
                           icrl.parse_args([]), icrl.Dist())
     assert (m["calib_w_mean"], m["calib_w_p10"], m["calib_w_low_frac"], m["logprob_gap"], m["clip_frac"]) == \
         pytest.approx((3.25 / 3, 0.4, 1 / 3, 0.3, 1 / 4), abs=1e-6)
+    # a NaN among the trainer's log-probs (a first attempt's l_old, from the no-grad pass where the update left
+    # the sample out for its A = 0) is not dropped by the max: the figure says something is wrong
+    first.old_logp = torch.tensor([float("nan"), -2.0])
+    m = icrl.step_metrics(rollouts, [a, first, b], stats, {"sample": 1.0, "env": 0.0, "train": 1.0},
+                          icrl.parse_args([]), icrl.Dist())
+    assert math.isnan(m["logprob_gap"])
 
 
 def test_tenth_percentile_of_any_number_of_weights():

@@ -70,6 +70,17 @@ def test_group_advantages_constant_and_singleton_groups_are_zero():
     assert torch.isfinite(out).all()
 
 
+def test_a_constant_group_of_partial_rewards_is_exactly_zero():
+    """SPEC §2.6: a constant group gives A = 0, exactly, whatever its value: the float mean of 3 x 0.1 is not 0.1
+    (v - mean = -1.4e-17, over a std of 2e-17 + 1e-6: A = -1.4e-11, not 0), and the update leaves out only
+    samples of A = 0 (TrainSample.has_gradient). AgentGym's rewards are fractions (webshop's score / 100)."""
+    values = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.0, 0.01], dtype=torch.float64)
+    groups = torch.tensor([0] * 3 + [1] * 8 + [2] * 2)
+    out = group_advantages(values, groups).tolist()
+    assert out[:11] == [0.0] * 11
+    assert out[11:] == pytest.approx([-0.005 / (0.01 / math.sqrt(2) + EPS), 0.005 / (0.01 / math.sqrt(2) + EPS)])
+
+
 def test_group_advantages_eps_beside_the_std_not_inside_a_root():
     """SPEC §2.6 adds eps to the std, (v - mean) / (std + 1e-6); sqrt(var + eps) instead is the same only
     while the spread is large. Partial rewards 0.01 apart (a score out of 100): {0, 0.01}: mean 0.005, Bessel
