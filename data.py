@@ -1434,9 +1434,9 @@ class BoxesTask(Task):
 
 # Standard library only: http.client for HTTP, a lock for the shared server pool.
 import http.client
+import ipaddress
 import socket
 import threading
-import ipaddress
 import urllib.parse
 
 AGENTGYM_ENVS = ("alfworld", "webshop", "sciworld", "searchqa")

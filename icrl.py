@@ -1227,9 +1227,10 @@ def save_checkpoint(model, optimizer, tokenizer, args, ctx, step, name):
     found damaged (a run resumed from an earlier checkpoint reaches its step again) is written anew."""
     folder = f"step_{step}" if name == "final" else name
     named = latest_name(args.out) if ctx.main else None
-    if name == "final" and named and whole_checkpoint(os.path.join(args.out, named), step):
-        folder = named   # --steps 0: the warm start just saved is the final checkpoint, not copied again
-    saved = ctx.main and named == folder and whole_checkpoint(os.path.join(args.out, folder), step)
+    # saved already: `latest` names this folder, whole; for final, whatever folder of this step it names (--steps 0:
+    # the warm start just saved is the final checkpoint, not copied again)
+    saved = bool(named) and (named == folder or name == "final") and whole_checkpoint(os.path.join(args.out, named), step)
+    folder = named if saved else folder
     saved = all_reduce([float(saved)], ctx)[0] > 0  # rank 0's reading of `latest`, so every rank agrees
     if saved:
         if ctx.main and name == "final":
